@@ -1,0 +1,141 @@
+//! Our WebSocket layer (RFC 6455, RFC 7692), owned because fan-out needs prepared frames:
+//! encoded and compressed once, written to many connections (see DESIGN.md).
+//!
+//! Layout: `frame` (wire format), `decoder` (bytes → messages), `utf8`, `deflate`,
+//! `handshake` (upgrade request checks), `outbox` (bounded send queue and writer),
+//! `socket` (one connection), `upgrade` (the hyper upgrade into a [`WebSocket`]).
+
+mod close;
+pub mod decoder;
+pub mod deflate;
+pub mod frame;
+pub mod handshake;
+mod outbox;
+mod socket;
+mod upgrade;
+mod utf8;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use close::{CloseCode, CloseFrame};
+pub use decoder::{Decoder, Event, Limits, Message, ProtocolError, Role};
+pub use deflate::DeflatePolicy;
+pub use outbox::{Outbox, Prepared, SendError, SendMode};
+pub use socket::{WebSocket, WsError};
+pub use upgrade::{upgrade, AcceptedAt, Held, WsContext};
+pub use utf8::{InvalidUtf8, Utf8Validator};
+
+/// WebSocket limits and timings (`[websocket]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Largest payload of a single frame a client may send, in bytes. Larger frames close the
+    /// connection with 1009.
+    pub max_frame_size: usize,
+    /// Largest message a client may send, in bytes, after reassembling fragments and after
+    /// decompression. Larger messages close the connection with 1009.
+    pub max_message_size: usize,
+    /// Most frames a single message may be split into.
+    pub max_fragments: usize,
+    /// Bytes of outgoing frames queued per connection before the client counts as too slow
+    /// and is disconnected.
+    pub max_queue_bytes: usize,
+    /// Time allowed for a client to send its HTTP upgrade request after connecting.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub handshake_timeout: Duration,
+    /// After this long without hearing from a client, the server sends a WebSocket ping.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub ping_interval: Duration,
+    /// How long a client has to answer a ping (with anything) before it is disconnected.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub pong_timeout: Duration,
+    /// How long the closing handshake may take before the TCP connection is dropped.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub close_timeout: Duration,
+    /// permessage-deflate compression (RFC 7692).
+    pub compression: DeflatePolicy,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            max_frame_size: 64 << 10,
+            max_message_size: 64 << 10,
+            max_fragments: 128,
+            max_queue_bytes: 1 << 20,
+            handshake_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(25),
+            pong_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(3),
+            compression: DeflatePolicy::default(),
+        }
+    }
+}
+
+/// Counters shared by every connection (Prometheus names in `crate::metrics`).
+#[derive(Clone)]
+pub struct WsMetrics {
+    connections: metrics::Gauge,
+    frames_received: metrics::Counter,
+    frames_sent: metrics::Counter,
+    bytes_in: metrics::Counter,
+    bytes_out: metrics::Counter,
+    handshake: metrics::Histogram,
+}
+
+impl std::fmt::Debug for WsMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WsMetrics")
+    }
+}
+
+impl WsMetrics {
+    /// Handles to the global recorder; install the recorder first.
+    pub fn new() -> Self {
+        Self {
+            connections: metrics::gauge!("herald_connections", "transport" => "websocket"),
+            frames_received: metrics::counter!("herald_frames_received_total"),
+            frames_sent: metrics::counter!("herald_frames_sent_total"),
+            bytes_in: metrics::counter!("herald_bytes_in_total"),
+            bytes_out: metrics::counter!("herald_bytes_out_total"),
+            handshake: metrics::histogram!("herald_handshake_seconds"),
+        }
+    }
+
+    fn opened(&self) {
+        self.connections.increment(1.0);
+    }
+
+    fn closed(&self) {
+        self.connections.decrement(1.0);
+    }
+
+    fn received_frame(&self) {
+        self.frames_received.increment(1);
+    }
+
+    fn received_bytes(&self, n: u64) {
+        self.bytes_in.increment(n);
+    }
+
+    fn sent(&self, frames: u64, bytes: u64) {
+        self.frames_sent.increment(frames);
+        self.bytes_out.increment(bytes);
+    }
+
+    fn handshake_took(&self, d: Duration) {
+        self.handshake.record(d.as_secs_f64());
+    }
+}
+
+impl Default for WsMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

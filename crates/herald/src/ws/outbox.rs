@@ -1,0 +1,341 @@
+//! The write side, built for fan-out: a [`Prepared`] message is framed (and compressed) once and
+//! its bytes are shared by every connection's [`Outbox`]; each connection's writer drains its
+//! queue into vectored writes. Queues are bounded in bytes.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use bytes::{Buf, Bytes};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::Notify;
+
+use super::close::CloseFrame;
+use super::deflate::{self, Negotiated};
+use super::frame::{self, OpCode};
+use super::WsMetrics;
+
+/// How one connection wants its data frames: compressed or not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendMode {
+    /// The window to compress with, when permessage-deflate was negotiated.
+    pub deflate_bits: Option<u8>,
+    /// Messages shorter than this go uncompressed.
+    pub threshold: usize,
+    /// zlib level.
+    pub level: u32,
+}
+
+impl SendMode {
+    pub const PLAIN: Self = Self { deflate_bits: None, threshold: usize::MAX, level: 0 };
+
+    pub fn new(negotiated: Option<&Negotiated>, threshold: usize, level: u32) -> Self {
+        Self { deflate_bits: negotiated.map(|n| n.server_window_bits), threshold, level }
+    }
+}
+
+/// A data message framed once for every connection. The compressed variant for a given window
+/// is made on first use and shared afterwards.
+#[derive(Debug)]
+pub struct Prepared {
+    opcode: OpCode,
+    payload: Bytes,
+    plain: Bytes,
+    /// Per window size 8–15: `None` inside when compression did not make it smaller.
+    deflated: [OnceLock<Option<Bytes>>; 8],
+}
+
+impl Prepared {
+    pub fn text(payload: Bytes) -> Self {
+        Self::new(OpCode::Text, payload)
+    }
+
+    pub fn binary(payload: Bytes) -> Self {
+        Self::new(OpCode::Binary, payload)
+    }
+
+    fn new(opcode: OpCode, payload: Bytes) -> Self {
+        let plain = frame::encode(true, false, opcode, &payload, None);
+        Self { opcode, payload, plain, deflated: Default::default() }
+    }
+
+    /// The wire bytes for a connection with `mode`.
+    pub fn frame_for(&self, mode: &SendMode) -> Bytes {
+        let Some(bits) = mode.deflate_bits else { return self.plain.clone() };
+        if self.payload.len() < mode.threshold {
+            return self.plain.clone();
+        }
+        let slot = &self.deflated[usize::from(bits.clamp(8, 15) - 8)];
+        let variant = slot.get_or_init(|| {
+            let z = deflate::compress(&self.payload, bits, mode.level);
+            (z.len() < self.payload.len()).then(|| frame::encode(true, true, self.opcode, &z, None))
+        });
+        variant.clone().unwrap_or_else(|| self.plain.clone())
+    }
+
+    /// Bytes of the uncompressed frame (what the queue bound is charged when uncompressed).
+    pub fn plain_len(&self) -> usize {
+        self.plain.len()
+    }
+}
+
+/// Why a frame was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The connection is closing or closed.
+    #[error("connection closed")]
+    Closed,
+    /// The queue is over its byte limit: the client is not reading fast enough.
+    #[error("outgoing queue full")]
+    Full,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    frames: VecDeque<Bytes>,
+    bytes: usize,
+    /// A close frame is queued as the last frame; nothing more is accepted.
+    closing: bool,
+    /// The writer has finished (close written or the socket failed).
+    done: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    queue: Mutex<Queue>,
+    wake_writer: Notify,
+    /// Wakes the connection's reader when a close is initiated from elsewhere or the writer ends.
+    wake_reader: Notify,
+    limit: usize,
+    mode: SendMode,
+}
+
+/// A handle to one connection's outgoing queue: cheap to clone, usable from any task.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    shared: Arc<Shared>,
+}
+
+impl Outbox {
+    pub(crate) fn new(limit: usize, mode: SendMode) -> Self {
+        let shared = Shared {
+            queue: Mutex::new(Queue::default()),
+            wake_writer: Notify::new(),
+            wake_reader: Notify::new(),
+            limit,
+            mode,
+        };
+        Self { shared: Arc::new(shared) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // A panic while holding this lock cannot leave the queue inconsistent (every critical
+        // section is a few field updates), so a poisoned lock is still usable.
+        self.shared.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn mode(&self) -> &SendMode {
+        &self.shared.mode
+    }
+
+    /// Queues an encoded frame. Fails with `Full` when the queue holds more than its byte
+    /// limit; the caller decides what that means (Herald closes slow consumers).
+    pub fn push(&self, frame: Bytes) -> Result<(), SendError> {
+        let mut q = self.lock();
+        if q.closing {
+            return Err(SendError::Closed);
+        }
+        if q.bytes > 0 && q.bytes + frame.len() > self.shared.limit {
+            return Err(SendError::Full);
+        }
+        let was_empty = q.frames.is_empty();
+        q.bytes += frame.len();
+        q.frames.push_back(frame);
+        drop(q);
+        if was_empty {
+            self.shared.wake_writer.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Queues a prepared message in the variant this connection negotiated.
+    pub fn send_prepared(&self, p: &Prepared) -> Result<(), SendError> {
+        self.push(p.frame_for(&self.shared.mode))
+    }
+
+    /// Frames and queues one message for this connection only.
+    pub fn send_text(&self, payload: Bytes) -> Result<(), SendError> {
+        self.send_prepared(&Prepared::text(payload))
+    }
+
+    pub fn send_binary(&self, payload: Bytes) -> Result<(), SendError> {
+        self.send_prepared(&Prepared::binary(payload))
+    }
+
+    pub(crate) fn send_control(&self, opcode: OpCode, payload: &[u8]) -> Result<(), SendError> {
+        self.push(frame::encode(true, false, opcode, payload, None))
+    }
+
+    /// Starts the closing handshake after everything already queued. Returns false if the
+    /// connection was already closing.
+    pub fn close(&self, frame: Option<CloseFrame>) -> bool {
+        self.close_inner(frame, false)
+    }
+
+    /// Closes without sending what is still queued: for a client that is not reading.
+    pub fn close_now(&self, frame: Option<CloseFrame>) -> bool {
+        self.close_inner(frame, true)
+    }
+
+    fn close_inner(&self, frame: Option<CloseFrame>, discard: bool) -> bool {
+        let mut q = self.lock();
+        if q.closing {
+            return false;
+        }
+        if discard {
+            q.frames.clear();
+            q.bytes = 0;
+        }
+        q.closing = true;
+        let bytes = frame::encode_close(frame.as_ref(), None);
+        q.bytes += bytes.len();
+        q.frames.push_back(bytes);
+        drop(q);
+        self.shared.wake_writer.notify_one();
+        self.shared.wake_reader.notify_one();
+        true
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.lock().closing
+    }
+
+    /// Bytes queued and not yet taken by the writer.
+    pub fn queued_bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    pub(crate) async fn reader_woken(&self) {
+        self.shared.wake_reader.notified().await;
+    }
+
+    pub(crate) fn writer_done(&self) -> bool {
+        self.lock().done
+    }
+
+    /// The writer task: drains the queue into vectored writes until the close frame is written
+    /// (then half-closes the socket) or the socket fails.
+    pub(crate) async fn write_loop(self, mut io: OwnedWriteHalf, metrics: WsMetrics) {
+        let mut batch: VecDeque<Bytes> = VecDeque::new();
+        loop {
+            let last = {
+                let mut q = self.lock();
+                std::mem::swap(&mut q.frames, &mut batch);
+                q.bytes = 0;
+                q.closing
+            };
+            if batch.is_empty() {
+                if last {
+                    break;
+                }
+                self.shared.wake_writer.notified().await;
+                continue;
+            }
+            let frames = batch.len() as u64;
+            match write_all(&mut io, &mut batch).await {
+                Ok(bytes) => metrics.sent(frames, bytes as u64),
+                Err(_) => break,
+            }
+            if last && self.lock().frames.is_empty() {
+                let _ = io.shutdown().await;
+                break;
+            }
+            // Give back a large batch buffer after a burst, so idle connections stay small.
+            if batch.capacity() > 64 {
+                batch = VecDeque::new();
+            }
+        }
+        let mut q = self.lock();
+        q.done = true;
+        q.closing = true;
+        q.frames.clear();
+        q.bytes = 0;
+        drop(q);
+        self.shared.wake_reader.notify_one();
+    }
+}
+
+/// Writes every frame in `batch`, up to 64 slices per `writev`; returns the bytes written.
+async fn write_all(io: &mut OwnedWriteHalf, batch: &mut VecDeque<Bytes>) -> std::io::Result<usize> {
+    let mut total = 0;
+    while !batch.is_empty() {
+        let slices: Vec<IoSlice<'_>> = batch.iter().take(64).map(|b| IoSlice::new(b)).collect();
+        let mut n = io.write_vectored(&slices).await?;
+        drop(slices);
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        total += n;
+        while n > 0 {
+            let Some(front) = batch.front_mut() else { break };
+            if n >= front.len() {
+                n -= front.len();
+                batch.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prepared_message_is_compressed_once_and_shared() {
+        let p = Prepared::text(Bytes::from("x".repeat(1000)));
+        let mode = SendMode { deflate_bits: Some(15), threshold: 10, level: 6 };
+        let a = p.frame_for(&mode);
+        let b = p.frame_for(&mode);
+        assert_eq!(a.as_ptr(), b.as_ptr(), "same bytes, not a second compression");
+        assert_eq!(a[0] & 0x40, 0x40, "RSV1 set");
+        assert!(a.len() < 100);
+        let plain = p.frame_for(&SendMode::PLAIN);
+        assert_eq!(plain.len(), p.plain_len());
+        assert_eq!(plain[0], 0x81);
+    }
+
+    #[test]
+    fn small_or_incompressible_messages_go_plain() {
+        let mode = SendMode { deflate_bits: Some(15), threshold: 100, level: 6 };
+        let small = Prepared::text(Bytes::from_static(b"hello"));
+        assert_eq!(small.frame_for(&mode)[0], 0x81);
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let noise: Vec<u8> = (0..400)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 32) as u8
+            })
+            .collect();
+        let p = Prepared::binary(Bytes::from(noise));
+        assert_eq!(p.frame_for(&mode)[0], 0x82);
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_bytes_and_close_is_final() {
+        let o = Outbox::new(100, SendMode::PLAIN);
+        // A single frame larger than the limit is accepted into an empty queue.
+        assert_eq!(o.push(Bytes::from(vec![0; 150])), Ok(()));
+        assert_eq!(o.push(Bytes::from(vec![0; 1])), Err(SendError::Full));
+        assert!(o.close_now(None));
+        assert_eq!(o.queued_bytes(), 2, "pending frames dropped, close frame queued");
+        assert!(!o.close(None));
+        assert_eq!(o.push(Bytes::from_static(b"x")), Err(SendError::Closed));
+    }
+}

@@ -1,0 +1,331 @@
+//! One server-side WebSocket connection after the handshake: reads and decodes frames, answers
+//! pings, runs the closing handshake, detects dead peers, and hands data messages up.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
+
+use super::close::{CloseCode, CloseFrame};
+use super::decoder::{Decoder, Event, Limits, Message, ProtocolError, Role};
+use super::deflate::{Inflater, Negotiated};
+use super::frame::OpCode;
+use super::outbox::{Outbox, SendMode};
+use super::{Settings, WsMetrics};
+
+/// Why `recv` ended without a message.
+#[derive(Debug, thiserror::Error)]
+pub enum WsError {
+    /// The peer broke the protocol; we sent it a close frame with the code.
+    #[error("protocol error: {0}")]
+    Protocol(#[from] ProtocolError),
+    /// The socket failed or the peer vanished without a close frame.
+    #[error("connection lost: {0}")]
+    Io(#[from] std::io::Error),
+    /// No pong (nor anything else) within the pong timeout.
+    #[error("peer did not answer ping")]
+    PingTimeout,
+}
+
+/// Where the connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Open,
+    /// We queued a close frame; waiting for the peer's close frame.
+    Closing,
+    /// Close frames were exchanged (or decoding failed): waiting for the peer's FIN.
+    Draining,
+}
+
+/// A server-side WebSocket. Call [`WebSocket::recv`] until it returns `Ok(None)` or an error;
+/// send through [`WebSocket::outbox`], from any task.
+#[derive(Debug)]
+pub struct WebSocket {
+    read: OwnedReadHalf,
+    buf: BytesMut,
+    read_size: usize,
+    decoder: Decoder,
+    outbox: Outbox,
+    writer: JoinHandle<()>,
+    timer: Pin<Box<Sleep>>,
+    last_seen: Instant,
+    ping_sent: bool,
+    phase: Phase,
+    deadline: Option<Instant>,
+    settings: Arc<Settings>,
+    shutdown: CancellationToken,
+    metrics: WsMetrics,
+    protocol: Option<&'static str>,
+    peer_close: Option<CloseFrame>,
+}
+
+const MIN_READ: usize = 4 << 10;
+const MAX_READ: usize = 256 << 10;
+
+impl WebSocket {
+    /// Takes over an upgraded TCP stream. `leftover` holds bytes the HTTP layer read past the
+    /// handshake; `shutdown` makes the connection close with 1001.
+    pub(crate) fn start(
+        stream: TcpStream,
+        leftover: Bytes,
+        settings: Arc<Settings>,
+        negotiated: Option<Negotiated>,
+        protocol: Option<&'static str>,
+        shutdown: CancellationToken,
+        metrics: WsMetrics,
+    ) -> Self {
+        let (read, write) = stream.into_split();
+        let mode = SendMode::new(negotiated.as_ref(), settings.compression.threshold, settings.compression.level);
+        let outbox = Outbox::new(settings.max_queue_bytes, mode);
+        let writer = tokio::spawn(outbox.clone().write_loop(write, metrics.clone()));
+        let limits = Limits {
+            max_frame_size: settings.max_frame_size,
+            max_message_size: settings.max_message_size,
+            max_fragments: settings.max_fragments,
+        };
+        let decoder = Decoder::new(Role::Server, limits, negotiated.as_ref().map(Inflater::for_negotiated));
+        let now = Instant::now();
+        metrics.opened();
+        Self {
+            read,
+            buf: BytesMut::from(&leftover[..]),
+            read_size: MIN_READ,
+            decoder,
+            outbox,
+            writer,
+            timer: Box::pin(tokio::time::sleep_until(now + settings.ping_interval)),
+            last_seen: now,
+            ping_sent: false,
+            phase: Phase::Open,
+            deadline: None,
+            settings,
+            shutdown,
+            metrics,
+            protocol,
+            peer_close: None,
+        }
+    }
+
+    /// The queue this connection's frames go out through.
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    /// The subprotocol agreed in the handshake.
+    pub fn protocol(&self) -> Option<&'static str> {
+        self.protocol
+    }
+
+    /// What the peer said in its close frame, once it sent one.
+    pub fn peer_close(&self) -> Option<&CloseFrame> {
+        self.peer_close.as_ref()
+    }
+
+    /// Starts the closing handshake with `code` after what is queued.
+    pub fn close(&mut self, code: CloseCode, reason: &str) {
+        self.outbox.close(Some(CloseFrame::new(code, reason)));
+        self.enter(Phase::Closing);
+    }
+
+    /// The next data message. `Ok(None)` once the connection has closed cleanly (either side
+    /// initiated); errors say why it ended otherwise. Either way the socket is released when
+    /// this returns something other than a message.
+    pub async fn recv(&mut self) -> Result<Option<Message>, WsError> {
+        loop {
+            if self.phase != Phase::Draining {
+                match self.decoder.decode(&mut self.buf) {
+                    Ok(Some(ev)) => {
+                        self.metrics.received_frame();
+                        if let Some(msg) = self.on_event(ev) {
+                            return Ok(Some(msg));
+                        }
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.outbox.close(Some(CloseFrame::new(e.code, e.reason)));
+                        self.enter(Phase::Draining);
+                        self.drain().await;
+                        return Err(e.into());
+                    }
+                }
+            } else {
+                self.drain().await;
+                return Ok(None);
+            }
+            if self.buf.is_empty() && self.buf.capacity() > 0 {
+                // Idle connections hold no read buffer.
+                self.buf = BytesMut::new();
+            }
+            let closing = self.phase != Phase::Open;
+            tokio::select! {
+                biased;
+                ready = self.read.readable() => {
+                    ready?;
+                    if self.fill()? {
+                        // The peer is gone: nothing more we write can reach it.
+                        self.writer.abort();
+                        return if closing { Ok(None) } else {
+                            Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into())
+                        };
+                    }
+                }
+                () = &mut self.timer => {
+                    if let Some(err) = self.on_timer() {
+                        self.finish_writer().await;
+                        return match err {
+                            TimerEnd::PingTimeout => Err(WsError::PingTimeout),
+                            TimerEnd::CloseTimeout => Ok(None),
+                        };
+                    }
+                }
+                () = self.shutdown.cancelled(), if !closing => {
+                    self.close(CloseCode::GOING_AWAY, "server shutting down");
+                }
+                () = self.outbox.reader_woken(), if !closing => {
+                    if self.outbox.is_closing() {
+                        self.enter(Phase::Closing);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads what the socket has; returns true at end of stream.
+    fn fill(&mut self) -> std::io::Result<bool> {
+        if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
+            self.buf.reserve(self.read_size);
+        }
+        let spare = self.buf.capacity() - self.buf.len();
+        match self.read.try_read_buf(&mut self.buf) {
+            Ok(n) => {
+                if n > 0 {
+                    self.last_seen = Instant::now();
+                    self.ping_sent = false;
+                    self.metrics.received_bytes(n as u64);
+                    // Grow reads for big messages, shrink back for small ones.
+                    self.read_size = if n == spare { (self.read_size * 2).min(MAX_READ) } else { MIN_READ };
+                }
+                Ok(n == 0)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn on_event(&mut self, ev: Event) -> Option<Message> {
+        match ev {
+            Event::Message(m) => (self.phase == Phase::Open).then_some(m),
+            Event::Ping(p) => {
+                if self.phase == Phase::Open && self.outbox.send_control(OpCode::Pong, &p).is_err() {
+                    self.slow_consumer();
+                }
+                None
+            }
+            Event::Pong(_) => None,
+            Event::Close(frame) => {
+                if self.phase == Phase::Open {
+                    // Echo the code (RFC 6455 §5.5.1); an empty close gets an empty close.
+                    let reply = frame.as_ref().map(|f| CloseFrame::new(f.code, ""));
+                    self.outbox.close(reply);
+                }
+                self.peer_close = frame;
+                self.enter(Phase::Draining);
+                None
+            }
+        }
+    }
+
+    fn slow_consumer(&mut self) {
+        self.outbox.close_now(Some(CloseFrame::new(CloseCode::POLICY_VIOLATION, "outgoing queue full")));
+        self.enter(Phase::Closing);
+    }
+
+    fn enter(&mut self, phase: Phase) {
+        if self.phase == Phase::Open || phase == Phase::Draining {
+            self.phase = phase;
+        }
+        if self.deadline.is_none() {
+            let at = Instant::now() + self.settings.close_timeout;
+            self.deadline = Some(at);
+            self.timer.as_mut().reset(at);
+        }
+    }
+
+    fn on_timer(&mut self) -> Option<TimerEnd> {
+        let now = Instant::now();
+        if let Some(at) = self.deadline {
+            if now >= at {
+                return Some(TimerEnd::CloseTimeout);
+            }
+            self.timer.as_mut().reset(at);
+            return None;
+        }
+        let idle_until = self.last_seen + self.settings.ping_interval;
+        if now < idle_until {
+            self.timer.as_mut().reset(idle_until);
+            return None;
+        }
+        if self.ping_sent {
+            if now >= self.last_seen + self.settings.ping_interval + self.settings.pong_timeout {
+                // The peer is gone; do not wait for a closing handshake it cannot answer.
+                self.outbox.close_now(Some(CloseFrame::new(CloseCode::GOING_AWAY, "ping timeout")));
+                return Some(TimerEnd::PingTimeout);
+            }
+        } else {
+            self.ping_sent = true;
+            if self.outbox.send_control(OpCode::Ping, b"").is_err() {
+                self.slow_consumer();
+                return None;
+            }
+        }
+        self.timer.as_mut().reset(self.last_seen + self.settings.ping_interval + self.settings.pong_timeout);
+        None
+    }
+
+    /// After the close frames: wait (bounded) for our close to be written and for the peer to
+    /// close its side, discarding anything else it sends.
+    async fn drain(&mut self) {
+        let deadline = self.deadline.unwrap_or_else(|| Instant::now() + self.settings.close_timeout);
+        let mut scratch = [0u8; 512];
+        let _ = tokio::time::timeout_at(deadline, async {
+            while self.read.readable().await.is_ok() {
+                match self.read.try_read(&mut scratch) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => break,
+                }
+            }
+        })
+        .await;
+        self.finish_writer().await;
+    }
+
+    /// Lets the writer flush the close frame (bounded by the close timeout), then stops it.
+    async fn finish_writer(&mut self) {
+        let deadline = self.deadline.unwrap_or_else(|| Instant::now() + self.settings.close_timeout);
+        if !self.outbox.writer_done() {
+            let _ = tokio::time::timeout_at(deadline, &mut self.writer).await;
+        }
+        self.writer.abort();
+    }
+}
+
+enum TimerEnd {
+    PingTimeout,
+    CloseTimeout,
+}
+
+impl Drop for WebSocket {
+    fn drop(&mut self) {
+        self.writer.abort();
+        self.outbox.close_now(None);
+        self.metrics.closed();
+    }
+}
