@@ -1,0 +1,297 @@
+//! The one typed configuration: defaults, then a TOML file, then `HERALD_*` environment
+//! variables, then command-line flags. Unknown keys are errors. The doc comments on these
+//! fields are the user documentation: `docs/configuration.md` and
+//! `config/herald.example.toml` are generated from them and checked by a test.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::ws;
+
+/// Herald's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address and port to listen on. Use `0.0.0.0:8080` to accept connections from other
+    /// machines.
+    #[schemars(with = "String")]
+    pub listen: SocketAddr,
+    /// On SIGTERM or Ctrl-C, how long to wait for clients to close after they were sent
+    /// close 1001 ("going away"), before exiting anyway.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub drain_timeout: Duration,
+    /// Logging.
+    pub log: LogConfig,
+    /// Limits on connections.
+    pub limits: LimitsConfig,
+    /// WebSocket limits, timings and compression.
+    pub websocket: ws::Settings,
+    /// Endpoints for testing Herald itself. Keep them off in production.
+    pub testing: TestingConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            drain_timeout: Duration::from_secs(10),
+            log: LogConfig::default(),
+            limits: LimitsConfig::default(),
+            websocket: ws::Settings::default(),
+            testing: TestingConfig::default(),
+        }
+    }
+}
+
+/// Logging (`[log]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Log filter: a level (`error`, `warn`, `info`, `debug`, `trace`) or a tracing directive
+    /// such as `herald=debug,info`. `RUST_LOG`, when set, takes precedence.
+    pub level: String,
+    /// `text` for people, `json` for log collectors (one object per line).
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: "info".into(), format: LogFormat::Text }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Connection limits (`[limits]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Most TCP connections open at once (WebSocket and HTTP). Further connections are closed
+    /// as soon as they are accepted. Keep it below the process's open-file limit.
+    pub max_connections: usize,
+    /// Most TCP connections open at once from one IP address.
+    pub max_connections_per_ip: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { max_connections: 100_000, max_connections_per_ip: 10_000 }
+    }
+}
+
+/// Test endpoints (`[testing]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct TestingConfig {
+    /// Serve `/_echo`: a WebSocket endpoint that sends every message back, with limits large
+    /// enough for the Autobahn|Testsuite (64 MiB messages). For conformance runs only.
+    pub echo: bool,
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Not a `#[source]`: the message already says everything, once.
+    #[error("{}", describe_errors(.0))]
+    Load(Box<figment::Error>),
+    #[error("config file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl From<Box<figment::Error>> for ConfigError {
+    fn from(e: Box<figment::Error>) -> Self {
+        Self::Load(e)
+    }
+}
+
+/// Values given as command-line flags; they override every other source.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+}
+
+/// A loaded configuration and where each value came from.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    figment: Figment,
+}
+
+/// Loads the configuration from the sources in order of precedence (lowest first): defaults,
+/// the TOML file, `HERALD_*` environment variables (`__` separates sections, e.g.
+/// `HERALD_WEBSOCKET__MAX_FRAME_SIZE`), flags.
+pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Loaded, ConfigError> {
+    load_from(file, overrides, Env::prefixed("HERALD_").split("__"))
+}
+
+fn load_from(file: Option<&Path>, overrides: &Overrides, env: Env) -> Result<Loaded, ConfigError> {
+    let mut figment = Figment::from(Serialized::defaults(Config::default()));
+    if let Some(path) = file {
+        if !path.exists() {
+            return Err(ConfigError::MissingFile(path.to_owned()));
+        }
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    figment = figment.merge(env);
+    if let Some(listen) = overrides.listen {
+        figment = figment.merge(Flag("listen", listen.to_string()));
+    }
+    let config: Config = figment.extract().map_err(Box::new)?;
+    config.validate()?;
+    Ok(Loaded { config, figment })
+}
+
+/// A command-line flag as a figment provider, so `check-config` can name it as the source.
+struct Flag(&'static str, String);
+
+impl figment::Provider for Flag {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named("command-line flag")
+    }
+
+    fn data(&self) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        let mut dict = figment::value::Dict::new();
+        dict.insert(self.0.into(), self.1.clone().into());
+        Ok(figment::Profile::Default.collect(dict))
+    }
+}
+
+impl Config {
+    /// Checks what types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let ws = &self.websocket;
+        let check = |ok: bool, key: &'static str, message: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid { key, message: message.into() })
+            }
+        };
+        check(ws.max_frame_size >= 125, "websocket.max_frame_size", "must be at least 125 bytes")?;
+        check(
+            ws.max_message_size >= ws.max_frame_size,
+            "websocket.max_message_size",
+            "must be at least max_frame_size",
+        )?;
+        check(ws.max_fragments >= 1, "websocket.max_fragments", "must be at least 1")?;
+        check(ws.max_queue_bytes >= 1024, "websocket.max_queue_bytes", "must be at least 1024 bytes")?;
+        for (key, d) in [
+            ("websocket.handshake_timeout", ws.handshake_timeout),
+            ("websocket.ping_interval", ws.ping_interval),
+            ("websocket.pong_timeout", ws.pong_timeout),
+            ("websocket.close_timeout", ws.close_timeout),
+        ] {
+            check(!d.is_zero(), key, "must be greater than zero")?;
+        }
+        check(ws.compression.level <= 9, "websocket.compression.level", "must be between 0 and 9")?;
+        check(self.limits.max_connections >= 1, "limits.max_connections", "must be at least 1")?;
+        check(self.limits.max_connections_per_ip >= 1, "limits.max_connections_per_ip", "must be at least 1")?;
+        check_log_filter(&self.log.level)
+    }
+}
+
+fn check_log_filter(level: &str) -> Result<(), ConfigError> {
+    // EnvFilter reads a bare word as a target name; here a bare word must be a level.
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    if let Some(word) = level
+        .split(',')
+        .map(str::trim)
+        .find(|d| !d.contains(['=', '[', ':']) && !LEVELS.contains(&d.to_ascii_lowercase().as_str()))
+    {
+        let message = format!("`{word}` is not a level (one of {})", LEVELS.join(", "));
+        return Err(ConfigError::Invalid { key: "log.level", message });
+    }
+    match tracing_subscriber::EnvFilter::try_new(level) {
+        Ok(_) if !level.trim().is_empty() => Ok(()),
+        Ok(_) => Err(ConfigError::Invalid { key: "log.level", message: "must not be empty".into() }),
+        Err(e) => Err(ConfigError::Invalid { key: "log.level", message: format!("`{level}`: {e}") }),
+    }
+}
+
+impl Loaded {
+    /// The effective configuration as TOML, each value followed by where it came from.
+    pub fn explain(&self) -> String {
+        let value = serde_json::to_value(&self.config).unwrap_or_default();
+        let mut leaves = Vec::new();
+        flatten("", &value, &mut leaves);
+        let mut out = String::new();
+        for (key, v) in leaves {
+            let literal = toml_literal(&v);
+            let source = match self.figment.find_metadata(&key) {
+                Some(m) => describe_source(m, &key),
+                None => "default".into(),
+            };
+            out.push_str(&format!("{key} = {literal}  # {source}\n"));
+        }
+        out
+    }
+}
+
+/// One line per problem: the key, what is wrong, and which source said it.
+fn describe_errors(err: &figment::Error) -> String {
+    let lines: Vec<String> = err
+        .clone()
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let source = e.metadata.as_ref().map(|m| describe_source(m, &key));
+            match (key.is_empty(), source) {
+                (false, Some(src)) => format!("`{key}`: {} (from {src})", e.kind),
+                (false, None) => format!("`{key}`: {}", e.kind),
+                (true, Some(src)) => format!("{} (from {src})", e.kind),
+                (true, None) => e.kind.to_string(),
+            }
+        })
+        .collect();
+    lines.join("\n")
+}
+
+fn describe_source(m: &figment::Metadata, key: &str) -> String {
+    if m.name.contains("environment") {
+        return format!("environment variable {}", docs::env_name(key));
+    }
+    match &m.source {
+        Some(figment::Source::File(p)) => format!("file {}", p.display()),
+        _ if m.name == std::any::type_name::<Config>() => "default".into(),
+        _ => m.name.to_string(),
+    }
+}
+
+/// Dotted keys to leaf values, in declaration order.
+pub(crate) fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, serde_json::Value)>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, child) in map {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                flatten(&key, child, out);
+            }
+        }
+        _ => out.push((prefix.to_owned(), v.clone())),
+    }
+}
+
+/// A JSON scalar written as a TOML literal.
+pub(crate) fn toml_literal(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => format!("{s:?}"),
+        other => other.to_string(),
+    }
+}
+
+pub mod docs;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,98 @@
+#![allow(clippy::result_large_err)] // figment's Jail closures return its large error type
+
+use std::path::{Path, PathBuf};
+
+use figment::Jail;
+
+use super::*;
+
+fn repo_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel)
+}
+
+#[test]
+fn defaults_are_valid() {
+    Config::default().validate().expect("defaults validate");
+}
+
+#[test]
+fn file_then_env_then_flags() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "herald.toml",
+            "listen = \"127.0.0.1:9000\"\n[websocket]\nmax_frame_size = 1000\nmax_message_size = 2000\n",
+        )?;
+        jail.set_env("HERALD_WEBSOCKET__MAX_FRAME_SIZE", "1500");
+        let flags = Overrides { listen: Some("127.0.0.1:9001".parse().expect("addr")) };
+        let loaded = load(Some(Path::new("herald.toml")), &flags).expect("loads");
+        assert_eq!(loaded.config.listen.port(), 9001);
+        assert_eq!(loaded.config.websocket.max_frame_size, 1500);
+        assert_eq!(loaded.config.websocket.max_message_size, 2000);
+        let explained = loaded.explain();
+        assert!(explained.contains("listen = \"127.0.0.1:9001\"  # command-line flag"), "{explained}");
+        assert!(
+            explained
+                .contains("websocket.max_frame_size = 1500  # environment variable HERALD_WEBSOCKET__MAX_FRAME_SIZE"),
+            "{explained}"
+        );
+        assert!(explained.contains("websocket.max_message_size = 2000  # file "), "{explained}");
+        assert!(explained.contains("websocket.max_fragments = 128  # default"), "{explained}");
+        Ok(())
+    });
+}
+
+#[test]
+fn unknown_keys_are_errors_wherever_they_come_from() {
+    Jail::expect_with(|jail| {
+        jail.create_file("typo.toml", "[websocket]\nmax_frame = 1\n")?;
+        let err = load(Some(Path::new("typo.toml")), &Overrides::default()).expect_err("unknown key").to_string();
+        assert!(err.contains("max_frame"), "{err}");
+        Ok(())
+    });
+    Jail::expect_with(|jail| {
+        jail.set_env("HERALD_WEBSOKET__MAX_FRAME_SIZE", "1");
+        let err = load(None, &Overrides::default()).expect_err("unknown env key").to_string();
+        assert!(err.contains("websoket"), "{err}");
+        Ok(())
+    });
+}
+
+#[test]
+fn bad_values_name_the_key() {
+    Jail::expect_with(|jail| {
+        jail.create_file("bad.toml", "[websocket]\nping_interval = \"soon\"\n")?;
+        let err = load(Some(Path::new("bad.toml")), &Overrides::default()).expect_err("bad duration").to_string();
+        assert!(err.contains("ping_interval"), "{err}");
+        jail.create_file("level.toml", "[websocket.compression]\nlevel = 12\n")?;
+        let err = load(Some(Path::new("level.toml")), &Overrides::default()).expect_err("bad level").to_string();
+        assert!(err.contains("websocket.compression.level"), "{err}");
+        jail.create_file("log.toml", "[log]\nlevel = \"loud\"\n")?;
+        let err = load(Some(Path::new("log.toml")), &Overrides::default()).expect_err("bad level").to_string();
+        assert!(err.contains("log.level"), "{err}");
+        Ok(())
+    });
+    let err = load(Some(Path::new("/nonexistent/herald.toml")), &Overrides::default()).expect_err("missing file");
+    assert!(err.to_string().contains("does not exist"));
+}
+
+#[test]
+fn example_file_and_reference_are_generated_from_the_source() {
+    let expected =
+        [("config/herald.example.toml", docs::example_toml()), ("docs/configuration.md", docs::reference_markdown())];
+    for (rel, text) in &expected {
+        let path = repo_file(rel);
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(&path, text).expect("write golden");
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(committed == *text, "{rel} is out of date: run `UPDATE_GOLDEN=1 cargo test -p herald config`");
+    }
+    // Every key is documented, and the example parses back to exactly the defaults.
+    let example = &expected[0].1;
+    for key in docs::keys() {
+        let leaf = key.rsplit('.').next().unwrap_or(&key);
+        assert!(example.contains(&format!("\n{leaf} = ")), "{key} missing from the example");
+    }
+    let parsed: Config = Figment::from(Toml::string(example)).extract().expect("example parses");
+    assert_eq!(parsed, Config::default());
+}

@@ -1,0 +1,44 @@
+//! The Prometheus recorder: installed once per process, rendered by `GET /metrics`.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Handshake durations: sub-millisecond on loopback, seconds on a bad mobile network.
+const HANDSHAKE_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the global recorder on first call and returns its handle. `None` when another
+/// recorder was installed first (an embedding application's); Herald then records into it.
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full("herald_handshake_seconds".into()), HANDSHAKE_BUCKETS)
+                .ok()?;
+            let handle = builder.install_recorder().ok()?;
+            describe();
+            Some(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!("herald_connections", "Open client connections, by transport.");
+    describe_histogram!(
+        "herald_handshake_seconds",
+        Unit::Seconds,
+        "Time from accepting a TCP connection to completing its WebSocket upgrade."
+    );
+    describe_counter!("herald_frames_received_total", "WebSocket frames received from clients.");
+    describe_counter!("herald_frames_sent_total", "WebSocket frames written to clients.");
+    describe_counter!("herald_bytes_in_total", Unit::Bytes, "Bytes read from WebSocket clients.");
+    describe_counter!("herald_bytes_out_total", Unit::Bytes, "Bytes written to WebSocket clients.");
+    describe_counter!(
+        "herald_connections_refused_total",
+        "TCP connections refused by a limit (reason: max_connections, max_connections_per_ip)."
+    );
+}
