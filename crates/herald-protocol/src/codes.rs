@@ -1,10 +1,10 @@
 //! Every error code and close code Herald uses, declared once. A wrong code makes clients
 //! reconnect in a tight loop; a missing one makes them give up. So each says whether the
-//! client may retry.
+//! client may retry. `docs/protocol.md` has the same table for people.
 
 /// Codes in error replies (`{"id":N,"error":{"code":..}}`) and HTTP API error bodies.
 ///
-/// Ranges: 100–199 request errors. The numbers are stable: never reuse one.
+/// Range 100–199. The numbers are stable: never reuse one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u16)]
 #[non_exhaustive]
@@ -13,17 +13,48 @@ pub enum ErrorCode {
     Internal = 100,
     /// Missing, invalid or expired credentials (token or API key).
     Unauthorized = 101,
+    /// The channel name is invalid, or its namespace is not configured.
+    InvalidChannel = 102,
+    /// The namespace does not allow this (subscribe, publish) for this client.
+    PermissionDenied = 103,
+    /// No such command or API method.
+    UnknownCommand = 104,
+    /// The connection is already subscribed to the channel.
+    AlreadySubscribed = 105,
+    /// A per-connection limit was reached (subscriptions).
+    LimitExceeded = 106,
     /// The request is malformed: bad JSON, missing or invalid fields.
     BadRequest = 107,
-    /// No such endpoint or method.
+    /// The first command on a connection must be `connect` (and only the first).
+    NotConnected = 108,
+    /// No such endpoint.
     NotFound = 111,
-    /// The request body or message is larger than the configured limit.
+    /// The request body or publication is larger than the configured limit.
     TooLarge = 112,
     /// The server is shutting down or not ready; retry elsewhere or later.
     Unavailable = 113,
+    /// The HTTP method is not allowed on this endpoint.
+    MethodNotAllowed = 114,
 }
 
 impl ErrorCode {
+    /// Every code, for documentation and tests.
+    pub const ALL: [ErrorCode; 13] = [
+        Self::Internal,
+        Self::Unauthorized,
+        Self::InvalidChannel,
+        Self::PermissionDenied,
+        Self::UnknownCommand,
+        Self::AlreadySubscribed,
+        Self::LimitExceeded,
+        Self::BadRequest,
+        Self::NotConnected,
+        Self::NotFound,
+        Self::TooLarge,
+        Self::Unavailable,
+        Self::MethodNotAllowed,
+    ];
+
     /// Whether the same request may succeed if retried (with backoff).
     pub fn retryable(self) -> bool {
         matches!(self, Self::Internal | Self::Unavailable)
@@ -34,9 +65,12 @@ impl ErrorCode {
         match self {
             Self::Internal => 500,
             Self::Unauthorized => 401,
-            Self::BadRequest => 400,
-            Self::NotFound => 404,
+            Self::PermissionDenied => 403,
+            Self::InvalidChannel | Self::BadRequest | Self::AlreadySubscribed | Self::NotConnected => 400,
+            Self::UnknownCommand | Self::NotFound => 404,
+            Self::MethodNotAllowed => 405,
             Self::TooLarge => 413,
+            Self::LimitExceeded => 429,
             Self::Unavailable => 503,
         }
     }
@@ -45,9 +79,35 @@ impl ErrorCode {
     pub fn as_u16(self) -> u16 {
         self as u16
     }
+
+    /// The code for a number, if it is one of ours.
+    pub fn from_u16(n: u16) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_u16() == n)
+    }
+
+    /// A short default message.
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::Internal => "internal error",
+            Self::Unauthorized => "unauthorized",
+            Self::InvalidChannel => "invalid channel",
+            Self::PermissionDenied => "permission denied",
+            Self::UnknownCommand => "unknown command",
+            Self::AlreadySubscribed => "already subscribed",
+            Self::LimitExceeded => "limit exceeded",
+            Self::BadRequest => "bad request",
+            Self::NotConnected => "connect first",
+            Self::NotFound => "not found",
+            Self::TooLarge => "too large",
+            Self::Unavailable => "unavailable",
+            Self::MethodNotAllowed => "method not allowed",
+        }
+    }
 }
 
-/// WebSocket close codes Herald sends, beside the RFC 6455 ones (1000–1015).
+/// WebSocket close codes Herald sends, beside the RFC 6455 ones (1000 normal, 1001 server
+/// shutting down, 1002 protocol error, 1003 binary frame on the JSON protocol, 1007 invalid
+/// UTF-8, 1009 frame or message over the size limit).
 ///
 /// Ranges: 4000–4499 mean "reconnect (with backoff) and recover"; 4500–4999 mean "do not
 /// reconnect automatically: something must change first".
@@ -55,13 +115,32 @@ impl ErrorCode {
 #[repr(u16)]
 #[non_exhaustive]
 pub enum CloseCode {
-    /// The client did not read fast enough; its queue overflowed.
+    /// The client did not read fast enough; its outgoing queue overflowed. Reconnect and
+    /// recover what was missed.
     SlowConsumer = 4001,
-    /// The client did not answer pings.
+    /// The client did not answer the server's pings.
     NoPong = 4002,
+    /// No `connect` command arrived in time after the WebSocket opened.
+    ConnectTimeout = 4003,
+    /// The server is overloaded or failed internally; reconnect later.
+    ServerError = 4004,
+    /// The client broke the protocol repeatedly; fix the client.
+    ProtocolViolation = 4500,
+    /// The backend disconnected this client (API `disconnect`).
+    ForceDisconnect = 4503,
 }
 
 impl CloseCode {
+    pub const ALL: [CloseCode; 6] = [
+        Self::SlowConsumer,
+        Self::NoPong,
+        Self::ConnectTimeout,
+        Self::ServerError,
+        Self::ProtocolViolation,
+        Self::ForceDisconnect,
+    ];
+
+    /// Whether a client should reconnect by itself after this code.
     pub fn reconnect(self) -> bool {
         (self as u16) < 4500
     }
@@ -75,6 +154,10 @@ impl CloseCode {
         match self {
             Self::SlowConsumer => "slow consumer",
             Self::NoPong => "no pong",
+            Self::ConnectTimeout => "connect timeout",
+            Self::ServerError => "server error",
+            Self::ProtocolViolation => "protocol violation",
+            Self::ForceDisconnect => "disconnected by the server",
         }
     }
 }
@@ -85,20 +168,18 @@ mod tests {
 
     #[test]
     fn close_code_ranges_say_whether_to_reconnect() {
-        assert!(CloseCode::SlowConsumer.reconnect());
-        assert!(CloseCode::NoPong.reconnect());
+        for c in CloseCode::ALL {
+            assert_eq!(c.reconnect(), (4000..4500).contains(&c.as_u16()), "{c:?}");
+            assert!(c.reason().len() <= 123);
+        }
     }
 
     #[test]
-    fn http_statuses_are_client_or_server_errors() {
-        for c in [
-            ErrorCode::Internal,
-            ErrorCode::Unauthorized,
-            ErrorCode::BadRequest,
-            ErrorCode::NotFound,
-            ErrorCode::TooLarge,
-            ErrorCode::Unavailable,
-        ] {
+    fn error_codes_are_unique_and_map_to_http() {
+        let mut seen = std::collections::HashSet::new();
+        for c in ErrorCode::ALL {
+            assert!(seen.insert(c.as_u16()), "duplicate {c:?}");
+            assert_eq!(ErrorCode::from_u16(c.as_u16()), Some(c));
             assert!((400..600).contains(&c.http_status()));
             assert_eq!(c.retryable(), c.http_status() >= 500, "{c:?}");
         }

@@ -1,11 +1,21 @@
-//! Herald's wire protocol: the types clients and servers exchange, and the one table of error
+//! Herald's wire protocol: the frames clients and servers exchange, and the one table of error
 //! and close codes. No I/O.
 //!
-//! Layout: `codes` (error codes and close codes with their meaning and retry advice),
-//! `error` (the JSON error body shared by the protocol and the HTTP API).
+//! Layout: `message` (protocol v1 frames: parse and encode, both directions), `codes` (error
+//! and close codes with their meaning and retry advice), `error` (the JSON error body shared by
+//! the protocol and the HTTP API).
 
 mod codes;
 mod error;
+mod message;
 
 pub use codes::{CloseCode, ErrorCode};
 pub use error::{ErrorBody, ErrorDetail};
+pub use message::{
+    encode_error, encode_pub_push, encode_reply, ClientFrame, ClientInfo, Command, ConnectRequest, ConnectResult,
+    FrameError, PublishRequest, PublishResult, Publication, PushBody, ReplyResult, ServerFrame, SubscribeRequest,
+    SubscribeResult, UnsubscribeRequest,
+};
+
+/// The protocol version, also the WebSocket subprotocol name.
+pub const SUBPROTOCOL: &str = "herald.v1";

@@ -1,0 +1,1 @@
+//! Placeholder: the Rust client is being written.
