@@ -27,6 +27,8 @@ pub enum ErrorCode {
     BadRequest = 107,
     /// The first command on a connection must be `connect` (and only the first).
     NotConnected = 108,
+    /// The namespace does not offer this (presence is off, or no history is kept).
+    NotAvailable = 109,
     /// No such endpoint.
     NotFound = 111,
     /// The request body or publication is larger than the configured limit.
@@ -39,7 +41,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         Self::Internal,
         Self::Unauthorized,
         Self::InvalidChannel,
@@ -49,6 +51,7 @@ impl ErrorCode {
         Self::LimitExceeded,
         Self::BadRequest,
         Self::NotConnected,
+        Self::NotAvailable,
         Self::NotFound,
         Self::TooLarge,
         Self::Unavailable,
@@ -67,6 +70,7 @@ impl ErrorCode {
             Self::Unauthorized => 401,
             Self::PermissionDenied => 403,
             Self::InvalidChannel | Self::BadRequest | Self::AlreadySubscribed | Self::NotConnected => 400,
+            Self::NotAvailable => 409,
             Self::UnknownCommand | Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::TooLarge => 413,
@@ -97,6 +101,7 @@ impl ErrorCode {
             Self::LimitExceeded => "limit exceeded",
             Self::BadRequest => "bad request",
             Self::NotConnected => "connect first",
+            Self::NotAvailable => "not available in this namespace",
             Self::NotFound => "not found",
             Self::TooLarge => "too large",
             Self::Unavailable => "unavailable",

@@ -12,9 +12,10 @@ mod message;
 pub use codes::{CloseCode, ErrorCode};
 pub use error::{ErrorBody, ErrorDetail};
 pub use message::{
-    encode_error, encode_pub_push, encode_reply, ClientFrame, ClientInfo, Command, ConnectRequest, ConnectResult,
-    FrameError, PublishRequest, PublishResult, Publication, PushBody, ReplyResult, ServerFrame, SubscribeRequest,
-    SubscribeResult, UnsubscribeRequest,
+    encode_error, encode_pub_push, encode_reply, ChannelRequest, ClientFrame, ClientInfo, Command, ConnectRequest,
+    ConnectResult, FrameError, HistoryRequest, HistoryResult, Position, PresenceClient, PresenceResult,
+    PresenceStatsResult, Publication, PublishRequest, PublishResult, PushBody, RefreshRequest, RefreshResult,
+    ReplyResult, ServerFrame, SubscribeRequest, SubscribeResult, UnsubscribeRequest,
 };
 
 /// The protocol version, also the WebSocket subprotocol name.

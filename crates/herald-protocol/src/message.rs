@@ -65,6 +65,44 @@ impl PartialEq for PublishRequest {
     }
 }
 
+/// A channel position, as clients pass it back.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Position {
+    pub epoch: String,
+    pub offset: u64,
+}
+
+/// `history`: read a channel's kept publications.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryRequest {
+    pub channel: String,
+    /// At most this many publications (default and maximum: the namespace's history size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// Only publications after this position.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Position>,
+    /// Newest first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reverse: bool,
+}
+
+/// `presence` and `presence_stats`: who is subscribed to a channel.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelRequest {
+    pub channel: String,
+}
+
+/// `refresh`: a new connection token before the current one expires.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshRequest {
+    pub token: String,
+}
+
 /// A client command.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
@@ -72,6 +110,10 @@ pub enum Command {
     Subscribe(SubscribeRequest),
     Unsubscribe(UnsubscribeRequest),
     Publish(PublishRequest),
+    History(HistoryRequest),
+    Presence(ChannelRequest),
+    PresenceStats(ChannelRequest),
+    Refresh(RefreshRequest),
 }
 
 impl Command {
@@ -82,6 +124,10 @@ impl Command {
             Self::Subscribe(_) => "subscribe",
             Self::Unsubscribe(_) => "unsubscribe",
             Self::Publish(_) => "publish",
+            Self::History(_) => "history",
+            Self::Presence(_) => "presence",
+            Self::PresenceStats(_) => "presence_stats",
+            Self::Refresh(_) => "refresh",
         }
     }
 }
@@ -91,7 +137,10 @@ impl Command {
 pub enum ClientFrame {
     /// `{}`: the answer to the server's ping.
     Pong,
-    Request { id: u32, command: Command },
+    Request {
+        id: u32,
+        command: Command,
+    },
 }
 
 /// A client frame that could not be understood. `id` is set when the frame had a usable
@@ -134,7 +183,11 @@ impl ClientFrame {
         let id = match map.get("id") {
             Some(raw) => match serde_json::from_str::<u32>(raw.get()) {
                 Ok(0) | Err(_) => {
-                    return Err(FrameError::new(None, ErrorCode::BadRequest, "`id` must be an integer from 1 to 4294967295"))
+                    return Err(FrameError::new(
+                        None,
+                        ErrorCode::BadRequest,
+                        "`id` must be an integer from 1 to 4294967295",
+                    ))
                 }
                 Ok(id) => id,
             },
@@ -153,6 +206,10 @@ impl ClientFrame {
             "subscribe" => Command::Subscribe(body(id, name, raw)?),
             "unsubscribe" => Command::Unsubscribe(body(id, name, raw)?),
             "publish" => Command::Publish(body(id, name, raw)?),
+            "history" => Command::History(body(id, name, raw)?),
+            "presence" => Command::Presence(body(id, name, raw)?),
+            "presence_stats" => Command::PresenceStats(body(id, name, raw)?),
+            "refresh" => Command::Refresh(body(id, name, raw)?),
             other => {
                 return Err(FrameError::new(Some(id), ErrorCode::UnknownCommand, format!("unknown command `{other}`")))
             }
@@ -170,6 +227,9 @@ impl ClientFrame {
                     Command::Subscribe(c) => serde_json::to_string(c),
                     Command::Unsubscribe(c) => serde_json::to_string(c),
                     Command::Publish(c) => serde_json::to_string(c),
+                    Command::History(c) => serde_json::to_string(c),
+                    Command::Presence(c) | Command::PresenceStats(c) => serde_json::to_string(c),
+                    Command::Refresh(c) => serde_json::to_string(c),
                 }
                 .unwrap_or_else(|_| "{}".into());
                 format!("{{\"id\":{id},\"{}\":{body}}}", command.name())
@@ -240,6 +300,48 @@ pub struct PublishResult {
     pub offset: u64,
 }
 
+/// Result of `history`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HistoryResult {
+    pub epoch: String,
+    pub offset: u64,
+    #[serde(default)]
+    pub publications: Vec<Publication>,
+}
+
+/// One client in a presence list.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceClient {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user: String,
+    pub client: String,
+    /// The `info` claim of the client's connection token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<serde_json::Value>,
+}
+
+/// Result of `presence`: the clients subscribed, by client id.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceResult {
+    pub clients: BTreeMap<String, PresenceClient>,
+}
+
+/// Result of `presence_stats`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceStatsResult {
+    /// Connections subscribed.
+    pub clients: u64,
+    /// Distinct users among them (each anonymous connection counts as one user).
+    pub users: u64,
+}
+
+/// Result of `refresh`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefreshResult {
+    /// When the new token expires (Unix seconds).
+    pub expires: u64,
+}
+
 /// The result part of a reply.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ReplyResult {
@@ -247,6 +349,10 @@ pub enum ReplyResult {
     Subscribe(SubscribeResult),
     Unsubscribe,
     Publish(PublishResult),
+    History(HistoryResult),
+    Presence(PresenceResult),
+    PresenceStats(PresenceStatsResult),
+    Refresh(RefreshResult),
     Error(ErrorDetail),
 }
 
@@ -256,6 +362,8 @@ pub enum PushBody {
     Pub(Publication),
     Join(ClientInfo),
     Leave(ClientInfo),
+    /// The server ended this subscription (API `unsubscribe`); do not resubscribe by itself.
+    Unsubscribe,
 }
 
 /// What a server sends.
@@ -263,8 +371,14 @@ pub enum PushBody {
 pub enum ServerFrame {
     /// `{}`: answer with `{}`.
     Ping,
-    Reply { id: u32, result: ReplyResult },
-    Push { channel: String, body: PushBody },
+    Reply {
+        id: u32,
+        result: ReplyResult,
+    },
+    Push {
+        channel: String,
+        body: PushBody,
+    },
     /// An error for a frame the server could not read at all (so it had no `id`).
     Error(ErrorDetail),
 }
@@ -296,13 +410,16 @@ impl ServerFrame {
                 join: Option<&'a RawValue>,
                 #[serde(borrow)]
                 leave: Option<&'a RawValue>,
+                #[serde(borrow)]
+                unsubscribe: Option<&'a RawValue>,
             }
             let p: PushRaw<'_> = de(push)?;
-            let body = match (p.publication, p.join, p.leave) {
-                (Some(raw), None, None) => PushBody::Pub(de(raw)?),
-                (None, Some(raw), None) => PushBody::Join(de(raw)?),
-                (None, None, Some(raw)) => PushBody::Leave(de(raw)?),
-                _ => return Err("a push has exactly one of pub, join, leave".into()),
+            let body = match (p.publication, p.join, p.leave, p.unsubscribe) {
+                (Some(raw), None, None, None) => PushBody::Pub(de(raw)?),
+                (None, Some(raw), None, None) => PushBody::Join(de(raw)?),
+                (None, None, Some(raw), None) => PushBody::Leave(de(raw)?),
+                (None, None, None, Some(_)) => PushBody::Unsubscribe,
+                _ => return Err("a push has exactly one of pub, join, leave, unsubscribe".into()),
             };
             return Ok(Self::Push { channel: p.channel, body });
         }
@@ -319,6 +436,10 @@ impl ServerFrame {
             "subscribe" => ReplyResult::Subscribe(de(raw)?),
             "unsubscribe" => ReplyResult::Unsubscribe,
             "publish" => ReplyResult::Publish(de(raw)?),
+            "history" => ReplyResult::History(de(raw)?),
+            "presence" => ReplyResult::Presence(de(raw)?),
+            "presence_stats" => ReplyResult::PresenceStats(de(raw)?),
+            "refresh" => ReplyResult::Refresh(de(raw)?),
             "error" => ReplyResult::Error(de(raw)?),
             other => return Err(format!("unknown result `{other}`")),
         };
@@ -336,6 +457,10 @@ impl ServerFrame {
                     ReplyResult::Subscribe(r) => ("subscribe", to(r)),
                     ReplyResult::Unsubscribe => ("unsubscribe", "{}".into()),
                     ReplyResult::Publish(r) => ("publish", to(r)),
+                    ReplyResult::History(r) => ("history", to(r)),
+                    ReplyResult::Presence(r) => ("presence", to(r)),
+                    ReplyResult::PresenceStats(r) => ("presence_stats", to(r)),
+                    ReplyResult::Refresh(r) => ("refresh", to(r)),
                     ReplyResult::Error(e) => ("error", to(e)),
                 };
                 format!("{{\"id\":{id},\"{name}\":{body}}}")
@@ -345,6 +470,7 @@ impl ServerFrame {
                     PushBody::Pub(p) => ("pub", to(p)),
                     PushBody::Join(i) => ("join", to(i)),
                     PushBody::Leave(i) => ("leave", to(i)),
+                    PushBody::Unsubscribe => ("unsubscribe", "{}".into()),
                 };
                 format!("{{\"push\":{{\"channel\":{},\"{name}\":{body}}}}}", to(channel))
             }

@@ -23,16 +23,12 @@ fn each(dir: &str, check: impl Fn(&str, &[u8]) -> String) -> usize {
 
 #[test]
 fn client_frames_round_trip() {
-    let n = each("client", |name, bytes| {
-        ClientFrame::parse(bytes).unwrap_or_else(|e| panic!("{name}: {e}")).encode()
-    });
+    let n = each("client", |name, bytes| ClientFrame::parse(bytes).unwrap_or_else(|e| panic!("{name}: {e}")).encode());
     assert!(n >= 6);
 }
 
 #[test]
 fn server_frames_round_trip() {
-    let n = each("server", |name, bytes| {
-        ServerFrame::parse(bytes).unwrap_or_else(|e| panic!("{name}: {e}")).encode()
-    });
+    let n = each("server", |name, bytes| ServerFrame::parse(bytes).unwrap_or_else(|e| panic!("{name}: {e}")).encode());
     assert!(n >= 10);
 }
