@@ -1,11 +1,16 @@
-//! The `herald` command: process setup (logging, signals, limits) around the `herald` library.
+//! The `herald` command: process setup (logging, signals, limits) around the `herald` library,
+//! and `publish` / `subscribe` for trying a server from a shell.
 
+use std::io::{self, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use herald::config::{self, LogFormat, Overrides};
+use herald_client::{Client, ClientOptions, Event, Publication, State};
+use serde_json::value::RawValue;
 
 #[derive(Debug, Parser)]
 #[command(name = "herald", version = herald::VERSION, about = "Herald: a real-time push server")]
@@ -24,6 +29,39 @@ enum Command {
     CheckConfig(ServeArgs),
     /// Print the version.
     Version,
+    /// Publish a message on a channel through the HTTP API; print the answer.
+    Publish(PublishArgs),
+    /// Subscribe to channels over WebSocket and print each publication as one JSON line
+    /// (`{"channel":..,"offset":..,"data":..}`), reconnecting when needed. Ctrl-C stops.
+    Subscribe(SubscribeArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+struct PublishArgs {
+    /// The channel, e.g. `news` or `chat:lobby`.
+    channel: String,
+    /// The data: any JSON value, e.g. '{"title":"hello"}' or '"plain text"'.
+    json: String,
+    /// The server's HTTP address.
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// The API key (the server's `api.key`); without one, only a server without a key on
+    /// the same machine accepts the request.
+    #[arg(long, value_name = "KEY", env = "HERALD_API__KEY", hide_env_values = true)]
+    api_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+struct SubscribeArgs {
+    /// One or more channels.
+    #[arg(required = true, value_name = "CHANNEL")]
+    channels: Vec<String>,
+    /// The server's WebSocket endpoint.
+    #[arg(long, value_name = "URL", default_value = "ws://127.0.0.1:8080/connect")]
+    url: String,
+    /// A connection token (JWT), when the server requires one.
+    #[arg(long, value_name = "TOKEN")]
+    token: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -46,6 +84,8 @@ fn main() -> ExitCode {
             println!("herald {}", herald::VERSION);
             Ok(())
         }
+        Some(Command::Publish(args)) => publish(&args),
+        Some(Command::Subscribe(args)) => subscribe(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -88,6 +128,135 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How long `publish` waits for the server, in all.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn publish(args: &PublishArgs) -> anyhow::Result<()> {
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        channel: &'a str,
+        data: &'a RawValue,
+    }
+    #[derive(serde::Deserialize)]
+    struct ErrorAnswer {
+        error: ErrorDetail,
+    }
+    #[derive(serde::Deserialize)]
+    struct ErrorDetail {
+        code: u16,
+        message: String,
+    }
+
+    let data = RawValue::from_string(args.json.clone()).context("the data is not valid JSON")?;
+    let url = format!("{}/api/publish", args.url.trim_end_matches('/'));
+    let agent: ureq::Agent =
+        ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(PUBLISH_TIMEOUT)).build().into();
+    let mut request = agent.post(&url);
+    if let Some(key) = &args.api_key {
+        request = request.header("Authorization", format!("apikey {key}"));
+    }
+    let body = serde_json::to_string(&Body { channel: &args.channel, data: &data }).context("encoding the request")?;
+    let mut response = request
+        .content_type("application/json")
+        .send(body.as_str())
+        .with_context(|| format!("cannot publish through {url}"))?;
+    let status = response.status();
+    let answer = response.body_mut().read_to_string().with_context(|| format!("cannot read the answer of {url}"))?;
+    if status.is_success() {
+        println!("{}", answer.trim_end());
+        return Ok(());
+    }
+    match serde_json::from_str::<ErrorAnswer>(&answer) {
+        Ok(ErrorAnswer { error }) => anyhow::bail!("{} (code {}, HTTP {})", error.message, error.code, status.as_u16()),
+        Err(_) => anyhow::bail!("{url} answered HTTP {}: {}", status.as_u16(), answer.trim()),
+    }
+}
+
+fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
+    // Reconnects are worth seeing on stderr; stdout carries only publications.
+    init_logging("warn,herald_client=info", LogFormat::Text)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
+    runtime.block_on(async {
+        // Ctrl-C (or SIGTERM) ends the command successfully at any point.
+        let stop = shutdown_signal();
+        tokio::pin!(stop);
+        let mut options = ClientOptions::default().name("herald-cli").version(herald::VERSION);
+        if let Some(token) = &args.token {
+            options = options.token(token);
+        }
+        let client = tokio::select! {
+            () = &mut stop => return Ok(()),
+            client = Client::connect(args.url.as_str(), options) => {
+                client.with_context(|| format!("cannot connect to {}", args.url))?
+            }
+        };
+        let printed = tokio::select! {
+            () = &mut stop => Ok(()),
+            printed = print_publications(&client, &args.channels) => printed,
+        };
+        client.close().await;
+        printed
+    })
+}
+
+/// Subscribes, then prints events until stdout closes or the client ends.
+async fn print_publications(client: &Client, channels: &[String]) -> anyhow::Result<()> {
+    use futures_util::StreamExt as _;
+
+    let mut subscriptions = Vec::with_capacity(channels.len());
+    for channel in channels {
+        let subscription =
+            client.subscribe(channel.as_str()).await.with_context(|| format!("cannot subscribe to `{channel}`"))?;
+        subscriptions.push(subscription);
+    }
+    let mut events = futures_util::stream::select_all(subscriptions.into_iter().map(|s| {
+        let channel = s.channel().to_owned();
+        s.map(move |event| (channel.clone(), event))
+    }));
+    while let Some((channel, event)) = events.next().await {
+        match event {
+            Event::Publication(p) => match print_publication(&mut io::stdout().lock(), &channel, &p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
+                Err(e) => return Err(e).context("cannot write to stdout"),
+            },
+            Event::Reset { epoch, offset } => eprintln!(
+                "herald: `{channel}`: publications were missed while reconnecting; \
+                 continuing after offset {offset} of epoch {epoch}"
+            ),
+            _ => {}
+        }
+    }
+    let state = client.state().borrow().clone();
+    match state {
+        State::Closed(e) => Err(anyhow::Error::new(e).context("the connection ended")),
+        _ => Err(anyhow::anyhow!("every subscription ended")),
+    }
+}
+
+/// One JSON line per publication. Data the publisher sent across several lines is compacted
+/// so the output stays one line per publication.
+fn print_publication(out: &mut impl Write, channel: &str, p: &Publication) -> io::Result<()> {
+    #[derive(serde::Serialize)]
+    struct Line<'a> {
+        channel: &'a str,
+        offset: Option<u64>,
+        data: &'a RawValue,
+    }
+    let compacted;
+    let data = if p.data.get().contains(['\n', '\r']) {
+        let value: serde_json::Value = serde_json::from_str(p.data.get()).map_err(io::Error::other)?;
+        compacted = serde_json::value::to_raw_value(&value).map_err(io::Error::other)?;
+        &compacted
+    } else {
+        &p.data
+    };
+    let mut line = serde_json::to_vec(&Line { channel, offset: p.offset, data }).map_err(io::Error::other)?;
+    line.push(b'\n');
+    out.write_all(&line)?;
+    out.flush()
 }
 
 fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {

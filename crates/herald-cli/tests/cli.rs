@@ -1,6 +1,9 @@
 //! The `herald` binary as an operator runs it.
 
+use std::io::{Read, Write};
 use std::process::Command;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 fn herald() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_herald"));
@@ -63,4 +66,83 @@ fn serve_reports_a_busy_port() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
+}
+
+/// A one-request HTTP server on 127.0.0.1:0 answering `status` with `body`; joining the
+/// thread gives the request it received (head and body).
+fn http_once(status: &'static str, body: &'static str) -> (String, JoinHandle<String>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).expect("read head");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let length = head
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>()))
+            .expect("content-length")
+            .expect("a number");
+        let mut request_body = vec![0; length];
+        s.read_exact(&mut request_body).expect("read body");
+        let answer = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(answer.as_bytes()).expect("write");
+        head + &String::from_utf8_lossy(&request_body)
+    });
+    (url, server)
+}
+
+#[test]
+fn publish_posts_to_the_api_with_the_key_from_the_environment() {
+    let (url, server) = http_once("200 OK", r#"{"epoch":"e1","offset":7}"#);
+    let out = herald()
+        .args(["publish", "news", r#"{"title": "hi"}"#, "--url", &url])
+        .env("HERALD_API__KEY", "sekret")
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), r#"{"epoch":"e1","offset":7}"#);
+    let request = server.join().expect("server");
+    assert!(request.starts_with("POST /api/publish HTTP/1.1\r\n"), "{request}");
+    assert!(request.to_ascii_lowercase().contains("\r\nauthorization: apikey sekret\r\n"), "{request}");
+    assert!(request.ends_with(r#"{"channel":"news","data":{"title": "hi"}}"#), "{request}");
+}
+
+#[test]
+fn publish_prints_the_servers_error_and_exits_1() {
+    let (url, server) =
+        http_once("403 Forbidden", r#"{"error":{"code":103,"message":"publishing is not allowed here"}}"#);
+    let out =
+        herald().args(["publish", "news", "1", "--api-key", "k", "--url", &format!("{url}/")]).output().expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("publishing is not allowed here (code 103, HTTP 403)"), "{err}");
+    assert!(server.join().expect("server").contains("apikey k"));
+}
+
+#[test]
+fn publish_checks_the_json_before_sending() {
+    let out = herald().args(["publish", "news", "{oops", "--url", "http://127.0.0.1:9"]).output().expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not valid JSON"), "{err}");
+}
+
+#[test]
+fn subscribe_reports_an_unreachable_server() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("ws://{}/connect", closed.local_addr().expect("addr"));
+    drop(closed);
+    let out = herald().args(["subscribe", "news", "--url", &url]).output().expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("cannot connect to {url}")), "{err}");
 }

@@ -1,0 +1,135 @@
+//! Opening one connection: the WebSocket handshake (subprotocol `herald.v1`) and the
+//! `connect` exchange. Also the rule for which endings are worth a reconnect.
+
+use futures_util::{SinkExt, StreamExt};
+use herald_protocol::{ClientFrame, Command, ConnectRequest, ConnectResult, ReplyResult, ServerFrame, SUBPROTOCOL};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::{ClientOptions, Error};
+
+pub(crate) type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// The id of `connect`, the first request on every connection.
+const CONNECT_ID: u32 = 1;
+
+/// Opens the WebSocket and completes `connect`, all within the request timeout.
+pub(crate) async fn open(url: &str, options: &ClientOptions) -> Result<(Socket, ConnectResult), Error> {
+    let attempt = async {
+        let mut request = url.into_client_request().map_err(|e| invalid_url(url, e))?;
+        request.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(SUBPROTOCOL));
+        let (mut socket, _) =
+            tokio_tungstenite::connect_async_with_config(request, None, true).await.map_err(|e| match e {
+                tungstenite::Error::Url(_) => invalid_url(url, e),
+                e => Error::transport(url, e),
+            })?;
+        let connect = ConnectRequest {
+            token: options.token.clone(),
+            name: options.name.clone(),
+            version: options.version.clone(),
+        };
+        let frame = ClientFrame::Request { id: CONNECT_ID, command: Command::Connect(connect) };
+        socket.send(Message::text(frame.encode())).await.map_err(|e| Error::transport(url, e))?;
+        let result = await_connect_reply(&mut socket, url).await?;
+        Ok((socket, result))
+    };
+    match tokio::time::timeout(options.request_timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::Timeout { command: "connect", after: options.request_timeout }),
+    }
+}
+
+async fn await_connect_reply(socket: &mut Socket, url: &str) -> Result<ConnectResult, Error> {
+    loop {
+        let message = match socket.next().await {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(Error::transport(url, e)),
+            None => return Err(Error::transport(url, tungstenite::Error::ConnectionClosed)),
+        };
+        let text = match message {
+            Message::Text(text) => text,
+            Message::Close(frame) => {
+                let (code, reason) = frame.map_or((1005, String::new()), |f| (f.code.into(), f.reason.to_string()));
+                return Err(Error::Closed { code, reason });
+            }
+            Message::Binary(_) => return Err(Error::protocol("binary frame from the server")),
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+        };
+        let frame = ServerFrame::parse(text.as_bytes())
+            .map_err(|e| Error::protocol(format!("unreadable reply to `connect`: {e}")))?;
+        match frame {
+            ServerFrame::Reply { id: CONNECT_ID, result: ReplyResult::Connect(result) } => return Ok(result),
+            ServerFrame::Reply { id: CONNECT_ID, result: ReplyResult::Error(e) } | ServerFrame::Error(e) => {
+                return Err(Error::Server { command: "connect", channel: None, code: e.code, message: e.message })
+            }
+            ServerFrame::Ping => socket.send(Message::text("{}")).await.map_err(|e| Error::transport(url, e))?,
+            other => return Err(Error::protocol(format!("expected the reply to `connect`, got {}", other.encode()))),
+        }
+    }
+}
+
+fn invalid_url(url: &str, e: tungstenite::Error) -> Error {
+    Error::InvalidUrl { url: url.to_owned(), reason: e.to_string() }
+}
+
+/// Whether the client reconnects after the server closed with `code`: not after 1000
+/// (normal closure) nor 4500–4999 (Herald's "do not reconnect" range); after everything
+/// else, notably 4000–4499 (Herald's "reconnect and recover"), 1001 (going away), 1006
+/// (dropped), 1011–1013 (server trouble, restart, try again later). Codes that point at a bug
+/// in this client (1002, 1003, 1007) reconnect too: with backoff that costs little, and the
+/// alternative is a client that silently stays offline.
+pub(crate) fn reconnects_after(code: u16) -> bool {
+    !(code == 1000 || (4500..=4999).contains(&code))
+}
+
+/// Whether a failed reconnect attempt is worth another try: not when the URL is wrong, the
+/// server closed with a final code, or refused `connect` for good (e.g. an invalid token).
+pub(crate) fn worth_retrying(error: &Error) -> bool {
+    match error {
+        Error::InvalidUrl { .. } => false,
+        Error::Closed { code, .. } => reconnects_after(*code),
+        Error::Server { .. } => error.is_retryable(),
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn close_codes_decide_reconnects() {
+        for code in [1001, 1006, 1011, 1012, 1013, 4000, 4001, 4002, 4003, 4004, 4499] {
+            assert!(reconnects_after(code), "{code}");
+        }
+        for code in [1000, 4500, 4503, 4999] {
+            assert!(!reconnects_after(code), "{code}");
+        }
+        for c in herald_protocol::CloseCode::ALL {
+            assert_eq!(reconnects_after(c.as_u16()), c.reconnect(), "{c:?} agrees with the protocol table");
+        }
+    }
+
+    #[test]
+    fn refused_connects_are_final_unless_the_code_is_retryable() {
+        let refused = |code| Error::Server { command: "connect", channel: None, code, message: String::new() };
+        assert!(!worth_retrying(&refused(101)), "unauthorized: the same token fails again");
+        assert!(worth_retrying(&refused(113)), "unavailable");
+        assert!(worth_retrying(&Error::Timeout { command: "connect", after: Duration::from_secs(1) }));
+        assert!(!worth_retrying(&Error::Closed { code: 4503, reason: String::new() }));
+        assert!(worth_retrying(&Error::Closed { code: 4004, reason: String::new() }));
+    }
+
+    #[tokio::test]
+    async fn a_bad_url_is_reported_as_such() {
+        let err = open("http://[::1", &ClientOptions::default()).await.expect_err("bad url");
+        assert!(matches!(err, Error::InvalidUrl { .. }), "{err:?}");
+        let err = open("ftp://example.invalid/", &ClientOptions::default()).await.expect_err("bad scheme");
+        assert!(matches!(err, Error::InvalidUrl { .. }), "{err:?}");
+    }
+}
