@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,6 @@ use axum::routing::{any, get};
 use axum::{Json, Router};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,18 +22,9 @@ use tower::ServiceExt;
 
 use crate::config::Config;
 use crate::http_error::ApiError;
+use crate::node::Node;
 use crate::ws::{self, AcceptedAt, Message, WsContext};
-
-/// Shared by every handler.
-#[derive(Debug)]
-struct AppState {
-    config: Arc<Config>,
-    ws: WsContext,
-    /// Large limits for the Autobahn echo endpoint.
-    echo_settings: Arc<ws::Settings>,
-    ready: AtomicBool,
-    prometheus: Option<PrometheusHandle>,
-}
+use crate::{api, transport};
 
 /// Runs Herald on `listener` until `shutdown` resolves, then closes every WebSocket with 1001
 /// and waits up to `drain_timeout` for connections to finish.
@@ -44,19 +34,27 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     let ws = WsContext { shutdown: stop.clone(), tracker: tracker.clone(), metrics: ws::WsMetrics::new() };
-    let echo_settings = Arc::new(ws::Settings {
-        max_frame_size: 64 << 20,
-        max_message_size: 64 << 20,
-        max_fragments: 1 << 20,
-        max_queue_bytes: 256 << 20,
-        ..config.websocket.clone()
+    let node = Arc::new(Node::new(config.clone(), ws, prometheus));
+    let app = router(node.clone());
+    tokio::spawn({
+        // Forget idle channels and expired presence, until shutdown.
+        let (node, stop) = (node.clone(), stop.clone());
+        async move {
+            let mut every = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tokio::select! {
+                    _ = every.tick() => node.engine.sweep(),
+                    () = stop.cancelled() => break,
+                }
+            }
+        }
     });
-    let state =
-        Arc::new(AppState { config: config.clone(), ws, echo_settings, ready: AtomicBool::new(true), prometheus });
-    let app = router(state.clone());
     let limits = Arc::new(ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip));
 
     tracing::info!(addr = %listener.local_addr()?, "listening");
+    if config.api.key.is_empty() {
+        tracing::warn!("api.key is not set: the HTTP API answers only loopback clients (set HERALD_API__KEY)");
+    }
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -77,7 +75,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     }
 
     drop(listener);
-    state.ready.store(false, Ordering::SeqCst);
+    node.set_ready(false);
     let open = tracker.len();
     tracing::info!(connections = open, drain_timeout = ?config.drain_timeout, "shutting down: closing connections");
     stop.cancel();
@@ -88,12 +86,19 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     Ok(())
 }
 
-fn router(state: Arc<AppState>) -> Router {
-    let mut r = Router::new().route("/health", get(health)).route("/ready", get(ready)).route("/metrics", get(metrics));
-    if state.config.testing.echo {
+fn router(node: Arc<Node>) -> Router {
+    let mut r = Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/connect", any(transport::connect))
+        .route("/ws/{*channel}", any(transport::raw_ws))
+        .route("/sse/{*channel}", get(transport::sse))
+        .route("/api/{method}", any(api::dispatch));
+    if node.config.testing.echo {
         r = r.route("/_echo", any(echo));
     }
-    r.fallback(not_found).with_state(state)
+    r.fallback(not_found).with_state(node)
 }
 
 async fn serve_connection(
@@ -136,16 +141,16 @@ async fn health() -> impl IntoResponse {
     Json(serde_json::json!({"status": "ok"}))
 }
 
-async fn ready(State(state): State<Arc<AppState>>) -> Response {
-    if state.ready.load(Ordering::SeqCst) {
+async fn ready(State(node): State<Arc<Node>>) -> Response {
+    if node.is_ready() {
         Json(serde_json::json!({"status": "ready"})).into_response()
     } else {
         ApiError::new(herald_protocol::ErrorCode::Unavailable, "shutting down").into_response()
     }
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    match &state.prometheus {
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    match &node.prometheus {
         Some(handle) => {
             handle.run_upkeep();
             ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
@@ -162,8 +167,8 @@ async fn not_found(req: Request) -> Response {
 }
 
 /// `/_echo`: sends every message back. For the Autobahn|Testsuite; off unless configured.
-async fn echo(State(state): State<Arc<AppState>>, req: Request) -> Response {
-    ws::upgrade(req, &state.ws, state.echo_settings.clone(), &[], |mut socket| async move {
+async fn echo(State(node): State<Arc<Node>>, req: Request) -> Response {
+    ws::upgrade(req, &node.ws, node.echo_settings.clone(), &[], |mut socket| async move {
         while let Ok(Some(msg)) = socket.recv().await {
             let sent = match msg {
                 Message::Text(b) => socket.outbox().send_text(b),

@@ -11,6 +11,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+pub use crate::channel::{ChannelsConfig, NamespaceOptions};
 use crate::ws;
 
 /// Herald's configuration.
@@ -30,6 +31,10 @@ pub struct Config {
     pub log: LogConfig,
     /// Limits on connections.
     pub limits: LimitsConfig,
+    /// Channels: limits, and what each namespace allows.
+    pub channels: ChannelsConfig,
+    /// The HTTP API for backends (`POST /api/...`).
+    pub api: ApiConfig,
     /// WebSocket limits, timings and compression.
     pub websocket: ws::Settings,
     /// Endpoints for testing Herald itself. Keep them off in production.
@@ -43,6 +48,8 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(10),
             log: LogConfig::default(),
             limits: LimitsConfig::default(),
+            channels: ChannelsConfig::default(),
+            api: ApiConfig::default(),
             websocket: ws::Settings::default(),
             testing: TestingConfig::default(),
         }
@@ -90,6 +97,54 @@ impl Default for LimitsConfig {
         Self { max_connections: 100_000, max_connections_per_ip: 10_000 }
     }
 }
+
+/// The HTTP API (`[api]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// The key backends send as `Authorization: apikey <key>`. When empty, the API answers
+    /// only requests from loopback addresses (127.0.0.0/8, ::1), and says so at start.
+    /// Prefer setting it through `HERALD_API__KEY` rather than in a file.
+    #[schemars(with = "String")]
+    pub key: Secret,
+    /// Largest request body, in bytes; larger requests get 413.
+    pub max_body_size: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self { key: Secret::default(), max_body_size: 1 << 20 }
+    }
+}
+
+/// A value that must never be printed: shown as `<redacted>` in logs, debug output and
+/// `check-config`.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "<redacted>" })
+    }
+}
+
+/// Keys whose values `check-config` must not print.
+const SECRET_KEYS: &[&str] = &["api.key"];
 
 /// Test endpoints (`[testing]`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -198,6 +253,17 @@ impl Config {
             check(!d.is_zero(), key, "must be greater than zero")?;
         }
         check(ws.compression.level <= 9, "websocket.compression.level", "must be between 0 and 9")?;
+        check(self.channels.max_channel_length >= 1, "channels.max_channel_length", "must be at least 1")?;
+        check(
+            self.channels.max_publication_size < ws.max_message_size,
+            "channels.max_publication_size",
+            "must be smaller than websocket.max_message_size (a publish command carries the data plus its envelope)",
+        )?;
+        for ns in self.channels.namespaces.keys() {
+            let ok = !ns.is_empty() && ns.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            check(ok, "channels.namespaces", &format!("`{ns}` is not a namespace name (letters, digits, _ and -)"))?;
+        }
+        check(self.api.max_body_size >= 1024, "api.max_body_size", "must be at least 1024 bytes")?;
         check(self.limits.max_connections >= 1, "limits.max_connections", "must be at least 1")?;
         check(self.limits.max_connections_per_ip >= 1, "limits.max_connections_per_ip", "must be at least 1")?;
         check_log_filter(&self.log.level)
@@ -230,7 +296,8 @@ impl Loaded {
         flatten("", &value, &mut leaves);
         let mut out = String::new();
         for (key, v) in leaves {
-            let literal = toml_literal(&v);
+            let secret = SECRET_KEYS.contains(&key.as_str()) && v.as_str().is_some_and(|s| !s.is_empty());
+            let literal = if secret { "\"<redacted>\"".to_owned() } else { toml_literal(&v) };
             let source = match self.figment.find_metadata(&key) {
                 Some(m) => describe_source(m, &key),
                 None => "default".into(),

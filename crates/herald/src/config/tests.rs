@@ -20,7 +20,8 @@ fn file_then_env_then_flags() {
     Jail::expect_with(|jail| {
         jail.create_file(
             "herald.toml",
-            "listen = \"127.0.0.1:9000\"\n[websocket]\nmax_frame_size = 1000\nmax_message_size = 2000\n",
+            "listen = \"127.0.0.1:9000\"\n[channels]\nmax_publication_size = 500\n\
+             [websocket]\nmax_frame_size = 1000\nmax_message_size = 2000\n",
         )?;
         jail.set_env("HERALD_WEBSOCKET__MAX_FRAME_SIZE", "1500");
         let flags = Overrides { listen: Some("127.0.0.1:9001".parse().expect("addr")) };

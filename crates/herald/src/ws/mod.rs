@@ -46,7 +46,9 @@ pub struct Settings {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub handshake_timeout: Duration,
-    /// After this long without hearing from a client, the server sends a WebSocket ping.
+    /// After this long without hearing from a client, the server pings it: a WebSocket ping,
+    /// or on native protocol connections an app-level `{}` that browsers can see (its seconds
+    /// are announced in the `connect` reply).
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub ping_interval: Duration,
@@ -65,8 +67,8 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            max_frame_size: 64 << 10,
-            max_message_size: 64 << 10,
+            max_frame_size: 128 << 10,
+            max_message_size: 128 << 10,
             max_fragments: 128,
             max_queue_bytes: 1 << 20,
             handshake_timeout: Duration::from_secs(10),

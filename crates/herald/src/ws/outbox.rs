@@ -118,7 +118,8 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    pub(crate) fn new(limit: usize, mode: SendMode) -> Self {
+    /// A queue of at most `limit` bytes (one frame may exceed it when the queue is empty).
+    pub fn new(limit: usize, mode: SendMode) -> Self {
         let shared = Shared {
             queue: Mutex::new(Queue::default()),
             wake_writer: Notify::new(),
@@ -224,30 +225,53 @@ impl Outbox {
         self.lock().done
     }
 
+    /// Waits for queued frames and moves them into `batch` (which must be empty). Returns
+    /// `false` when nothing more will ever come: the close frame (if any) was taken before.
+    /// One consumer at a time: the WebSocket writer, or an SSE response body.
+    pub async fn next_batch(&self, batch: &mut VecDeque<Bytes>) -> bool {
+        loop {
+            {
+                let mut q = self.lock();
+                if !q.frames.is_empty() {
+                    std::mem::swap(&mut q.frames, batch);
+                    q.bytes = 0;
+                    if q.closing {
+                        q.done = true;
+                    }
+                    return true;
+                }
+                if q.closing || q.done {
+                    q.done = true;
+                    return false;
+                }
+            }
+            self.shared.wake_writer.notified().await;
+        }
+    }
+
+    /// Marks the consumer gone: later pushes fail and the reader is told.
+    pub(crate) fn finish(&self) {
+        let mut q = self.lock();
+        q.done = true;
+        q.closing = true;
+        q.frames.clear();
+        q.bytes = 0;
+        drop(q);
+        self.shared.wake_reader.notify_one();
+    }
+
     /// The writer task: drains the queue into vectored writes until the close frame is written
     /// (then half-closes the socket) or the socket fails.
     pub(crate) async fn write_loop(self, mut io: OwnedWriteHalf, metrics: WsMetrics) {
         let mut batch: VecDeque<Bytes> = VecDeque::new();
-        loop {
-            let last = {
-                let mut q = self.lock();
-                std::mem::swap(&mut q.frames, &mut batch);
-                q.bytes = 0;
-                q.closing
-            };
-            if batch.is_empty() {
-                if last {
-                    break;
-                }
-                self.shared.wake_writer.notified().await;
-                continue;
-            }
+        while self.next_batch(&mut batch).await {
             let frames = batch.len() as u64;
             match write_all(&mut io, &mut batch).await {
                 Ok(bytes) => metrics.sent(frames, bytes as u64),
                 Err(_) => break,
             }
-            if last && self.lock().frames.is_empty() {
+            if self.writer_done() {
+                // The close frame was in this batch.
                 let _ = io.shutdown().await;
                 break;
             }
@@ -256,13 +280,7 @@ impl Outbox {
                 batch = VecDeque::new();
             }
         }
-        let mut q = self.lock();
-        q.done = true;
-        q.closing = true;
-        q.frames.clear();
-        q.bytes = 0;
-        drop(q);
-        self.shared.wake_reader.notify_one();
+        self.finish();
     }
 }
 

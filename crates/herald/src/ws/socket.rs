@@ -62,6 +62,8 @@ pub struct WebSocket {
     metrics: WsMetrics,
     protocol: Option<&'static str>,
     peer_close: Option<CloseFrame>,
+    /// Send WebSocket pings to idle peers (off when the protocol above has its own pings).
+    keepalive: bool,
 }
 
 const MIN_READ: usize = 4 << 10;
@@ -108,12 +110,24 @@ impl WebSocket {
             metrics,
             protocol,
             peer_close: None,
+            keepalive: true,
         }
     }
 
     /// The queue this connection's frames go out through.
     pub fn outbox(&self) -> &Outbox {
         &self.outbox
+    }
+
+    /// Turns WebSocket-level pings off, for protocols that run their own liveness check
+    /// (see [`WebSocket::last_seen`]).
+    pub fn disable_keepalive(&mut self) {
+        self.keepalive = false;
+    }
+
+    /// When the peer last sent anything.
+    pub fn last_seen(&self) -> Instant {
+        self.last_seen
     }
 
     /// The subprotocol agreed in the handshake.
@@ -267,6 +281,10 @@ impl WebSocket {
             return None;
         }
         let idle_until = self.last_seen + self.settings.ping_interval;
+        if !self.keepalive {
+            self.timer.as_mut().reset(now + self.settings.ping_interval);
+            return None;
+        }
         if now < idle_until {
             self.timer.as_mut().reset(idle_until);
             return None;

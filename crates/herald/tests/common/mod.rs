@@ -102,3 +102,105 @@ pub fn parse_server_frame(buf: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
     }
     Some((buf[0], buf[at..at + len].to_vec(), at + len))
 }
+
+/// Calls the HTTP API with a raw HTTP/1.1 request; returns the status and the JSON body.
+pub async fn api(addr: SocketAddr, method: &str, body: &str, key: Option<&str>) -> (u16, serde_json::Value) {
+    let auth = key.map(|k| format!("Authorization: apikey {k}\r\n")).unwrap_or_default();
+    let req = format!(
+        "POST /api/{method} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    http(addr, &req).await
+}
+
+/// Sends any raw request with `Connection: close` and returns (status, JSON body).
+pub async fn http(addr: SocketAddr, req: &str) -> (u16, serde_json::Value) {
+    let (head, mut s) = raw_request(addr, req).await;
+    let status: u16 = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status");
+    let mut body = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut body)).await.expect("body in time").expect("body");
+    let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// A minimal native-protocol client over tungstenite, for tests that look at raw frames.
+pub struct Native {
+    pub ws: Ws,
+    next_id: u32,
+    /// Pushes that arrived while waiting for a reply.
+    pub pushes: std::collections::VecDeque<serde_json::Value>,
+}
+
+impl Native {
+    pub async fn open(addr: SocketAddr) -> Self {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/connect")).await.expect("connect");
+        Self { ws, next_id: 1, pushes: Default::default() }
+    }
+
+    /// Opens and sends `connect`.
+    pub async fn connected(addr: SocketAddr) -> Self {
+        let mut c = Self::open(addr).await;
+        let r = c.request("connect", serde_json::json!({"name": "test"})).await;
+        assert!(r.get("connect").is_some(), "{r}");
+        c
+    }
+
+    pub async fn send_raw(&mut self, text: &str) {
+        use futures_util::SinkExt;
+        self.ws.send(tokio_tungstenite::tungstenite::Message::text(text)).await.expect("send");
+    }
+
+    /// The next JSON frame from the server (pings answered and skipped).
+    pub async fn frame(&mut self) -> serde_json::Value {
+        use futures_util::StreamExt;
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(10), self.ws.next())
+                .await
+                .expect("frame in time")
+                .expect("open")
+                .expect("ok");
+            match msg {
+                tokio_tungstenite::tungstenite::Message::Text(t) => {
+                    let v: serde_json::Value = serde_json::from_str(&t).expect("json frame");
+                    if v.as_object().is_some_and(|o| o.is_empty()) {
+                        self.send_raw("{}").await;
+                        continue;
+                    }
+                    return v;
+                }
+                tokio_tungstenite::tungstenite::Message::Close(f) => panic!("closed: {f:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Sends a command and returns its reply (queueing pushes seen meanwhile).
+    pub async fn request(&mut self, command: &str, body: serde_json::Value) -> serde_json::Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send_raw(&serde_json::json!({ "id": id, command: body }).to_string()).await;
+        self.reply(id).await
+    }
+
+    pub async fn reply(&mut self, id: u32) -> serde_json::Value {
+        loop {
+            let f = self.frame().await;
+            if f.get("id").and_then(|v| v.as_u64()) == Some(u64::from(id)) {
+                return f;
+            }
+            assert!(f.get("push").is_some(), "unexpected frame {f}");
+            self.pushes.push_back(f);
+        }
+    }
+
+    pub async fn push(&mut self) -> serde_json::Value {
+        if let Some(p) = self.pushes.pop_front() {
+            return p;
+        }
+        let f = self.frame().await;
+        assert!(f.get("push").is_some(), "expected a push, got {f}");
+        f
+    }
+}

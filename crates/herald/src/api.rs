@@ -1,0 +1,243 @@
+//! The HTTP API for backends: `POST /api/<method>` with a JSON body, answered with JSON.
+//! Authenticated by `Authorization: apikey <key>`; without a configured key, loopback only.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use herald_protocol::{ErrorCode, PublishResult};
+use http::{HeaderMap, Method};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::channel::{glob_match, ChannelName, NamespaceOptions};
+use crate::engine::EngineError;
+use crate::http_error::ApiError;
+use crate::node::Node;
+
+const METHODS: &[&str] = &["publish", "broadcast", "channels", "info"];
+
+/// Most channels one broadcast may name.
+const MAX_BROADCAST_CHANNELS: usize = 1000;
+
+/// `POST /api/<method>`.
+pub async fn dispatch(
+    State(node): State<Arc<Node>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(method): Path<String>,
+    http_method: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match handle(&node, peer, &method, &http_method, &headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn handle(
+    node: &Node,
+    peer: SocketAddr,
+    method: &str,
+    http_method: &Method,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    authorize(node, peer, headers)?;
+    if !METHODS.contains(&method) {
+        return Err(ApiError::new(ErrorCode::UnknownCommand, format!("unknown API method `{method}`")));
+    }
+    if http_method != Method::POST {
+        return Err(ApiError::new(ErrorCode::MethodNotAllowed, "API methods are called with POST"));
+    }
+    let limit = node.config.api.max_body_size;
+    let body = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(ErrorCode::TooLarge, format!("request body is larger than {limit} bytes (api.max_body_size)"))
+    })?;
+    Ok(match method {
+        "publish" => Json(publish(node, parse(&body)?).await?).into_response(),
+        "broadcast" => Json(broadcast(node, parse(&body)?).await?).into_response(),
+        "channels" => Json(channels(node, parse_or_default(&body)?)).into_response(),
+        _ => Json(info(node)).into_response(),
+    })
+}
+
+fn authorize(node: &Node, peer: SocketAddr, headers: &HeaderMap) -> Result<(), ApiError> {
+    let key = &node.config.api.key;
+    if key.is_empty() {
+        return if peer.ip().is_loopback() || peer.ip().to_canonical().is_loopback() {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                ErrorCode::Unauthorized,
+                "no API key is configured: the API answers only loopback clients",
+            ))
+        };
+    }
+    let given = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("apikey "))
+        .map(str::trim);
+    match given {
+        Some(g) if constant_time_eq(g.as_bytes(), key.expose().as_bytes()) => Ok(()),
+        Some(_) => Err(ApiError::new(ErrorCode::Unauthorized, "invalid API key")),
+        None => Err(ApiError::new(ErrorCode::Unauthorized, "missing header `Authorization: apikey <key>`")),
+    }
+}
+
+/// Compares without an early exit, so the time taken does not reveal how much of a key matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+}
+
+fn parse_or_default<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        Ok(T::default())
+    } else {
+        parse(body)
+    }
+}
+
+fn channel<'a>(node: &'a Node, name: &str) -> Result<(ChannelName, &'a NamespaceOptions), ApiError> {
+    node.config.channels.resolve(name).map_err(|e| ApiError::new(ErrorCode::InvalidChannel, format!("`{name}`: {e}")))
+}
+
+fn engine_error(e: EngineError) -> ApiError {
+    ApiError::new(ErrorCode::Unavailable, e.to_string())
+}
+
+fn check_size(node: &Node, data: &RawValue) -> Result<Bytes, ApiError> {
+    let max = node.config.channels.max_publication_size;
+    if data.get().len() > max {
+        return Err(ApiError::new(
+            ErrorCode::TooLarge,
+            format!("publication data is larger than {max} bytes (channels.max_publication_size)"),
+        ));
+    }
+    Ok(Bytes::copy_from_slice(data.get().as_bytes()))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody {
+    channel: String,
+    data: Box<RawValue>,
+}
+
+async fn publish(node: &Node, body: PublishBody) -> Result<PublishResult, ApiError> {
+    let (channel, ns) = channel(node, &body.channel)?;
+    let data = check_size(node, &body.data)?;
+    let p = node.publish(&channel, ns, data, None).await.map_err(engine_error)?;
+    Ok(PublishResult { epoch: p.epoch.to_string(), offset: p.offset })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BroadcastBody {
+    channels: Vec<String>,
+    data: Box<RawValue>,
+}
+
+#[derive(Debug, Serialize)]
+struct BroadcastResult {
+    results: Vec<ChannelResult>,
+}
+
+#[derive(Debug, Serialize)]
+struct ChannelResult {
+    channel: String,
+    #[serde(flatten)]
+    position: PublishResult,
+}
+
+async fn broadcast(node: &Node, body: BroadcastBody) -> Result<BroadcastResult, ApiError> {
+    if body.channels.is_empty() || body.channels.len() > MAX_BROADCAST_CHANNELS {
+        return Err(ApiError::bad_request(format!("`channels` must name 1 to {MAX_BROADCAST_CHANNELS} channels")));
+    }
+    // Validate everything before publishing anything: a bad request changes nothing.
+    let channels = body.channels.iter().map(|c| channel(node, c)).collect::<Result<Vec<_>, _>>()?;
+    let data = check_size(node, &body.data)?;
+    let mut results = Vec::with_capacity(channels.len());
+    for (c, ns) in channels {
+        let p = node.publish(&c, ns, data.clone(), None).await.map_err(engine_error)?;
+        results.push(ChannelResult {
+            channel: c.to_string(),
+            position: PublishResult { epoch: p.epoch.to_string(), offset: p.offset },
+        });
+    }
+    Ok(BroadcastResult { results })
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChannelsBody {
+    /// `*` matches any run of characters; absent means every channel.
+    #[serde(default)]
+    pattern: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct ChannelsResult {
+    channels: Vec<ChannelCount>,
+}
+
+#[derive(Debug, Serialize)]
+struct ChannelCount {
+    channel: String,
+    subscribers: usize,
+}
+
+fn channels(node: &Node, body: ChannelsBody) -> ChannelsResult {
+    let pattern = body.pattern.unwrap_or_else(|| "*".into());
+    let channels = node
+        .hub
+        .channels(|name| glob_match(&pattern, name))
+        .into_iter()
+        .map(|(c, n)| ChannelCount { channel: c.to_string(), subscribers: n })
+        .collect();
+    ChannelsResult { channels }
+}
+
+#[derive(Debug, Serialize)]
+struct InfoResult {
+    version: &'static str,
+    uptime_seconds: u64,
+    connections: usize,
+    channels: usize,
+    subscriptions: usize,
+}
+
+fn info(node: &Node) -> InfoResult {
+    InfoResult {
+        version: crate::VERSION,
+        uptime_seconds: node.uptime_seconds(),
+        connections: node.session_count(),
+        channels: node.hub.channel_count(),
+        subscriptions: node.hub.subscription_count(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_compare_in_full() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+    }
+}

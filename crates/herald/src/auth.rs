@@ -1,0 +1,1 @@
+//! Connection tokens: being written.

@@ -1,0 +1,262 @@
+//! Channel names: `[namespace:]name[#user1,user2]`, validated once at the edge. The namespace
+//! selects options from the configuration; `#users` limits who may subscribe.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+/// A validated channel name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ChannelName {
+    full: Arc<str>,
+    /// Byte index of the `:` ending the namespace.
+    colon: Option<usize>,
+    /// Byte index of the `#` starting the user list.
+    hash: Option<usize>,
+}
+
+/// Why a channel name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelError {
+    #[error("channel name is empty")]
+    Empty,
+    #[error("channel name is longer than {max} bytes")]
+    TooLong { max: usize },
+    #[error("channel name contains {ch:?}; allowed: letters, digits and _ - . : @ # , = /")]
+    BadChar { ch: char },
+    #[error("channel namespace is empty (nothing before ':')")]
+    EmptyNamespace,
+    #[error("channel name is empty after the namespace")]
+    EmptyName,
+    #[error("channel user list is empty or has an empty user (after '#')")]
+    EmptyUser,
+    #[error("unknown namespace `{0}`")]
+    UnknownNamespace(String),
+}
+
+fn allowed(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':' | '@' | '#' | ',' | '=' | '/')
+}
+
+impl ChannelName {
+    /// Validates `s` as a channel name of at most `max_len` bytes.
+    pub fn parse(s: &str, max_len: usize) -> Result<Self, ChannelError> {
+        if s.is_empty() {
+            return Err(ChannelError::Empty);
+        }
+        if s.len() > max_len {
+            return Err(ChannelError::TooLong { max: max_len });
+        }
+        if let Some(ch) = s.chars().find(|c| !allowed(*c)) {
+            return Err(ChannelError::BadChar { ch });
+        }
+        let hash = s.find('#');
+        let base = &s[..hash.unwrap_or(s.len())];
+        let colon = base.find(':');
+        if let Some(i) = colon {
+            if i == 0 {
+                return Err(ChannelError::EmptyNamespace);
+            }
+            if i + 1 == base.len() {
+                return Err(ChannelError::EmptyName);
+            }
+        }
+        if let Some(h) = hash {
+            if h == 0 {
+                return Err(ChannelError::EmptyName);
+            }
+            if s[h + 1..].split(',').any(str::is_empty) {
+                return Err(ChannelError::EmptyUser);
+            }
+        }
+        Ok(Self { full: Arc::from(s), colon, hash })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.full
+    }
+
+    /// The shared name, cheap to clone into maps.
+    pub fn shared(&self) -> &Arc<str> {
+        &self.full
+    }
+
+    /// The namespace, when the name has one.
+    pub fn namespace(&self) -> Option<&str> {
+        self.colon.map(|i| &self.full[..i])
+    }
+
+    /// The users allowed on a user-limited channel (`name#42,43`), or `None` for a channel
+    /// open to anyone the namespace allows.
+    pub fn users(&self) -> Option<impl Iterator<Item = &str>> {
+        self.hash.map(|h| self.full[h + 1..].split(','))
+    }
+
+    /// Whether `user` may use this channel as far as its user list goes.
+    pub fn allows_user(&self, user: &str) -> bool {
+        match self.users() {
+            None => true,
+            Some(mut users) => !user.is_empty() && users.any(|u| u == user),
+        }
+    }
+}
+
+impl std::fmt::Display for ChannelName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.full)
+    }
+}
+
+/// What a namespace allows (`[channels.default]`, `[channels.namespaces.<name>]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct NamespaceOptions {
+    /// Clients may subscribe to channels of this namespace.
+    pub subscribe: bool,
+    /// Clients may publish to channels of this namespace over their connection. The HTTP API
+    /// can always publish.
+    pub publish: bool,
+    /// Publications kept per channel, so that a client that reconnects receives exactly what
+    /// it missed. 0 keeps none (recovery then fails whenever something was missed).
+    pub history_size: usize,
+    /// How long a publication stays in history.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub history_ttl: std::time::Duration,
+    /// Track who is subscribed (`presence` and `presence_stats`, for clients and the API).
+    pub presence: bool,
+    /// Push `join` and `leave` to subscribers when a user's first connection subscribes and
+    /// its last one leaves (needs `presence`).
+    pub join_leave: bool,
+}
+
+impl Default for NamespaceOptions {
+    fn default() -> Self {
+        Self {
+            subscribe: true,
+            publish: false,
+            history_size: 100,
+            history_ttl: std::time::Duration::from_secs(300),
+            presence: false,
+            join_leave: false,
+        }
+    }
+}
+
+/// Channel limits and namespaces (`[channels]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChannelsConfig {
+    /// Longest channel name, in bytes.
+    pub max_channel_length: usize,
+    /// Most channels one connection may be subscribed to at once.
+    pub max_subscriptions: usize,
+    /// Largest publication `data`, in bytes of JSON. Larger publications are refused with
+    /// error 112 (HTTP 413); the connection stays open.
+    pub max_publication_size: usize,
+    /// Options for channels whose name has no namespace (no `:`).
+    pub default: NamespaceOptions,
+    /// Namespaces by name, each with the same keys as `[channels.default]`, e.g.
+    /// `[channels.namespaces.chat]` then `publish = true`. A channel `chat:room1` uses the
+    /// `chat` namespace; a name with an unconfigured namespace is refused (error 102).
+    pub namespaces: BTreeMap<String, NamespaceOptions>,
+}
+
+impl Default for ChannelsConfig {
+    fn default() -> Self {
+        Self {
+            max_channel_length: 255,
+            max_subscriptions: 128,
+            max_publication_size: 64 << 10,
+            default: NamespaceOptions::default(),
+            namespaces: BTreeMap::new(),
+        }
+    }
+}
+
+impl ChannelsConfig {
+    /// Parses a channel name and finds its namespace's options.
+    pub fn resolve(&self, name: &str) -> Result<(ChannelName, &NamespaceOptions), ChannelError> {
+        let channel = ChannelName::parse(name, self.max_channel_length)?;
+        let options = match channel.namespace() {
+            None => &self.default,
+            Some(ns) => self.namespaces.get(ns).ok_or_else(|| ChannelError::UnknownNamespace(ns.to_owned()))?,
+        };
+        Ok((channel, options))
+    }
+}
+
+/// A `*` glob over channel names, for listing channels.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == name;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !name.starts_with(first) || name.len() < first.len() + last.len() || !name.ends_with(last) {
+        return false;
+    }
+    let mut rest = &name[first.len()..name.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_into_their_parts() {
+        let c = ChannelName::parse("chat:lobby", 255).expect("valid");
+        assert_eq!(c.namespace(), Some("chat"));
+        assert!(c.users().is_none());
+        let c = ChannelName::parse("notifications#42,43", 255).expect("valid");
+        assert_eq!(c.namespace(), None);
+        assert_eq!(c.users().expect("users").collect::<Vec<_>>(), ["42", "43"]);
+        assert!(c.allows_user("43") && !c.allows_user("44") && !c.allows_user(""));
+        let c = ChannelName::parse("dm:room#7", 255).expect("valid");
+        assert_eq!(c.namespace(), Some("dm"));
+        assert!(c.allows_user("7"));
+        assert_eq!(ChannelName::parse("a:b:c", 255).expect("valid").namespace(), Some("a"));
+    }
+
+    #[test]
+    fn bad_names_say_why() {
+        assert_eq!(ChannelName::parse("", 10), Err(ChannelError::Empty));
+        assert_eq!(ChannelName::parse("abcdefghijk", 10), Err(ChannelError::TooLong { max: 10 }));
+        assert_eq!(ChannelName::parse("a b", 10), Err(ChannelError::BadChar { ch: ' ' }));
+        assert_eq!(ChannelName::parse("é", 10), Err(ChannelError::BadChar { ch: 'é' }));
+        assert_eq!(ChannelName::parse(":x", 10), Err(ChannelError::EmptyNamespace));
+        assert_eq!(ChannelName::parse("x:", 10), Err(ChannelError::EmptyName));
+        assert_eq!(ChannelName::parse("#1", 10), Err(ChannelError::EmptyName));
+        assert_eq!(ChannelName::parse("x#", 10), Err(ChannelError::EmptyUser));
+        assert_eq!(ChannelName::parse("x#1,,2", 10), Err(ChannelError::EmptyUser));
+    }
+
+    #[test]
+    fn namespaces_resolve_to_their_options() {
+        let mut cfg = ChannelsConfig::default();
+        cfg.namespaces.insert("chat".into(), NamespaceOptions { publish: true, ..Default::default() });
+        assert!(!cfg.resolve("news").expect("default").1.publish);
+        assert!(cfg.resolve("chat:x").expect("chat").1.publish);
+        assert_eq!(cfg.resolve("nope:x").map(|_| ()), Err(ChannelError::UnknownNamespace("nope".into())));
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("*", "anything"));
+        assert!(glob_match("chat:*", "chat:lobby"));
+        assert!(!glob_match("chat:*", "news"));
+        assert!(glob_match("*:lobby", "chat:lobby"));
+        assert!(glob_match("a*b*c", "a-x-b-y-c"));
+        assert!(!glob_match("a*b*c", "a-c"));
+        assert!(glob_match("exact", "exact"));
+        assert!(!glob_match("ab*ba", "aba"));
+    }
+}

@@ -1,0 +1,167 @@
+//! Engines: where publications, history and presence live. `MemoryEngine` for one node;
+//! a Redis engine (later) for many. Both pass the same conformance suite (`conformance`).
+//!
+//! The engine never knows the hub: it hands publications upward through a [`Delivery`]
+//! handler, in the channel's offset order.
+
+pub mod memory;
+
+#[cfg(test)]
+pub(crate) mod conformance;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use herald_protocol::ClientInfo;
+
+pub use memory::MemoryEngine;
+
+/// A channel's position: the offset of its last publication within an epoch. The epoch
+/// changes whenever the engine lost the channel's history (a restart of a memory engine, an
+/// expired or flushed stream), so an old `(epoch, offset)` never matches a new stream.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StreamPosition {
+    pub epoch: Arc<str>,
+    pub offset: u64,
+}
+
+/// One stored publication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicationRecord {
+    pub offset: u64,
+    /// The publication's JSON.
+    pub data: Bytes,
+    pub info: Option<ClientInfo>,
+}
+
+/// How a channel keeps history (from its namespace's options).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryPolicy {
+    /// Publications kept; 0 keeps none (positions are then kept only while someone listens).
+    pub size: usize,
+    /// How long a publication stays in history; also how long an idle channel's position is
+    /// kept.
+    pub ttl: Duration,
+}
+
+impl HistoryPolicy {
+    pub const NONE: Self = Self { size: 0, ttl: Duration::ZERO };
+}
+
+/// Which part of history to read.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HistoryQuery {
+    /// Publications after this position (exclusive); `None` for the newest.
+    pub since: Option<StreamPosition>,
+    /// At most this many publications (0: none, only the position).
+    pub limit: usize,
+    /// Newest first.
+    pub reverse: bool,
+}
+
+/// A history read: the channel's current position and the publications asked for, in offset
+/// order (or reverse order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct History {
+    pub position: StreamPosition,
+    pub publications: Vec<PublicationRecord>,
+    /// `since` was given and every publication after it is in `publications` (not cut by the
+    /// history window, an epoch change or `limit`).
+    pub complete: bool,
+}
+
+/// One client present on a channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceEntry {
+    pub client: String,
+    pub user: String,
+    /// Connection info from the client's token, as JSON.
+    pub info: Option<Bytes>,
+}
+
+/// What a presence change means at user level: several connections of one user count once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceChange {
+    /// The user's first connection on the channel arrived.
+    UserJoined,
+    /// The user's last connection on the channel left.
+    UserLeft,
+    /// Another connection of a user already present came or went (or nothing changed).
+    Unchanged,
+}
+
+/// Counts of who is present.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PresenceStats {
+    pub clients: usize,
+    pub users: usize,
+}
+
+/// An engine failure. Memory engines never fail; networked engines do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("engine unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Receives publications from the engine, for local fan-out. Called in offset order per
+/// channel, never twice for one publication.
+pub trait Delivery: Send + Sync + 'static {
+    fn deliver(&self, channel: &str, position: &StreamPosition, publication: &PublicationRecord);
+}
+
+/// The engine contract.
+///
+/// - **Order and atomicity:** `publish` assigns the channel's next offset (previous + 1, no
+///   gaps), stores the publication in history when the policy keeps any, and only then hands
+///   it to the delivery handler: anything delivered is already readable by `history`.
+///   Concurrent publishers to one channel get distinct offsets and deliveries happen in offset
+///   order.
+/// - **Epochs:** a channel's epoch stays the same as long as its history is continuous. When
+///   history is lost (restart, expiry of an idle channel), the next publication starts a new
+///   epoch at offset 1.
+/// - **Failure:** an error means the publication was not stored and not delivered; the
+///   caller may retry. Reads fail without side effects.
+/// - **Presence** entries expire after their TTL unless refreshed by `presence_add` again.
+pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
+    /// Sets where publications go after they are stored. Called once, before the first publish.
+    fn set_delivery(&self, delivery: Arc<dyn Delivery>);
+
+    /// Housekeeping (forget idle channels, expire presence); called periodically.
+    fn sweep(&self) {}
+
+    /// Publishes to `channel`; returns the position it got.
+    fn publish<'a>(
+        &'a self,
+        channel: &'a str,
+        data: Bytes,
+        info: Option<ClientInfo>,
+        policy: HistoryPolicy,
+    ) -> BoxFuture<'a, Result<StreamPosition, EngineError>>;
+
+    /// Reads history (see [`HistoryQuery`]).
+    fn history<'a>(&'a self, channel: &'a str, query: HistoryQuery) -> BoxFuture<'a, Result<History, EngineError>>;
+
+    /// Adds or refreshes a client's presence.
+    fn presence_add<'a>(
+        &'a self,
+        channel: &'a str,
+        entry: PresenceEntry,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<PresenceChange, EngineError>>;
+
+    /// Removes a client's presence.
+    fn presence_remove<'a>(
+        &'a self,
+        channel: &'a str,
+        client: &'a str,
+    ) -> BoxFuture<'a, Result<(PresenceChange, Option<PresenceEntry>), EngineError>>;
+
+    /// Everyone present on `channel`.
+    fn presence<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Vec<PresenceEntry>, EngineError>>;
+
+    /// How many clients and distinct users are present.
+    fn presence_stats<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<PresenceStats, EngineError>>;
+}

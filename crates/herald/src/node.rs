@@ -1,0 +1,187 @@
+//! This Herald node: configuration, hub, shared WebSocket context, counters. Everything a
+//! session, transport or API handler needs, behind one `Arc`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use herald_protocol::ClientInfo;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::channel::{ChannelName, NamespaceOptions};
+use crate::config::Config;
+use crate::engine::{
+    Delivery, Engine, EngineError, History, HistoryPolicy, HistoryQuery, MemoryEngine, PublicationRecord,
+    StreamPosition,
+};
+use crate::hub::{Hub, SubscribeError, Subscriber};
+use crate::ws::{self, WsContext};
+
+/// Shared state of one node.
+#[derive(Debug)]
+pub struct Node {
+    pub config: Arc<Config>,
+    pub hub: Arc<Hub>,
+    pub engine: Arc<dyn Engine>,
+    pub ws: WsContext,
+    /// `[websocket]` settings for client connections.
+    pub ws_settings: Arc<ws::Settings>,
+    /// Large limits for the Autobahn echo endpoint.
+    pub echo_settings: Arc<ws::Settings>,
+    pub(crate) prometheus: Option<PrometheusHandle>,
+    ready: AtomicBool,
+    started: Instant,
+    next_id: AtomicU64,
+    sessions: AtomicUsize,
+}
+
+impl Node {
+    pub fn new(config: Arc<Config>, ws: WsContext, prometheus: Option<PrometheusHandle>) -> Self {
+        let echo_settings = Arc::new(ws::Settings {
+            max_frame_size: 64 << 20,
+            max_message_size: 64 << 20,
+            max_fragments: 1 << 20,
+            max_queue_bytes: 256 << 20,
+            ..config.websocket.clone()
+        });
+        let hub = Arc::new(Hub::new());
+        let engine = Arc::new(MemoryEngine::new());
+        engine.set_delivery(Arc::new(HubDelivery(hub.clone())));
+        Self {
+            ws_settings: Arc::new(config.websocket.clone()),
+            echo_settings,
+            config,
+            hub,
+            engine,
+            ws,
+            prometheus,
+            ready: AtomicBool::new(true),
+            started: Instant::now(),
+            next_id: AtomicU64::new(1),
+            sessions: AtomicUsize::new(0),
+        }
+    }
+
+    /// A node-unique id for a subscriber.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Publishes `data` (valid JSON) to `channel`: the single path for the API and clients.
+    pub async fn publish(
+        &self,
+        channel: &ChannelName,
+        ns: &NamespaceOptions,
+        data: Bytes,
+        info: Option<ClientInfo>,
+    ) -> Result<StreamPosition, EngineError> {
+        metrics::counter!("herald_publications_total").increment(1);
+        self.engine.publish(channel.as_str(), data, info, policy(ns)).await
+    }
+
+    /// Subscribes `sub` to `channel` with no gap and no duplicate between what it is told in
+    /// its reply and what it receives live: the subscriber is registered (live publications
+    /// held), the channel's position or the history to recover is read, then `reply` is sent
+    /// and the held publications newer than the reply follow.
+    ///
+    /// `recover` asks for the publications after that position; `reply` gets the history read
+    /// and whether recovery was complete (`None` when not asked).
+    pub async fn subscribe(
+        &self,
+        channel: &ChannelName,
+        ns: &NamespaceOptions,
+        sub: Subscriber,
+        recover: Option<StreamPosition>,
+        reply: impl FnOnce(&History, Option<bool>) -> Option<Bytes>,
+    ) -> Result<History, SubscribeFailure> {
+        let id = sub.id;
+        self.hub.subscribe(channel.shared(), sub).map_err(SubscribeFailure::Hub)?;
+        let asked = recover.is_some();
+        let query = HistoryQuery { since: recover, limit: if asked { ns.history_size } else { 0 }, reverse: false };
+        let mut history = match self.engine.history(channel.as_str(), query).await {
+            Ok(h) => h,
+            Err(e) => {
+                self.hub.unsubscribe(channel.as_str(), id);
+                return Err(SubscribeFailure::Engine(e));
+            }
+        };
+        if !history.complete {
+            // Partial recovery would leave a hole the app cannot see: all or nothing.
+            history.publications.clear();
+        }
+        let text = reply(&history, asked.then_some(history.complete));
+        self.hub.activate(channel.as_str(), id, text, history.position.offset).map_err(SubscribeFailure::Hub)?;
+        Ok(history)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    pub fn uptime_seconds(&self) -> u64 {
+        self.started.elapsed().as_secs()
+    }
+
+    /// Open client sessions of every transport.
+    pub fn session_count(&self) -> usize {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
+    /// Counts a session for as long as the returned guard lives.
+    pub(crate) fn session_guard(self: &Arc<Self>) -> SessionCount {
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+        SessionCount(self.clone())
+    }
+}
+
+/// The history policy of a namespace.
+pub fn policy(ns: &NamespaceOptions) -> HistoryPolicy {
+    HistoryPolicy { size: ns.history_size, ttl: ns.history_ttl }
+}
+
+/// Why a subscription could not be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeFailure {
+    #[error(transparent)]
+    Hub(SubscribeError),
+    #[error(transparent)]
+    Engine(EngineError),
+}
+
+/// Hands the engine's publications to the local hub.
+struct HubDelivery(Arc<Hub>);
+
+impl Delivery for HubDelivery {
+    fn deliver(&self, channel: &str, position: &StreamPosition, publication: &PublicationRecord) {
+        self.0.deliver(channel, position, publication);
+    }
+}
+
+/// Decrements the session count when a session ends.
+#[derive(Debug)]
+pub(crate) struct SessionCount(Arc<Node>);
+
+impl Drop for SessionCount {
+    fn drop(&mut self) {
+        self.0.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Unsubscribes when dropped: ties a subscription to the life of a transport's task or body.
+#[derive(Debug)]
+pub(crate) struct SubscriptionGuard {
+    pub(crate) node: Arc<Node>,
+    pub(crate) channel: Arc<str>,
+    pub(crate) id: u64,
+}
+
+impl Drop for SubscriptionGuard {
+    fn drop(&mut self) {
+        self.node.hub.unsubscribe(&self.channel, self.id);
+    }
+}

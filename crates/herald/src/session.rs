@@ -1,0 +1,432 @@
+//! One native-protocol client (`/connect`): decodes commands, enforces what namespaces allow,
+//! keeps its subscriptions, answers on its outbox, and runs app-level pings a browser can see.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use herald_protocol::{
+    encode_error, encode_reply, ChannelRequest, ClientFrame, ClientInfo, CloseCode, Command, ConnectRequest,
+    ConnectResult, ErrorCode, HistoryRequest, HistoryResult, PresenceClient, PresenceResult, PresenceStatsResult,
+    Publication, PublishRequest, PublishResult, PushBody, ServerFrame, SubscribeRequest, SubscribeResult,
+    UnsubscribeRequest,
+};
+use serde_json::value::RawValue;
+use tokio::time::Instant;
+
+use crate::channel::{ChannelError, ChannelName, NamespaceOptions};
+use crate::engine::{HistoryQuery, PresenceChange, PresenceEntry, PublicationRecord, StreamPosition};
+use crate::hub::{Format, SubscribeError, Subscriber};
+use crate::node::{Node, SubscribeFailure};
+use crate::ws::{self, Message, Outbox, WebSocket};
+
+type Refusal = (ErrorCode, String);
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> Refusal {
+    (code, message.into())
+}
+
+impl From<ChannelError> for (ErrorCode, String) {
+    fn from(e: ChannelError) -> Self {
+        (ErrorCode::InvalidChannel, e.to_string())
+    }
+}
+
+/// A client's state, independent of the socket: tested by feeding it frames.
+#[derive(Debug)]
+pub struct Session {
+    node: Arc<Node>,
+    /// Subscriber id in the hub.
+    id: u64,
+    outbox: Outbox,
+    /// Set by `connect`: the client id announced to the client.
+    client: Option<String>,
+    user: String,
+    subscriptions: HashSet<Arc<str>>,
+}
+
+impl Session {
+    pub fn new(node: Arc<Node>, outbox: Outbox) -> Self {
+        let id = node.next_id();
+        Self { node, id, outbox, client: None, user: String::new(), subscriptions: HashSet::new() }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.client.is_some()
+    }
+
+    /// Handles one text frame; errors are answered on the outbox and the connection goes on.
+    pub async fn handle(&mut self, bytes: &[u8]) {
+        match ClientFrame::parse(bytes) {
+            Ok(ClientFrame::Pong) => {}
+            Ok(ClientFrame::Request { id, command }) => {
+                let name = command.name();
+                let result = match command {
+                    Command::Connect(c) => self.connect(id, c),
+                    _ if !self.is_connected() => Err(refuse(ErrorCode::NotConnected, "send `connect` first")),
+                    Command::Subscribe(s) => self.subscribe(id, s).await,
+                    Command::Unsubscribe(u) => self.unsubscribe(id, u).await,
+                    Command::Publish(p) => self.publish(id, p).await,
+                    Command::History(h) => self.history(id, h).await,
+                    Command::Presence(p) => self.presence(id, p, false).await,
+                    Command::PresenceStats(p) => self.presence(id, p, true).await,
+                    Command::Refresh(_) => {
+                        Err(refuse(ErrorCode::Unauthorized, "this server does not accept connection tokens yet"))
+                    }
+                };
+                if let Err((code, message)) = result {
+                    tracing::debug!(session = self.id, command = name, code = code.as_u16(), %message, "refused");
+                    self.send(encode_error(Some(id), code, &message));
+                }
+            }
+            Err(e) => {
+                tracing::debug!(session = self.id, error = %e.message, "unreadable frame");
+                self.send(encode_error(e.id, e.code, &e.message));
+            }
+        }
+    }
+
+    fn send(&self, frame: Vec<u8>) {
+        // A full or closed outbox means the connection is going away; nothing to answer.
+        let _ = self.outbox.send_text(Bytes::from(frame));
+    }
+
+    fn connect(&mut self, id: u32, req: ConnectRequest) -> Result<(), Refusal> {
+        if self.is_connected() {
+            return Err(refuse(ErrorCode::BadRequest, "already connected"));
+        }
+        if req.token.is_some() {
+            return Err(refuse(ErrorCode::Unauthorized, "this server does not accept connection tokens yet"));
+        }
+        let client = uuid::Uuid::new_v4().to_string();
+        let ping = self.node.config.websocket.ping_interval.as_secs().clamp(1, u64::from(u32::MAX)) as u32;
+        let reply = ConnectResult { client: client.clone(), version: crate::VERSION.to_owned(), ping };
+        tracing::debug!(session = self.id, %client, name = req.name.as_deref().unwrap_or(""), "connected");
+        self.client = Some(client);
+        self.send(encode_reply(id, "connect", &reply));
+        Ok(())
+    }
+
+    async fn subscribe(&mut self, id: u32, req: SubscribeRequest) -> Result<(), Refusal> {
+        let node = self.node.clone();
+        let cfg = &node.config.channels;
+        let (channel, ns) = cfg.resolve(&req.channel)?;
+        if !ns.subscribe || !channel.allows_user(&self.user) {
+            return Err(refuse(ErrorCode::PermissionDenied, "permission denied"));
+        }
+        if self.subscriptions.contains(channel.as_str()) {
+            return Err(refuse(ErrorCode::AlreadySubscribed, "already subscribed"));
+        }
+        if self.subscriptions.len() >= cfg.max_subscriptions {
+            let max = cfg.max_subscriptions;
+            return Err(refuse(ErrorCode::LimitExceeded, format!("at most {max} subscriptions per connection")));
+        }
+        let recover = match (req.recover, req.epoch, req.offset) {
+            (false, _, _) => None,
+            (true, Some(epoch), Some(offset)) => Some(StreamPosition { epoch: Arc::from(epoch.as_str()), offset }),
+            (true, _, _) => return Err(refuse(ErrorCode::BadRequest, "`recover` needs `epoch` and `offset`")),
+        };
+        let sub = Subscriber { id: self.id, outbox: self.outbox.clone(), format: Format::Native };
+        let result = node
+            .subscribe(&channel, ns, sub, recover, |history, recovered| {
+                let reply = SubscribeResult {
+                    epoch: history.position.epoch.to_string(),
+                    offset: history.position.offset,
+                    recovered,
+                    publications: history.publications.iter().map(to_wire).collect(),
+                };
+                Some(Bytes::from(encode_reply(id, "subscribe", &reply)))
+            })
+            .await;
+        match result {
+            Ok(_) => {
+                self.subscriptions.insert(channel.shared().clone());
+                if ns.presence {
+                    self.presence_add(&channel, ns.join_leave).await;
+                }
+                Ok(())
+            }
+            Err(SubscribeFailure::Hub(SubscribeError::AlreadySubscribed)) => {
+                Err(refuse(ErrorCode::AlreadySubscribed, "already subscribed"))
+            }
+            Err(SubscribeFailure::Hub(SubscribeError::Closed)) => Ok(()),
+            Err(SubscribeFailure::Engine(e)) => Err(refuse(ErrorCode::Internal, e.to_string())),
+        }
+    }
+
+    async fn presence_add(&self, channel: &ChannelName, join_leave: bool) {
+        let entry =
+            PresenceEntry { client: self.client.clone().unwrap_or_default(), user: self.user.clone(), info: None };
+        let ttl = self.presence_ttl();
+        let info = ClientInfo { user: entry.user.clone(), client: entry.client.clone() };
+        match self.node.engine.presence_add(channel.as_str(), entry, ttl).await {
+            Ok(PresenceChange::UserJoined) if join_leave => {
+                let push = ServerFrame::Push { channel: channel.to_string(), body: PushBody::Join(info) };
+                self.node.hub.notify(channel.as_str(), Bytes::from(push.encode()));
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(channel = %channel, error = %e, "presence not recorded"),
+        }
+    }
+
+    async fn presence_remove(&self, channel: &str) {
+        let Some(client) = self.client.as_deref() else { return };
+        let Ok((_, ns)) = self.node.config.channels.resolve(channel) else { return };
+        if !ns.presence {
+            return;
+        }
+        match self.node.engine.presence_remove(channel, client).await {
+            Ok((PresenceChange::UserLeft, Some(entry))) if ns.join_leave => {
+                let info = ClientInfo { user: entry.user, client: entry.client };
+                let push = ServerFrame::Push { channel: channel.to_owned(), body: PushBody::Leave(info) };
+                self.node.hub.notify(channel, Bytes::from(push.encode()));
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(channel, error = %e, "presence not removed"),
+        }
+    }
+
+    /// Presence lives three ping intervals unless refreshed (each ping refreshes it).
+    fn presence_ttl(&self) -> std::time::Duration {
+        self.node.config.websocket.ping_interval * 3
+    }
+
+    /// Refreshes this client's presence on its channels (called every ping interval).
+    pub async fn refresh_presence(&self) {
+        for channel in &self.subscriptions {
+            let Ok((name, ns)) = self.node.config.channels.resolve(channel) else { continue };
+            if ns.presence {
+                let entry = PresenceEntry {
+                    client: self.client.clone().unwrap_or_default(),
+                    user: self.user.clone(),
+                    info: None,
+                };
+                let _ = self.node.engine.presence_add(name.as_str(), entry, self.presence_ttl()).await;
+            }
+        }
+    }
+
+    async fn unsubscribe(&mut self, id: u32, req: UnsubscribeRequest) -> Result<(), Refusal> {
+        let (channel, _) = self.node.config.channels.resolve(&req.channel)?;
+        if self.subscriptions.remove(channel.as_str()) {
+            self.node.hub.unsubscribe(channel.as_str(), self.id);
+            self.presence_remove(channel.as_str()).await;
+        }
+        self.send(encode_reply(id, "unsubscribe", &serde_json::json!({})));
+        Ok(())
+    }
+
+    async fn publish(&mut self, id: u32, req: PublishRequest) -> Result<(), Refusal> {
+        let node = self.node.clone();
+        let cfg = &node.config.channels;
+        let (channel, ns) = cfg.resolve(&req.channel)?;
+        if !ns.publish || !channel.allows_user(&self.user) {
+            return Err(refuse(ErrorCode::PermissionDenied, "permission denied"));
+        }
+        let data = req.data.get();
+        if data.len() > cfg.max_publication_size {
+            let max = cfg.max_publication_size;
+            return Err(refuse(ErrorCode::TooLarge, format!("publication data is larger than {max} bytes")));
+        }
+        let info = self.client.as_ref().map(|c| ClientInfo { user: self.user.clone(), client: c.clone() });
+        let pos = node
+            .publish(&channel, ns, Bytes::copy_from_slice(data.as_bytes()), info)
+            .await
+            .map_err(|e| refuse(ErrorCode::Internal, e.to_string()))?;
+        self.send(encode_reply(id, "publish", &PublishResult { epoch: pos.epoch.to_string(), offset: pos.offset }));
+        Ok(())
+    }
+
+    /// Checks that this client may read `name` (as it may subscribe to it).
+    fn readable(&self, name: &str) -> Result<(ChannelName, NamespaceOptions), Refusal> {
+        let (channel, ns) = self.node.config.channels.resolve(name)?;
+        if !ns.subscribe || !channel.allows_user(&self.user) {
+            return Err(refuse(ErrorCode::PermissionDenied, "permission denied"));
+        }
+        Ok((channel, ns.clone()))
+    }
+
+    async fn history(&mut self, id: u32, req: HistoryRequest) -> Result<(), Refusal> {
+        let (channel, ns) = self.readable(&req.channel)?;
+        if ns.history_size == 0 {
+            return Err(refuse(ErrorCode::NotAvailable, "this namespace keeps no history"));
+        }
+        let limit = req.limit.map_or(ns.history_size, |l| (l as usize).min(ns.history_size));
+        let since = req.since.map(|p| StreamPosition { epoch: Arc::from(p.epoch.as_str()), offset: p.offset });
+        let query = HistoryQuery { since, limit, reverse: req.reverse };
+        let h = self
+            .node
+            .engine
+            .history(channel.as_str(), query)
+            .await
+            .map_err(|e| refuse(ErrorCode::Internal, e.to_string()))?;
+        let result = HistoryResult {
+            epoch: h.position.epoch.to_string(),
+            offset: h.position.offset,
+            publications: h.publications.iter().map(to_wire).collect(),
+        };
+        self.send(encode_reply(id, "history", &result));
+        Ok(())
+    }
+
+    async fn presence(&mut self, id: u32, req: ChannelRequest, stats: bool) -> Result<(), Refusal> {
+        let (channel, ns) = self.readable(&req.channel)?;
+        if !ns.presence {
+            return Err(refuse(ErrorCode::NotAvailable, "presence is off in this namespace"));
+        }
+        let engine = &self.node.engine;
+        let internal = |e: crate::engine::EngineError| refuse(ErrorCode::Internal, e.to_string());
+        if stats {
+            let s = engine.presence_stats(channel.as_str()).await.map_err(internal)?;
+            let result = PresenceStatsResult { clients: s.clients as u64, users: s.users as u64 };
+            self.send(encode_reply(id, "presence_stats", &result));
+        } else {
+            let list = engine.presence(channel.as_str()).await.map_err(internal)?;
+            self.send(encode_reply(id, "presence", &presence_result(list)));
+        }
+        Ok(())
+    }
+
+    /// Leaves every channel. Called when the connection ends.
+    pub async fn end(&mut self) {
+        let channels: Vec<Arc<str>> = self.subscriptions.drain().collect();
+        for channel in channels {
+            self.node.hub.unsubscribe(&channel, self.id);
+            self.presence_remove(&channel).await;
+        }
+    }
+}
+
+/// A presence list as the protocol carries it.
+pub(crate) fn presence_result(list: Vec<PresenceEntry>) -> PresenceResult {
+    let clients = list
+        .into_iter()
+        .map(|e| {
+            let info = e.info.as_deref().and_then(|b| serde_json::from_slice(b).ok());
+            (e.client.clone(), PresenceClient { user: e.user, client: e.client, info })
+        })
+        .collect();
+    PresenceResult { clients }
+}
+
+/// A stored publication as the protocol carries it.
+pub(crate) fn to_wire(p: &PublicationRecord) -> Publication {
+    let data = std::str::from_utf8(&p.data)
+        .ok()
+        .and_then(|s| RawValue::from_string(s.to_owned()).ok())
+        .unwrap_or_else(|| RawValue::from_string("null".into()).unwrap_or_else(|_| unreachable!("null is JSON")));
+    Publication { offset: Some(p.offset), data, info: p.info.clone() }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // `end` normally ran already; this is the safety net for a task that was cancelled
+        // (presence then expires by itself).
+        for channel in self.subscriptions.drain() {
+            self.node.hub.unsubscribe(&channel, self.id);
+        }
+    }
+}
+
+/// Runs a native-protocol connection to its end.
+pub async fn run(node: Arc<Node>, mut socket: WebSocket) {
+    let _count = node.session_guard();
+    socket.disable_keepalive();
+    let mut session = Session::new(node.clone(), socket.outbox().clone());
+    let every = node.config.websocket.ping_interval;
+    let pong_timeout = node.config.websocket.pong_timeout;
+    let mut ping = tokio::time::interval_at(Instant::now() + every, every);
+    let connect_by = tokio::time::sleep(node.config.websocket.handshake_timeout);
+    tokio::pin!(connect_by);
+    let mut closing = false;
+    let close = |socket: &mut WebSocket, code: CloseCode| {
+        socket.close(ws::CloseCode(code.as_u16()), code.reason());
+    };
+    loop {
+        tokio::select! {
+            received = socket.recv() => match received {
+                Ok(Some(Message::Text(bytes))) => session.handle(&bytes).await,
+                Ok(Some(Message::Binary(_))) => {
+                    socket.close(ws::CloseCode::UNSUPPORTED_DATA, "herald.v1 is JSON in text frames");
+                    closing = true;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(session = session.id, error = %e, "connection ended");
+                    break;
+                }
+            },
+            _ = ping.tick(), if !closing => {
+                if socket.last_seen().elapsed() >= every + pong_timeout {
+                    close(&mut socket, CloseCode::NoPong);
+                    closing = true;
+                } else if session.is_connected() {
+                    let _ = socket.outbox().send_text(Bytes::from_static(b"{}"));
+                    session.refresh_presence().await;
+                }
+            }
+            () = &mut connect_by, if !closing && !session.is_connected() => {
+                close(&mut socket, CloseCode::ConnectTimeout);
+                closing = true;
+            }
+        }
+    }
+    session.end().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use super::*;
+    use crate::config::{Config, NamespaceOptions};
+    use crate::ws::{SendMode, WsContext, WsMetrics};
+
+    fn node() -> Arc<Node> {
+        let mut config = Config::default();
+        config.channels.namespaces.insert("chat".into(), NamespaceOptions { publish: true, ..Default::default() });
+        let ws = WsContext { shutdown: Default::default(), tracker: Default::default(), metrics: WsMetrics::new() };
+        Arc::new(Node::new(Arc::new(config), ws, None))
+    }
+
+    /// The JSON texts queued on `outbox` (each a small unmasked text frame).
+    async fn sent(outbox: &Outbox) -> Vec<serde_json::Value> {
+        let mut batch = VecDeque::new();
+        if outbox.queued_bytes() > 0 {
+            outbox.next_batch(&mut batch).await;
+        }
+        batch
+            .iter()
+            .map(|f| {
+                let at = if f[1] & 0x7f == 126 { 4 } else { 2 };
+                serde_json::from_slice(&f[at..]).expect("json")
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_session_is_driven_by_frames_alone() {
+        let node = node();
+        let (a_out, b_out) = (Outbox::new(1 << 20, SendMode::PLAIN), Outbox::new(1 << 20, SendMode::PLAIN));
+        let mut a = Session::new(node.clone(), a_out.clone());
+        let mut b = Session::new(node.clone(), b_out.clone());
+        a.handle(br#"{"id":1,"subscribe":{"channel":"chat:x"}}"#).await;
+        assert_eq!(sent(&a_out).await[0]["error"]["code"], 108);
+        for s in [&mut a, &mut b] {
+            s.handle(br#"{"id":2,"connect":{}}"#).await;
+            s.handle(br#"{"id":3,"subscribe":{"channel":"chat:x"}}"#).await;
+        }
+        a.handle(br#"{"id":4,"publish":{"channel":"chat:x","data":[1,2]}}"#).await;
+        let got = sent(&b_out).await;
+        assert_eq!(got[0]["connect"]["ping"], 25);
+        assert_eq!(got[1]["subscribe"]["offset"], 0);
+        assert_eq!(got[2]["push"]["pub"]["data"], serde_json::json!([1, 2]));
+        let got = sent(&a_out).await;
+        assert_eq!(got.len(), 4, "{got:?}");
+        assert_eq!(got[2]["push"]["pub"]["offset"], 1, "push queued under the channel lock, before the reply");
+        assert_eq!(got[3]["publish"]["offset"], 1);
+        assert_eq!(node.hub.subscription_count(), 2);
+        a.end().await;
+        assert_eq!(node.hub.subscription_count(), 1, "ending a session leaves its channels");
+    }
+}

@@ -1,0 +1,168 @@
+//! Client-facing endpoints: `/connect` (native protocol over WebSocket), `/ws/<channel>` (raw
+//! WebSocket: each publication's data, no envelope) and `/sse/<channel>` (Server-Sent Events).
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use herald_protocol::ErrorCode;
+use http::{header, HeaderMap};
+
+use crate::channel::{ChannelName, NamespaceOptions};
+use crate::engine::StreamPosition;
+use crate::http_error::ApiError;
+use crate::hub::{sse_event, Format, Subscriber};
+use crate::node::{Node, SubscriptionGuard};
+use crate::ws::{self, Outbox, SendMode};
+
+/// `GET /connect`: the native protocol.
+pub async fn connect(State(node): State<Arc<Node>>, req: Request) -> Response {
+    let settings = node.ws_settings.clone();
+    let ctx = node.ws.clone();
+    ws::upgrade(req, &ctx, settings, &[herald_protocol::SUBPROTOCOL], move |socket| crate::session::run(node, socket))
+}
+
+/// Checks that an anonymous client may subscribe to `name` (the raw transports have no
+/// `connect`, so no identity).
+fn anonymous_subscribe<'a>(node: &'a Node, name: &str) -> Result<(ChannelName, &'a NamespaceOptions), ApiError> {
+    let (channel, ns) =
+        node.config.channels.resolve(name).map_err(|e| ApiError::new(ErrorCode::InvalidChannel, e.to_string()))?;
+    if !ns.subscribe || !channel.allows_user("") {
+        return Err(ApiError::new(ErrorCode::PermissionDenied, "permission denied"));
+    }
+    Ok((channel, ns))
+}
+
+/// Parses an SSE event id (`<epoch>:<offset>`) back into a position.
+fn parse_event_id(id: &str) -> Option<StreamPosition> {
+    let (epoch, offset) = id.trim().rsplit_once(':')?;
+    Some(StreamPosition { epoch: Arc::from(epoch), offset: offset.parse().ok()? })
+}
+
+/// `GET /ws/<channel>`: every publication's data as a text frame. Messages from the client
+/// are read (for pings and close) and otherwise ignored.
+pub async fn raw_ws(State(node): State<Arc<Node>>, Path(name): Path<String>, req: Request) -> Response {
+    if let Err(e) = anonymous_subscribe(&node, &name) {
+        return e.into_response();
+    }
+    let settings = node.ws_settings.clone();
+    let ctx = node.ws.clone();
+    ws::upgrade(req, &ctx, settings, &[], move |mut socket| async move {
+        let Ok((channel, ns)) = anonymous_subscribe(&node, &name) else { return };
+        let _count = node.session_guard();
+        let id = node.next_id();
+        let sub = Subscriber { id, outbox: socket.outbox().clone(), format: Format::Raw };
+        if node.subscribe(&channel, ns, sub, None, |_, _| None).await.is_err() {
+            return;
+        }
+        let _guard = SubscriptionGuard { node: node.clone(), channel: channel.shared().clone(), id };
+        while let Ok(Some(_)) = socket.recv().await {}
+    })
+}
+
+/// `GET /sse/<channel>`: Server-Sent Events, `id:` = `<epoch>:<offset>`, a comment every 15 s
+/// to keep proxies from timing the stream out. A `Last-Event-ID` header (sent by EventSource
+/// when it reconnects) resumes from history: the missed events come first, or a
+/// `herald-reset` event says they could not be recovered.
+pub async fn sse(State(node): State<Arc<Node>>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+    let (channel, ns) = match anonymous_subscribe(&node, &name) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(parse_event_id);
+    let id = node.next_id();
+    let outbox = Outbox::new(node.config.websocket.max_queue_bytes, SendMode::PLAIN);
+    let sub = Subscriber { id, outbox: outbox.clone(), format: Format::Sse };
+    let first = node
+        .subscribe(&channel, ns, sub, resume, |history, recovered| {
+            let mut out = BytesMut::from(&b"retry: 1000\n: subscribed\n\n"[..]);
+            let epoch = &history.position.epoch;
+            match recovered {
+                Some(true) => {
+                    for p in &history.publications {
+                        out.extend_from_slice(&sse_event(epoch, p.offset, &p.data));
+                    }
+                }
+                Some(false) => out.extend_from_slice(
+                    format!(
+                        "event: herald-reset\nid: {epoch}:{}\ndata: {{\"epoch\":\"{epoch}\",\"offset\":{}}}\n\n",
+                        history.position.offset, history.position.offset
+                    )
+                    .as_bytes(),
+                ),
+                None => {}
+            }
+            Some(out.freeze())
+        })
+        .await;
+    if first.is_err() {
+        return ApiError::new(ErrorCode::Internal, "subscription failed").into_response();
+    }
+    metrics::gauge!("herald_connections", "transport" => "sse").increment(1.0);
+    let state = SseStream {
+        outbox,
+        batch: VecDeque::new(),
+        keepalive: tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_secs(15),
+            Duration::from_secs(15),
+        ),
+        shutdown: node.ws.shutdown.clone(),
+        first: None,
+        _guard: SubscriptionGuard { node: node.clone(), channel: channel.shared().clone(), id },
+        _count: node.session_guard(),
+    };
+    let stream = futures_util::stream::unfold(state, |mut st| async move {
+        let chunk = st.next().await?;
+        Some((Ok::<_, Infallible>(chunk), st))
+    });
+    let mut resp = Response::new(Body::from_stream(stream));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", header::HeaderValue::from_static("no"));
+    resp
+}
+
+/// The state behind an SSE body: the subscription lives as long as the body does.
+struct SseStream {
+    outbox: Outbox,
+    batch: VecDeque<Bytes>,
+    keepalive: tokio::time::Interval,
+    shutdown: tokio_util::sync::CancellationToken,
+    first: Option<Bytes>,
+    _guard: SubscriptionGuard,
+    _count: crate::node::SessionCount,
+}
+
+impl SseStream {
+    async fn next(&mut self) -> Option<Bytes> {
+        if let Some(first) = self.first.take() {
+            return Some(first);
+        }
+        tokio::select! {
+            more = self.outbox.next_batch(&mut self.batch) => {
+                if !more {
+                    return None;
+                }
+                let mut out = BytesMut::new();
+                for b in self.batch.drain(..) {
+                    out.extend_from_slice(&b);
+                }
+                Some(out.freeze())
+            }
+            _ = self.keepalive.tick() => Some(Bytes::from_static(b": keep-alive\n\n")),
+            () = self.shutdown.cancelled() => None,
+        }
+    }
+}
+
+impl Drop for SseStream {
+    fn drop(&mut self) {
+        metrics::gauge!("herald_connections", "transport" => "sse").decrement(1.0);
+    }
+}
