@@ -129,6 +129,8 @@ pub enum CloseCode {
     ConnectTimeout = 4003,
     /// The server is overloaded or failed internally; reconnect later.
     ServerError = 4004,
+    /// The connection token expired and was not refreshed; get a new token and reconnect.
+    TokenExpired = 4005,
     /// The client broke the protocol repeatedly; fix the client.
     ProtocolViolation = 4500,
     /// The backend disconnected this client (API `disconnect`).
@@ -136,11 +138,12 @@ pub enum CloseCode {
 }
 
 impl CloseCode {
-    pub const ALL: [CloseCode; 6] = [
+    pub const ALL: [CloseCode; 7] = [
         Self::SlowConsumer,
         Self::NoPong,
         Self::ConnectTimeout,
         Self::ServerError,
+        Self::TokenExpired,
         Self::ProtocolViolation,
         Self::ForceDisconnect,
     ];
@@ -161,6 +164,7 @@ impl CloseCode {
             Self::NoPong => "no pong",
             Self::ConnectTimeout => "connect timeout",
             Self::ServerError => "server error",
+            Self::TokenExpired => "token expired",
             Self::ProtocolViolation => "protocol violation",
             Self::ForceDisconnect => "disconnected by the server",
         }

@@ -30,6 +30,10 @@ pub struct Node {
     /// Large limits for the Autobahn echo endpoint.
     pub echo_settings: Arc<ws::Settings>,
     pub(crate) prometheus: Option<PrometheusHandle>,
+    /// Verifies connection tokens; `None` when no key or secret is configured.
+    pub verifier: Option<crate::auth::Verifier>,
+    /// Connected sessions of identified users, for the API's `disconnect` and `unsubscribe`.
+    users: std::sync::Mutex<UserSessions>,
     ready: AtomicBool,
     started: Instant,
     next_id: AtomicU64,
@@ -45,6 +49,11 @@ impl Node {
             max_queue_bytes: 256 << 20,
             ..config.websocket.clone()
         });
+        let verifier = crate::auth::Verifier::new(&config.auth).unwrap_or_else(|e| {
+            // `Config::validate` checks the keys first; this only fires for a config built in code.
+            tracing::error!(error = %e, "connection tokens disabled: invalid [auth] settings");
+            None
+        });
         let hub = Arc::new(Hub::new());
         let engine = Arc::new(MemoryEngine::new());
         engine.set_delivery(Arc::new(HubDelivery(hub.clone())));
@@ -56,6 +65,8 @@ impl Node {
             engine,
             ws,
             prometheus,
+            verifier,
+            users: Default::default(),
             ready: AtomicBool::new(true),
             started: Instant::now(),
             next_id: AtomicU64::new(1),
@@ -115,6 +126,40 @@ impl Node {
         Ok(history)
     }
 
+    /// Registers a session of `user` so the API can reach it; returns its control inbox.
+    pub(crate) fn register_user(&self, user: &str, session: u64) -> tokio::sync::mpsc::Receiver<Control> {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        self.users_lock().entry(user.to_owned()).or_default().push((session, tx));
+        rx
+    }
+
+    pub(crate) fn unregister_user(&self, user: &str, session: u64) {
+        let mut users = self.users_lock();
+        if let Some(list) = users.get_mut(user) {
+            list.retain(|(id, _)| *id != session);
+            if list.is_empty() {
+                users.remove(user);
+            }
+        }
+    }
+
+    /// Sends `control` to every connected session of `user`; returns how many were reached.
+    pub fn control_user(&self, user: &str, control: Control) -> usize {
+        let users = self.users_lock();
+        let Some(list) = users.get(user) else { return 0 };
+        // A session whose inbox is full is already being told things; it still counts.
+        list.iter()
+            .filter(|(_, tx)| {
+                !matches!(tx.try_send(control.clone()), Err(tokio::sync::mpsc::error::TrySendError::Closed(_)))
+            })
+            .count()
+    }
+
+    fn users_lock(&self) -> std::sync::MutexGuard<'_, UserSessions> {
+        // Entries are inserted and removed whole; a poisoned lock is still consistent.
+        self.users.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst)
     }
@@ -137,6 +182,18 @@ impl Node {
         self.sessions.fetch_add(1, Ordering::Relaxed);
         SessionCount(self.clone())
     }
+}
+
+/// User id → (session id, control inbox) of each of its connections.
+type UserSessions = std::collections::HashMap<String, Vec<(u64, tokio::sync::mpsc::Sender<Control>)>>;
+
+/// What the API can ask of a connected session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// Close the connection with this code and reason.
+    Disconnect { code: u16, reason: String },
+    /// Leave this channel and tell the client with an `unsubscribe` push.
+    Unsubscribe { channel: String },
 }
 
 /// The history policy of a namespace.

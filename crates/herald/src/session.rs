@@ -8,8 +8,8 @@ use bytes::Bytes;
 use herald_protocol::{
     encode_error, encode_reply, ChannelRequest, ClientFrame, ClientInfo, CloseCode, Command, ConnectRequest,
     ConnectResult, ErrorCode, HistoryRequest, HistoryResult, PresenceClient, PresenceResult, PresenceStatsResult,
-    Publication, PublishRequest, PublishResult, PushBody, ServerFrame, SubscribeRequest, SubscribeResult,
-    UnsubscribeRequest,
+    Publication, PublishRequest, PublishResult, PushBody, RefreshRequest, RefreshResult, ServerFrame, SubscribeRequest,
+    SubscribeResult, UnsubscribeRequest,
 };
 use serde_json::value::RawValue;
 use tokio::time::Instant;
@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::channel::{ChannelError, ChannelName, NamespaceOptions};
 use crate::engine::{HistoryQuery, PresenceChange, PresenceEntry, PublicationRecord, StreamPosition};
 use crate::hub::{Format, SubscribeError, Subscriber};
-use crate::node::{Node, SubscribeFailure};
+use crate::node::{Control, Node, SubscribeFailure};
 use crate::ws::{self, Message, Outbox, WebSocket};
 
 type Refusal = (ErrorCode, String);
@@ -42,13 +42,26 @@ pub struct Session {
     /// Set by `connect`: the client id announced to the client.
     client: Option<String>,
     user: String,
+    /// The `info` claim of the token, as JSON, attached to presence.
+    info: Option<Bytes>,
+    /// When the token expires (Unix seconds); 0 without a token.
+    expires_at: u64,
     subscriptions: HashSet<Arc<str>>,
 }
 
 impl Session {
     pub fn new(node: Arc<Node>, outbox: Outbox) -> Self {
         let id = node.next_id();
-        Self { node, id, outbox, client: None, user: String::new(), subscriptions: HashSet::new() }
+        Self {
+            node,
+            id,
+            outbox,
+            client: None,
+            user: String::new(),
+            info: None,
+            expires_at: 0,
+            subscriptions: HashSet::new(),
+        }
     }
 
     pub fn is_connected(&self) -> bool {
@@ -70,9 +83,7 @@ impl Session {
                     Command::History(h) => self.history(id, h).await,
                     Command::Presence(p) => self.presence(id, p, false).await,
                     Command::PresenceStats(p) => self.presence(id, p, true).await,
-                    Command::Refresh(_) => {
-                        Err(refuse(ErrorCode::Unauthorized, "this server does not accept connection tokens yet"))
-                    }
+                    Command::Refresh(r) => self.refresh(id, r).await,
                 };
                 if let Err((code, message)) = result {
                     tracing::debug!(session = self.id, command = name, code = code.as_u16(), %message, "refused");
@@ -95,8 +106,17 @@ impl Session {
         if self.is_connected() {
             return Err(refuse(ErrorCode::BadRequest, "already connected"));
         }
-        if req.token.is_some() {
-            return Err(refuse(ErrorCode::Unauthorized, "this server does not accept connection tokens yet"));
+        match req.token.as_deref() {
+            Some(token) => {
+                let claims = self.verify(token)?;
+                self.user = claims.user;
+                self.expires_at = claims.expires_at;
+                self.info = claims.info.map(|v| Bytes::from(v.to_string()));
+            }
+            None if !self.node.config.auth.allow_anonymous => {
+                return Err(refuse(ErrorCode::Unauthorized, "a connection token is required"));
+            }
+            None => {}
         }
         let client = uuid::Uuid::new_v4().to_string();
         let ping = self.node.config.websocket.ping_interval.as_secs().clamp(1, u64::from(u32::MAX)) as u32;
@@ -155,8 +175,7 @@ impl Session {
     }
 
     async fn presence_add(&self, channel: &ChannelName, join_leave: bool) {
-        let entry =
-            PresenceEntry { client: self.client.clone().unwrap_or_default(), user: self.user.clone(), info: None };
+        let entry = self.presence_entry();
         let ttl = self.presence_ttl();
         let info = ClientInfo { user: entry.user.clone(), client: entry.client.clone() };
         match self.node.engine.presence_add(channel.as_str(), entry, ttl).await {
@@ -186,6 +205,14 @@ impl Session {
         }
     }
 
+    fn presence_entry(&self) -> PresenceEntry {
+        PresenceEntry {
+            client: self.client.clone().unwrap_or_default(),
+            user: self.user.clone(),
+            info: self.info.clone(),
+        }
+    }
+
     /// Presence lives three ping intervals unless refreshed (each ping refreshes it).
     fn presence_ttl(&self) -> std::time::Duration {
         self.node.config.websocket.ping_interval * 3
@@ -196,12 +223,7 @@ impl Session {
         for channel in &self.subscriptions {
             let Ok((name, ns)) = self.node.config.channels.resolve(channel) else { continue };
             if ns.presence {
-                let entry = PresenceEntry {
-                    client: self.client.clone().unwrap_or_default(),
-                    user: self.user.clone(),
-                    info: None,
-                };
-                let _ = self.node.engine.presence_add(name.as_str(), entry, self.presence_ttl()).await;
+                let _ = self.node.engine.presence_add(name.as_str(), self.presence_entry(), self.presence_ttl()).await;
             }
         }
     }
@@ -235,6 +257,29 @@ impl Session {
             .map_err(|e| refuse(ErrorCode::Internal, e.to_string()))?;
         self.send(encode_reply(id, "publish", &PublishResult { epoch: pos.epoch.to_string(), offset: pos.offset }));
         Ok(())
+    }
+
+    fn verify(&self, token: &str) -> Result<crate::auth::Claims, Refusal> {
+        let Some(verifier) = &self.node.verifier else {
+            return Err(refuse(ErrorCode::Unauthorized, "this server has no key to verify connection tokens"));
+        };
+        verifier.verify(token).map_err(|e| refuse(e.code(), e.to_string()))
+    }
+
+    async fn refresh(&mut self, id: u32, req: RefreshRequest) -> Result<(), Refusal> {
+        let claims = self.verify(&req.token)?;
+        if claims.user != self.user {
+            return Err(refuse(ErrorCode::Unauthorized, "a refreshed token must be for the same user"));
+        }
+        self.expires_at = claims.expires_at;
+        self.send(encode_reply(id, "refresh", &RefreshResult { expires: claims.expires_at }));
+        Ok(())
+    }
+
+    /// Whether the connection's token has expired (and was not refreshed).
+    pub fn token_expired(&self) -> bool {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.expires_at != 0 && now >= self.expires_at
     }
 
     /// Checks that this client may read `name` (as it may subscribe to it).
@@ -285,6 +330,22 @@ impl Session {
             self.send(encode_reply(id, "presence", &presence_result(list)));
         }
         Ok(())
+    }
+
+    /// Carries out what the API asked.
+    pub async fn control(&mut self, control: Control) -> Option<(u16, String)> {
+        match control {
+            Control::Disconnect { code, reason } => Some((code, reason)),
+            Control::Unsubscribe { channel } => {
+                if let Some(name) = self.subscriptions.take(channel.as_str()) {
+                    self.node.hub.unsubscribe(&name, self.id);
+                    self.presence_remove(&name).await;
+                    let push = ServerFrame::Push { channel: name.to_string(), body: PushBody::Unsubscribe };
+                    self.send(push.encode().into_bytes());
+                }
+                None
+            }
+        }
     }
 
     /// Leaves every channel. Called when the connection ends.
@@ -342,8 +403,20 @@ pub async fn run(node: Arc<Node>, mut socket: WebSocket) {
     let close = |socket: &mut WebSocket, code: CloseCode| {
         socket.close(ws::CloseCode(code.as_u16()), code.reason());
     };
+    let mut inbox: Option<tokio::sync::mpsc::Receiver<Control>> = None;
+    let mut registered = String::new();
     loop {
+        if inbox.is_none() && !session.user.is_empty() {
+            registered = session.user.clone();
+            inbox = Some(node.register_user(&registered, session.id));
+        }
         tokio::select! {
+            Some(control) = async { inbox.as_mut()?.recv().await }, if inbox.is_some() && !closing => {
+                if let Some((code, reason)) = session.control(control).await {
+                    socket.close(ws::CloseCode(code), &reason);
+                    closing = true;
+                }
+            }
             received = socket.recv() => match received {
                 Ok(Some(Message::Text(bytes))) => session.handle(&bytes).await,
                 Ok(Some(Message::Binary(_))) => {
@@ -360,6 +433,9 @@ pub async fn run(node: Arc<Node>, mut socket: WebSocket) {
                 if socket.last_seen().elapsed() >= every + pong_timeout {
                     close(&mut socket, CloseCode::NoPong);
                     closing = true;
+                } else if session.token_expired() {
+                    close(&mut socket, CloseCode::TokenExpired);
+                    closing = true;
                 } else if session.is_connected() {
                     let _ = socket.outbox().send_text(Bytes::from_static(b"{}"));
                     session.refresh_presence().await;
@@ -370,6 +446,9 @@ pub async fn run(node: Arc<Node>, mut socket: WebSocket) {
                 closing = true;
             }
         }
+    }
+    if inbox.is_some() {
+        node.unregister_user(&registered, session.id);
     }
     session.end().await;
 }

@@ -33,6 +33,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Channels: limits, and what each namespace allows.
     pub channels: ChannelsConfig,
+    /// Connection tokens (JWT): who the user is.
+    pub auth: crate::auth::AuthConfig,
     /// The HTTP API for backends (`POST /api/...`).
     pub api: ApiConfig,
     /// WebSocket limits, timings and compression.
@@ -49,6 +51,7 @@ impl Default for Config {
             log: LogConfig::default(),
             limits: LimitsConfig::default(),
             channels: ChannelsConfig::default(),
+            auth: crate::auth::AuthConfig::default(),
             api: ApiConfig::default(),
             websocket: ws::Settings::default(),
             testing: TestingConfig::default(),
@@ -144,7 +147,7 @@ impl std::fmt::Debug for Secret {
 }
 
 /// Keys whose values `check-config` must not print.
-const SECRET_KEYS: &[&str] = &["api.key"];
+const SECRET_KEYS: &[&str] = &["api.key", "auth.secret"];
 
 /// Test endpoints (`[testing]`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -263,6 +266,10 @@ impl Config {
             let ok = !ns.is_empty() && ns.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
             check(ok, "channels.namespaces", &format!("`{ns}` is not a namespace name (letters, digits, _ and -)"))?;
         }
+        self.auth.validate().map_err(|e| match e {
+            crate::auth::AuthError::BadKey { key, message } => ConfigError::Invalid { key, message },
+            other => ConfigError::Invalid { key: "auth", message: other.to_string() },
+        })?;
         check(self.api.max_body_size >= 1024, "api.max_body_size", "must be at least 1024 bytes")?;
         check(self.limits.max_connections >= 1, "limits.max_connections", "must be at least 1")?;
         check(self.limits.max_connections_per_ip >= 1, "limits.max_connections_per_ip", "must be at least 1")?;
