@@ -34,6 +34,24 @@ enum Command {
     /// Subscribe to channels over WebSocket and print each publication as one JSON line
     /// (`{"channel":..,"offset":..,"data":..}`), reconnecting when needed. Ctrl-C stops.
     Subscribe(SubscribeArgs),
+    /// Mint a connection token for development, signed with the configured HMAC secret
+    /// (`auth.secret`, e.g. from `HERALD_AUTH__SECRET`). Prints the token.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+struct TokenArgs {
+    /// The user id (the token's `sub`).
+    #[arg(long)]
+    user: String,
+    /// How long the token is valid, e.g. `1h`, `30m`, `7d`.
+    #[arg(long, default_value = "1h")]
+    ttl: String,
+    /// Connection info attached to presence: a JSON object, e.g. '{"name":"Ada"}'.
+    #[arg(long)]
+    info: Option<String>,
+    #[command(flatten)]
+    config: ServeArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -86,6 +104,7 @@ fn main() -> ExitCode {
         }
         Some(Command::Publish(args)) => publish(&args),
         Some(Command::Subscribe(args)) => subscribe(args),
+        Some(Command::Token(args)) => token(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -103,6 +122,20 @@ fn merge(outer: ServeArgs, inner: ServeArgs) -> ServeArgs {
 fn load(args: &ServeArgs) -> anyhow::Result<config::Loaded> {
     let overrides = Overrides { listen: args.listen };
     Ok(config::load(args.config.as_deref(), &overrides)?)
+}
+
+fn token(args: TokenArgs) -> anyhow::Result<()> {
+    let config = load(&args.config)?.config;
+    let ttl = humantime::parse_duration(&args.ttl).with_context(|| format!("invalid --ttl `{}`", args.ttl))?;
+    let info = args
+        .info
+        .as_deref()
+        .map(serde_json::from_str::<serde_json::Value>)
+        .transpose()
+        .context("--info must be JSON")?;
+    let token = herald::auth::mint(&config.auth, &args.user, ttl, info)?;
+    println!("{token}");
+    Ok(())
 }
 
 fn check_config(args: ServeArgs) -> anyhow::Result<()> {
@@ -265,7 +298,11 @@ fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
         Ok(v) if !v.is_empty() => EnvFilter::try_new(v).context("invalid RUST_LOG")?,
         _ => EnvFilter::try_new(level).context("invalid log.level")?,
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal as _;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

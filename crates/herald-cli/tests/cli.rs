@@ -146,3 +146,17 @@ fn subscribe_reports_an_unreachable_server() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("cannot connect to {url}")), "{err}");
 }
+
+#[test]
+fn token_mints_with_the_configured_secret_and_refuses_without_one() {
+    let out = herald()
+        .args(["token", "--user", "42", "--ttl", "10m", "--info", r#"{"name":"Ada"}"#])
+        .env("HERALD_AUTH__SECRET", "a-development-secret-of-32-bytes-or-more")
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
+    let out = herald().args(["token", "--user", "42"]).output().expect("runs");
+    assert!(!out.status.success(), "no secret configured");
+}

@@ -16,11 +16,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::channel::{glob_match, ChannelName, NamespaceOptions};
-use crate::engine::EngineError;
+use crate::engine::{EngineError, HistoryQuery, StreamPosition};
 use crate::http_error::ApiError;
-use crate::node::Node;
+use crate::node::{Control, Node};
 
-const METHODS: &[&str] = &["publish", "broadcast", "channels", "info"];
+const METHODS: &[&str] =
+    &["publish", "broadcast", "channels", "info", "history", "presence", "presence_stats", "disconnect", "unsubscribe"];
 
 /// Most channels one broadcast may name.
 const MAX_BROADCAST_CHANNELS: usize = 1000;
@@ -63,6 +64,11 @@ async fn handle(
         "publish" => Json(publish(node, parse(&body)?).await?).into_response(),
         "broadcast" => Json(broadcast(node, parse(&body)?).await?).into_response(),
         "channels" => Json(channels(node, parse_or_default(&body)?)).into_response(),
+        "history" => Json(history(node, parse(&body)?).await?).into_response(),
+        "presence" => Json(presence(node, parse(&body)?, false).await?).into_response(),
+        "presence_stats" => Json(presence(node, parse(&body)?, true).await?).into_response(),
+        "disconnect" => Json(disconnect(node, parse(&body)?)?).into_response(),
+        "unsubscribe" => Json(unsubscribe(node, parse(&body)?)?).into_response(),
         _ => Json(info(node)).into_response(),
     })
 }
@@ -209,6 +215,102 @@ fn channels(node: &Node, body: ChannelsBody) -> ChannelsResult {
         .map(|(c, n)| ChannelCount { channel: c.to_string(), subscribers: n })
         .collect();
     ChannelsResult { channels }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryBody {
+    channel: String,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    since: Option<herald_protocol::Position>,
+    #[serde(default)]
+    reverse: bool,
+}
+
+async fn history(node: &Node, body: HistoryBody) -> Result<herald_protocol::HistoryResult, ApiError> {
+    let (channel, ns) = channel(node, &body.channel)?;
+    if ns.history_size == 0 {
+        return Err(ApiError::new(ErrorCode::NotAvailable, "this namespace keeps no history"));
+    }
+    let since = body.since.map(|p| StreamPosition { epoch: Arc::from(p.epoch.as_str()), offset: p.offset });
+    let limit = body.limit.unwrap_or(ns.history_size).min(ns.history_size);
+    let h = node
+        .engine
+        .history(channel.as_str(), HistoryQuery { since, limit, reverse: body.reverse })
+        .await
+        .map_err(engine_error)?;
+    Ok(herald_protocol::HistoryResult {
+        epoch: h.position.epoch.to_string(),
+        offset: h.position.offset,
+        publications: h.publications.iter().map(crate::session::to_wire).collect(),
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChannelBody {
+    channel: String,
+}
+
+async fn presence(node: &Node, body: ChannelBody, stats: bool) -> Result<serde_json::Value, ApiError> {
+    let (channel, ns) = channel(node, &body.channel)?;
+    if !ns.presence {
+        return Err(ApiError::new(ErrorCode::NotAvailable, "presence is off in this namespace"));
+    }
+    let value = if stats {
+        let s = node.engine.presence_stats(channel.as_str()).await.map_err(engine_error)?;
+        serde_json::json!({"clients": s.clients, "users": s.users})
+    } else {
+        let list = node.engine.presence(channel.as_str()).await.map_err(engine_error)?;
+        serde_json::to_value(crate::session::presence_result(list)).unwrap_or_default()
+    };
+    Ok(value)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisconnectBody {
+    user: String,
+    /// A close code from 4000 to 4999; 4503 ("disconnected by the server") by default.
+    #[serde(default)]
+    code: Option<u16>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct CountResult {
+    /// Connections reached.
+    connections: usize,
+}
+
+fn disconnect(node: &Node, body: DisconnectBody) -> Result<CountResult, ApiError> {
+    if body.user.is_empty() {
+        return Err(ApiError::bad_request("`user` must not be empty"));
+    }
+    let default = herald_protocol::CloseCode::ForceDisconnect;
+    let code = body.code.unwrap_or(default.as_u16());
+    if !(4000..=4999).contains(&code) {
+        return Err(ApiError::bad_request("`code` must be from 4000 to 4999 (4000-4499: the client reconnects)"));
+    }
+    let reason = body.reason.unwrap_or_else(|| default.reason().to_owned());
+    let connections = node.control_user(&body.user, Control::Disconnect { code, reason });
+    Ok(CountResult { connections })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnsubscribeBody {
+    user: String,
+    channel: String,
+}
+
+fn unsubscribe(node: &Node, body: UnsubscribeBody) -> Result<CountResult, ApiError> {
+    let (channel, _) = channel(node, &body.channel)?;
+    let connections = node.control_user(&body.user, Control::Unsubscribe { channel: channel.to_string() });
+    Ok(CountResult { connections })
 }
 
 #[derive(Debug, Serialize)]
