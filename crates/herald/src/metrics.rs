@@ -37,6 +37,11 @@ fn describe() {
     describe_counter!("herald_frames_sent_total", "WebSocket frames written to clients.");
     describe_counter!("herald_bytes_in_total", Unit::Bytes, "Bytes read from WebSocket clients.");
     describe_counter!("herald_bytes_out_total", Unit::Bytes, "Bytes written to WebSocket clients.");
+    describe_counter!("herald_publications_total", "Publications accepted, from the API and from clients.");
+    describe_counter!(
+        "herald_slow_consumers_total",
+        "Subscribers disconnected because their outgoing queue overflowed (close 4001)."
+    );
     describe_counter!(
         "herald_connections_refused_total",
         "TCP connections refused by a limit (reason: max_connections, max_connections_per_ip)."

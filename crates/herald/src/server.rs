@@ -53,7 +53,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
 
     tracing::info!(addr = %listener.local_addr()?, "listening");
     if config.api.key.is_empty() {
-        tracing::warn!("api.key is not set: the HTTP API answers only loopback clients (set HERALD_API__KEY)");
+        tracing::warn!(
+            "api.key is not set: the HTTP API answers only loopback clients. Behind a reverse proxy on this \
+             host every request looks local: set HERALD_API__KEY before exposing Herald"
+        );
     }
     tokio::pin!(shutdown);
     loop {

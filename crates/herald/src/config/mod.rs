@@ -106,7 +106,8 @@ impl Default for LimitsConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
     /// The key backends send as `Authorization: apikey <key>`. When empty, the API answers
-    /// only requests from loopback addresses (127.0.0.0/8, ::1), and says so at start.
+    /// only requests from loopback addresses (127.0.0.0/8, ::1), and says so at start. Behind a
+    /// reverse proxy on the same host every request comes from loopback: set a key.
     /// Prefer setting it through `HERALD_API__KEY` rather than in a file.
     #[schemars(with = "String")]
     pub key: Secret,
