@@ -78,7 +78,7 @@ pub async fn sse(State(node): State<Arc<Node>>, Path(name): Path<String>, header
     let id = node.next_id();
     let outbox = Outbox::new(node.config.websocket.max_queue_bytes, SendMode::PLAIN);
     let sub = Subscriber { id, outbox: outbox.clone(), format: Format::Sse };
-    let first = node
+    let subscribed = node
         .subscribe(&channel, ns, sub, resume, |history, recovered| {
             let mut out = BytesMut::from(&b"retry: 1000\n: subscribed\n\n"[..]);
             let epoch = &history.position.epoch;
@@ -100,7 +100,7 @@ pub async fn sse(State(node): State<Arc<Node>>, Path(name): Path<String>, header
             Some(out.freeze())
         })
         .await;
-    if first.is_err() {
+    if subscribed.is_err() {
         return ApiError::new(ErrorCode::Internal, "subscription failed").into_response();
     }
     metrics::gauge!("herald_connections", "transport" => "sse").increment(1.0);
@@ -112,7 +112,6 @@ pub async fn sse(State(node): State<Arc<Node>>, Path(name): Path<String>, header
             Duration::from_secs(15),
         ),
         shutdown: node.ws.shutdown.clone(),
-        first: None,
         _guard: SubscriptionGuard { node: node.clone(), channel: channel.shared().clone(), id },
         _count: node.session_guard(),
     };
@@ -134,16 +133,12 @@ struct SseStream {
     batch: VecDeque<Bytes>,
     keepalive: tokio::time::Interval,
     shutdown: tokio_util::sync::CancellationToken,
-    first: Option<Bytes>,
     _guard: SubscriptionGuard,
     _count: crate::node::SessionCount,
 }
 
 impl SseStream {
     async fn next(&mut self) -> Option<Bytes> {
-        if let Some(first) = self.first.take() {
-            return Some(first);
-        }
         tokio::select! {
             more = self.outbox.next_batch(&mut self.batch) => {
                 if !more {
