@@ -147,6 +147,9 @@ impl Session {
             (true, _, _) => return Err(refuse(ErrorCode::BadRequest, "`recover` needs `epoch` and `offset`")),
         };
         let sub = Subscriber { id: self.id, outbox: self.outbox.clone(), format: Format::Native };
+        // Recorded before awaiting, so a session cancelled mid-subscribe still leaves the
+        // channel when it is dropped.
+        self.subscriptions.insert(channel.shared().clone());
         let result = node
             .subscribe(&channel, ns, sub, recover, |history, recovered| {
                 let reply = SubscribeResult {
@@ -160,17 +163,21 @@ impl Session {
             .await;
         match result {
             Ok(_) => {
-                self.subscriptions.insert(channel.shared().clone());
                 if ns.presence {
                     self.presence_add(&channel, ns.join_leave).await;
                 }
                 Ok(())
             }
-            Err(SubscribeFailure::Hub(SubscribeError::AlreadySubscribed)) => {
-                Err(refuse(ErrorCode::AlreadySubscribed, "already subscribed"))
+            Err(failure) => {
+                self.subscriptions.remove(channel.as_str());
+                match failure {
+                    SubscribeFailure::Hub(SubscribeError::AlreadySubscribed) => {
+                        Err(refuse(ErrorCode::AlreadySubscribed, "already subscribed"))
+                    }
+                    SubscribeFailure::Hub(SubscribeError::Closed) => Ok(()),
+                    SubscribeFailure::Engine(e) => Err(refuse(ErrorCode::Internal, e.to_string())),
+                }
             }
-            Err(SubscribeFailure::Hub(SubscribeError::Closed)) => Ok(()),
-            Err(SubscribeFailure::Engine(e)) => Err(refuse(ErrorCode::Internal, e.to_string())),
         }
     }
 
