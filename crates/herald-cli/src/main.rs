@@ -12,6 +12,8 @@ use herald::config::{self, LogFormat, Overrides};
 use herald_client::{Client, ClientOptions, Event, Publication, State};
 use serde_json::value::RawValue;
 
+mod bench;
+
 #[derive(Debug, Parser)]
 #[command(name = "herald", version = herald::VERSION, about = "Herald: a real-time push server")]
 struct Cli {
@@ -37,6 +39,8 @@ enum Command {
     /// Mint a connection token for development, signed with the configured HMAC secret
     /// (`auth.secret`, e.g. from `HERALD_AUTH__SECRET`). Prints the token.
     Token(TokenArgs),
+    /// Load a server and measure it: connect, fanout, idle, roundtrip (see docs/benchmarks.md).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -105,6 +109,7 @@ fn main() -> ExitCode {
         Some(Command::Publish(args)) => publish(&args),
         Some(Command::Subscribe(args)) => subscribe(args),
         Some(Command::Token(args)) => token(args),
+        Some(Command::Bench(args)) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

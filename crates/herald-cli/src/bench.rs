@@ -1,0 +1,628 @@
+//! `herald bench`: a load generator for Herald, or for any server that subscribes by WebSocket
+//! URL and publishes by HTTP POST. Each scenario prints a summary, then one JSON line.
+
+mod conn;
+mod fanout;
+mod hist;
+mod procfs;
+mod publisher;
+mod seq;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand, ValueEnum};
+use futures_util::{SinkExt as _, StreamExt as _};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+use conn::{Sources, Ws};
+use hist::Histogram;
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Open N connections (at most C at a time); handshakes/s and connect latency.
+    Connect(ConnectArgs),
+    /// N subscribers over C channels, a publisher posting through HTTP; deliveries/s,
+    /// publish-to-delivery latency, lost, duplicated and reordered messages.
+    Fanout(fanout::FanoutArgs),
+    /// Hold N subscribed connections; the server's resident memory per connection.
+    Idle(IdleArgs),
+    /// A native client publishing to a channel it is subscribed to; latency to its own delivery.
+    Roundtrip(RoundtripArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TargetKind {
+    /// Herald's native protocol on `<url>/connect`, publishing through `POST /api/publish`.
+    Herald,
+    /// Subscribe with a WebSocket to `--sub-url`, publish with `POST --pub-url`; each message is
+    /// the payload itself (Nchan, a Node `ws` server, Herald's `/ws/<channel>`...).
+    Raw,
+}
+
+/// Which server, and how to talk to it.
+#[derive(Debug, Clone, Args)]
+struct TargetArgs {
+    #[arg(long, value_enum, default_value = "herald")]
+    target: TargetKind,
+    /// Herald's address (`--target herald`).
+    #[arg(long, value_name = "URL", default_value = "ws://127.0.0.1:8080")]
+    url: String,
+    /// Subscribe URL with `{channel}` (`--target raw`), e.g. 'ws://127.0.0.1:8091/sub/{channel}'.
+    #[arg(long, value_name = "URL")]
+    sub_url: Option<String>,
+    /// Publish URL with `{channel}` (`--target raw`), e.g. 'http://127.0.0.1:8091/pub/{channel}'.
+    #[arg(long, value_name = "URL")]
+    pub_url: Option<String>,
+    /// Herald's API key, when it has one.
+    #[arg(long, value_name = "KEY", env = "HERALD_API__KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Loopback source addresses to spread connections over (127.0.0.2 and up; 0: none).
+    /// Default: one per 5,000 connections.
+    #[arg(long, value_name = "N")]
+    source_ips: Option<usize>,
+    /// Channel names are this prefix and a number.
+    #[arg(long, value_name = "PREFIX", default_value = "bench-")]
+    channel_prefix: String,
+}
+
+#[derive(Debug, Clone, Args)]
+struct ConnectArgs {
+    #[arg(long, default_value_t = 1000)]
+    connections: usize,
+    /// Connections being opened at once.
+    #[arg(long, default_value_t = 100)]
+    concurrency: usize,
+    #[command(flatten)]
+    target: TargetArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+struct IdleArgs {
+    #[arg(long, default_value_t = 1000)]
+    connections: usize,
+    #[arg(long, default_value_t = 10)]
+    channels: usize,
+    /// The server's process id(s) (`/proc/<pid>/status`); several are summed (nginx master and
+    /// worker). Without one, only the load generator's memory is reported.
+    #[arg(long, value_name = "PID")]
+    pid: Vec<u32>,
+    #[arg(long, default_value_t = 200)]
+    concurrency: usize,
+    /// Wait this long after the last subscription before reading memory.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    settle: Duration,
+    #[command(flatten)]
+    target: TargetArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+struct RoundtripArgs {
+    #[arg(long, default_value_t = 1000)]
+    count: u64,
+    /// A channel in a namespace that lets clients publish (`publish = true`).
+    #[arg(long, default_value = "bench:roundtrip")]
+    channel: String,
+    #[arg(long, default_value_t = 100)]
+    payload: usize,
+    #[arg(long, value_name = "URL", default_value = "ws://127.0.0.1:8080")]
+    url: String,
+}
+
+pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        eprintln!("herald bench: could not raise the open file limit: {e}");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    let summary = runtime.block_on(async {
+        match args.scenario {
+            Scenario::Connect(a) => connect(a).await,
+            Scenario::Fanout(a) => fanout::run(a).await,
+            Scenario::Idle(a) => idle(a).await,
+            Scenario::Roundtrip(a) => roundtrip(a).await,
+        }
+    })?;
+    // Do not wait for the tasks still holding connections.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    println!("{summary}");
+    Ok(())
+}
+
+/// The resolved target.
+#[derive(Debug)]
+struct Target {
+    kind: TargetKind,
+    ws_addr: SocketAddr,
+    /// Herald: the `/connect` URL; raw: the template.
+    ws_url: String,
+    pub_addr: SocketAddr,
+    pub_host: String,
+    /// Herald: `/api/publish`; raw: the path template.
+    pub_path: String,
+    api_key: Option<String>,
+    prefix: String,
+}
+
+impl Target {
+    async fn resolve(args: &TargetArgs) -> anyhow::Result<Self> {
+        let (ws_url, pub_url) = match args.target {
+            TargetKind::Herald => {
+                let base = args.url.trim_end_matches('/');
+                let (host, _) = split_url(base, "ws")?;
+                (format!("{base}/connect"), format!("http://{host}/api/publish"))
+            }
+            TargetKind::Raw => (
+                args.sub_url.clone().context("--target raw needs --sub-url")?,
+                args.pub_url.clone().context("--target raw needs --pub-url")?,
+            ),
+        };
+        let (ws_host, _) = split_url(&ws_url, "ws")?;
+        let (pub_host, pub_path) = split_url(&pub_url, "http")?;
+        Ok(Self {
+            kind: args.target,
+            ws_addr: lookup(&ws_host).await?,
+            ws_url,
+            pub_addr: lookup(&pub_host).await?,
+            pub_host,
+            pub_path,
+            api_key: args.api_key.clone(),
+            prefix: args.channel_prefix.clone(),
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        match self.kind {
+            TargetKind::Herald => "herald",
+            TargetKind::Raw => "raw",
+        }
+    }
+
+    fn channel(&self, i: usize) -> String {
+        format!("{}{i}", self.prefix)
+    }
+
+    /// Opens a connection that is ready to receive `channel`'s messages; `None`: just connected.
+    async fn open(&self, source: Option<std::net::IpAddr>, channel: Option<&str>) -> anyhow::Result<Ws> {
+        let ready = async {
+            match self.kind {
+                TargetKind::Herald => {
+                    let mut ws = conn::open(self.ws_addr, source, &self.ws_url).await?;
+                    conn::herald_connect(&mut ws).await?;
+                    if let Some(channel) = channel {
+                        conn::herald_subscribe(&mut ws, 2, channel).await?;
+                    }
+                    Ok(ws)
+                }
+                TargetKind::Raw => {
+                    let url = self.ws_url.replace("{channel}", channel.unwrap_or("connect"));
+                    conn::open(self.ws_addr, source, &url).await
+                }
+            }
+        };
+        tokio::time::timeout(conn::OPEN_TIMEOUT, ready).await.context("timed out opening a connection")?
+    }
+
+    fn publish_endpoint(&self) -> (SocketAddr, &str) {
+        (self.pub_addr, &self.pub_host)
+    }
+
+    /// Appends one `POST` publishing `payload` on `channel`.
+    fn publish_request(&self, out: &mut Vec<u8>, channel: &str, payload: &[u8]) {
+        use std::io::Write as _;
+        let (path, prefix, suffix): (std::borrow::Cow<'_, str>, String, &str) = match self.kind {
+            TargetKind::Herald => (self.pub_path.as_str().into(), format!(r#"{{"channel":"{channel}","data":"#), "}"),
+            TargetKind::Raw => (self.pub_path.replace("{channel}", channel).into(), String::new(), ""),
+        };
+        let len = prefix.len() + payload.len() + suffix.len();
+        // Writing to a Vec cannot fail.
+        let _ = write!(
+            out,
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n",
+            self.pub_host
+        );
+        if let Some(key) = &self.api_key {
+            let _ = write!(out, "Authorization: apikey {key}\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(prefix.as_bytes());
+        out.extend_from_slice(payload);
+        out.extend_from_slice(suffix.as_bytes());
+    }
+}
+
+/// `scheme://host:port/path` → (`host:port`, `/path`).
+fn split_url(url: &str, scheme: &str) -> anyhow::Result<(String, String)> {
+    let rest = url
+        .strip_prefix(scheme)
+        .and_then(|r| r.strip_prefix("://"))
+        .with_context(|| format!("`{url}` is not a {scheme}:// URL (TLS is not supported)"))?;
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let default_port = if scheme == "ws" || scheme == "http" { 80 } else { 443 };
+    let host = if host.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+        host.to_owned()
+    } else {
+        format!("{host}:{default_port}")
+    };
+    Ok((host, path.to_owned()))
+}
+
+async fn lookup(host: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host(host).await.with_context(|| format!("cannot resolve {host}"))?.next().context("no address")
+}
+
+/// `20` (seconds), `1.5`, or with a unit: `500ms`, `2m`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s >= 0.0 && s.is_finite() => Ok(Duration::from_secs_f64(s)),
+        Ok(_) => Err(format!("`{text}` is not a duration")),
+        Err(_) => humantime::parse_duration(text).map_err(|e| e.to_string()),
+    }
+}
+
+/// Nanoseconds since the Unix epoch: the publisher stamps it, the subscriber subtracts.
+fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// `{"seq":N,"ts":T,"pad":"xx.."}`, padded to `size` bytes when it is that long.
+fn payload(out: &mut Vec<u8>, seq: u64, ts: u64, size: usize) {
+    use std::io::Write as _;
+    let _ = write!(out, r#"{{"seq":{seq},"ts":{ts},"pad":""#);
+    let pad = size.saturating_sub(out.len() + 2);
+    out.resize(out.len() + pad, b'x');
+    out.extend_from_slice(b"\"}");
+}
+
+/// (seq, ts) from a message carrying a payload, wherever it sits in the JSON.
+fn parse_payload(text: &str) -> Option<(u64, u64)> {
+    fn number_after(text: &str, key: &str) -> Option<u64> {
+        let at = text.find(key)? + key.len();
+        let digits = text[at..].bytes().take_while(u8::is_ascii_digit).count();
+        text[at..at + digits].parse().ok()
+    }
+    Some((number_after(text, "\"seq\":")?, number_after(text, "\"ts\":")?))
+}
+
+/// Milliseconds with microsecond resolution, for JSON.
+fn ms(ns: u64) -> f64 {
+    (ns as f64 / 1000.0).round() / 1000.0
+}
+
+fn latency_json(h: &Histogram) -> Value {
+    json!({
+        "count": h.count(),
+        "p50": ms(h.quantile(0.5)),
+        "p90": ms(h.quantile(0.9)),
+        "p99": ms(h.quantile(0.99)),
+        "p999": ms(h.quantile(0.999)),
+        "max": ms(h.max()),
+    })
+}
+
+fn latency_line(h: &Histogram) -> String {
+    format!(
+        "p50 {:.3} ms, p90 {:.3}, p99 {:.3}, p99.9 {:.3}, max {:.3} ({} samples)",
+        ms(h.quantile(0.5)),
+        ms(h.quantile(0.9)),
+        ms(h.quantile(0.99)),
+        ms(h.quantile(0.999)),
+        ms(h.max()),
+        h.count()
+    )
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+/// Opens `n` connections, at most `concurrency` at a time, calling `ready` on each; prints
+/// progress. Returns the connections, the connect latencies and the failures.
+async fn open_many<F, Fut, T>(n: usize, concurrency: usize, what: &str, open: F) -> OpenResult<T>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let started = Instant::now();
+    let mut latencies = Histogram::new();
+    let mut opened = Vec::with_capacity(n);
+    let mut failed = 0u64;
+    let mut first_error = None;
+    let mut progress = Instant::now();
+    let mut attempts = futures_util::stream::iter(0..n)
+        .map(|i| {
+            let fut = open(i);
+            async move {
+                let t = Instant::now();
+                (fut.await, t.elapsed())
+            }
+        })
+        .buffer_unordered(concurrency.max(1));
+    while let Some((result, took)) = attempts.next().await {
+        match result {
+            Ok(c) => {
+                latencies.record(took.as_nanos() as u64);
+                opened.push(c);
+            }
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
+        }
+        if progress.elapsed() >= Duration::from_secs(3) {
+            progress = Instant::now();
+            eprintln!("  {what}: {} open, {failed} failed, {:.1} s", opened.len(), started.elapsed().as_secs_f64());
+        }
+    }
+    OpenResult { opened, latencies, failed, first_error, elapsed: started.elapsed() }
+}
+
+struct OpenResult<T> {
+    opened: Vec<T>,
+    latencies: Histogram,
+    failed: u64,
+    first_error: Option<String>,
+    elapsed: Duration,
+}
+
+async fn connect(args: ConnectArgs) -> anyhow::Result<String> {
+    let target = Target::resolve(&args.target).await?;
+    let sources = Sources::new(target.ws_addr, args.connections, args.target.source_ips);
+    eprintln!("connect: {} connections to {} ({} at a time)", args.connections, target.ws_url, args.concurrency);
+    let cpu = procfs::CpuSample::take(&[]);
+    let r = open_many(args.connections, args.concurrency, "connect", |i| target.open(sources.pick(i), None)).await;
+    let (own_cpu, _) = cpu.until(&procfs::CpuSample::take(&[]));
+    let ok = r.opened.len();
+    let rate = ok as f64 / r.elapsed.as_secs_f64().max(1e-9);
+    // Close them all: a close frame each, then drop.
+    let closing =
+        futures_util::stream::iter(r.opened).for_each_concurrent(args.concurrency.max(1), |mut ws: Ws| async move {
+            let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
+        });
+    let _ = tokio::time::timeout(Duration::from_secs(20), closing).await;
+
+    println!("connect ({}): {ok} opened, {} failed in {:.2} s", target.name(), r.failed, r.elapsed.as_secs_f64());
+    println!("  handshakes/s: {rate:.0}");
+    println!("  latency: {}", latency_line(&r.latencies));
+    if let Some(e) = &r.first_error {
+        println!("  first failure: {e}");
+    }
+    println!("  load generator CPU: {own_cpu:.0}%");
+    Ok(json!({
+        "scenario": "connect",
+        "target": target.name(),
+        "url": target.ws_url,
+        "connections": args.connections,
+        "concurrency": args.concurrency,
+        "ok": ok,
+        "failed": r.failed,
+        "elapsed_s": (r.elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
+        "handshakes_per_s": rate.round(),
+        "latency_ms": latency_json(&r.latencies),
+        "generator_cpu_pct": round1(own_cpu),
+        "first_error": r.first_error,
+    })
+    .to_string())
+}
+
+/// Keeps a connection alive (answers Herald's pings) until `stop`.
+async fn hold(mut ws: Ws, herald: bool, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            m = ws.next() => match m {
+                Some(Ok(Message::Text(t))) if herald && t.as_str() == "{}" => {
+                    if ws.send(Message::text("{}")).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return,
+            }
+        }
+    }
+}
+
+async fn idle(args: IdleArgs) -> anyhow::Result<String> {
+    let target = Target::resolve(&args.target).await?;
+    let sources = Sources::new(target.ws_addr, args.connections, args.target.source_ips);
+    let channels = args.channels.max(1);
+    let names: Vec<String> = (0..channels).map(|c| target.channel(c)).collect();
+    let server_before = if args.pid.is_empty() { None } else { Some(procfs::rss_kib_sum(&args.pid)?) };
+    let own_before = procfs::rss_kib("self")?;
+    eprintln!("idle: {} subscribed connections over {channels} channels", args.connections);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let r = open_many(args.connections, args.concurrency, "idle", |i| {
+        let (target, names, stop) = (&target, &names, stop_rx.clone());
+        let source = sources.pick(i);
+        async move {
+            let ws = target.open(source, Some(&names[i % names.len()])).await?;
+            Ok(tokio::spawn(hold(ws, target.kind == TargetKind::Herald, stop)))
+        }
+    })
+    .await;
+    tokio::time::sleep(args.settle).await;
+    let held = r.opened.iter().filter(|h| !h.is_finished()).count();
+    let server_after = if args.pid.is_empty() { None } else { Some(procfs::rss_kib_sum(&args.pid)?) };
+    let own_after = procfs::rss_kib("self")?;
+    let _ = stop_tx.send(true);
+    for h in r.opened {
+        let _ = tokio::time::timeout(Duration::from_secs(5), h).await;
+    }
+
+    let per = |before: u64, after: u64| (after as f64 - before as f64) / held.max(1) as f64;
+    let server_per = server_before.zip(server_after).map(|(b, a)| per(b, a));
+    let own_per = per(own_before, own_after);
+    println!("idle ({}): {held} connections held ({} failed)", target.name(), r.failed);
+    if let (Some(b), Some(a), Some(p)) = (server_before, server_after, server_per) {
+        println!("  server RSS: {b} KiB -> {a} KiB, {p:.2} KiB per connection");
+    }
+    println!("  load generator: {own_per:.2} KiB per connection");
+    if let Some(e) = &r.first_error {
+        println!("  first failure: {e}");
+    }
+    Ok(json!({
+        "scenario": "idle",
+        "target": target.name(),
+        "connections": args.connections,
+        "held": held,
+        "failed": r.failed,
+        "channels": channels,
+        "server_rss_before_kib": server_before,
+        "server_rss_after_kib": server_after,
+        "server_kib_per_connection": server_per.map(|p| (p * 100.0).round() / 100.0),
+        "generator_kib_per_connection": (own_per * 100.0).round() / 100.0,
+        "first_error": r.first_error,
+    })
+    .to_string())
+}
+
+async fn roundtrip(args: RoundtripArgs) -> anyhow::Result<String> {
+    let base = args.url.trim_end_matches('/');
+    let url = format!("{base}/connect");
+    let (host, _) = split_url(&url, "ws")?;
+    let mut ws = conn::open(lookup(&host).await?, None, &url).await?;
+    conn::herald_connect(&mut ws).await?;
+    conn::herald_subscribe(&mut ws, 2, &args.channel).await?;
+    let warmup = (args.count / 10).min(100);
+    eprintln!("roundtrip: {} publications on `{}` ({warmup} more to warm up)", args.count, args.channel);
+    let mut latencies = Histogram::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let started = Instant::now();
+    let mut body = Vec::new();
+    for i in 0..args.count + warmup {
+        anyhow::ensure!(Instant::now() < deadline, "roundtrip: still running after 60 s; stopped at {i}");
+        body.clear();
+        payload(&mut body, i, now_ns(), args.payload);
+        let id = (i % u64::from(u32::MAX - 3)) as u32 + 3;
+        let data = String::from_utf8_lossy(&body);
+        let frame = format!(r#"{{"id":{id},"publish":{{"channel":"{}","data":{data}}}}}"#, args.channel);
+        let sent = Instant::now();
+        ws.send(Message::text(frame)).await.context("sending a publish")?;
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+                .await
+                .context("no delivery within 10 s")?
+                .context("the connection ended")?
+                .context("the connection failed")?;
+            let Message::Text(t) = m else { continue };
+            let t = t.as_str();
+            if t == "{}" {
+                ws.send(Message::text("{}")).await?;
+            } else if t.starts_with(&format!("{{\"id\":{id},")) {
+                anyhow::ensure!(!t.contains("\"error\":{"), "the server refused the publish: {t}");
+            } else if t.starts_with("{\"push\"") && parse_payload(t).is_some_and(|(s, _)| s == i) {
+                if i >= warmup {
+                    latencies.record(sent.elapsed().as_nanos() as u64);
+                }
+                break;
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    let _ = ws.close(None).await;
+    println!("roundtrip: {} publications in {:.2} s", args.count, elapsed.as_secs_f64());
+    println!("  latency: {}", latency_line(&latencies));
+    Ok(json!({
+        "scenario": "roundtrip",
+        "target": "herald",
+        "count": args.count,
+        "channel": args.channel,
+        "latency_ms": latency_json(&latencies),
+    })
+    .to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_is_padded_and_parses_back() {
+        let mut p = Vec::new();
+        payload(&mut p, 42, 1_700_000_000_123_456_789, 100);
+        assert_eq!(p.len(), 100);
+        let text = std::str::from_utf8(&p).expect("utf8");
+        let v: Value = serde_json::from_str(text).expect("json");
+        assert_eq!(v["seq"], 42);
+        assert_eq!(parse_payload(text), Some((42, 1_700_000_000_123_456_789)));
+        // Inside a Herald push.
+        let push = format!(r#"{{"push":{{"channel":"bench-1","pub":{{"offset":7,"data":{text}}}}}}}"#);
+        assert_eq!(parse_payload(&push), Some((42, 1_700_000_000_123_456_789)));
+        // Too small to pad: still valid JSON.
+        p.clear();
+        payload(&mut p, 1, 2, 10);
+        assert!(serde_json::from_slice::<Value>(&p).is_ok());
+        assert_eq!(parse_payload("{}"), None);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("20"), Ok(Duration::from_secs(20)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            split_url("ws://127.0.0.1:8080/connect", "ws").expect("ok"),
+            ("127.0.0.1:8080".into(), "/connect".into())
+        );
+        assert_eq!(split_url("http://localhost", "http").expect("ok"), ("localhost:80".into(), "/".into()));
+        assert!(split_url("wss://x", "ws").is_err());
+    }
+
+    #[test]
+    fn requests_for_herald_and_raw() {
+        let mut t = Target {
+            kind: TargetKind::Herald,
+            ws_addr: "127.0.0.1:8080".parse().expect("addr"),
+            ws_url: "ws://127.0.0.1:8080/connect".into(),
+            pub_addr: "127.0.0.1:8080".parse().expect("addr"),
+            pub_host: "127.0.0.1:8080".into(),
+            pub_path: "/api/publish".into(),
+            api_key: Some("k".into()),
+            prefix: "bench-".into(),
+        };
+        let mut out = Vec::new();
+        t.publish_request(&mut out, "bench-0", b"{\"seq\":0}");
+        let text = String::from_utf8(out).expect("utf8");
+        let (head, body) = text.split_once("\r\n\r\n").expect("head");
+        assert!(head.starts_with("POST /api/publish HTTP/1.1\r\n"), "{head}");
+        assert!(head.contains("Authorization: apikey k"));
+        assert!(head.contains(&format!("Content-Length: {}", body.len())));
+        assert_eq!(body, r#"{"channel":"bench-0","data":{"seq":0}}"#);
+
+        t.kind = TargetKind::Raw;
+        t.pub_path = "/pub/{channel}".into();
+        let mut out = Vec::new();
+        t.publish_request(&mut out, "c1", b"hello");
+        let text = String::from_utf8(out).expect("utf8");
+        assert!(text.starts_with("POST /pub/c1 HTTP/1.1\r\n"));
+        assert!(text.ends_with("Content-Length: 5\r\nAuthorization: apikey k\r\n\r\nhello"));
+    }
+
+    #[test]
+    fn sources_spread_over_loopback_only() {
+        let lo: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        let s = Sources::new(lo, 12_000, None);
+        assert_eq!(s.pick(0), Some("127.0.0.2".parse().expect("ip")));
+        assert_eq!(s.pick(2), Some("127.0.0.4".parse().expect("ip")));
+        assert_eq!(s.pick(3), Some("127.0.0.2".parse().expect("ip")));
+        assert_eq!(Sources::new(lo, 10, Some(0)).pick(5), None);
+        assert_eq!(Sources::new("10.0.0.1:1".parse().expect("addr"), 10, None).pick(0), None);
+    }
+}

@@ -1,0 +1,288 @@
+//! `herald bench fanout`: subscribers spread over channels, a publisher at a fixed rate (or as
+//! fast as the path sustains), and what arrived: how fast, how late, lost, twice, out of order.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use futures_util::{SinkExt as _, StreamExt as _};
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::conn::{Sources, Ws};
+use super::hist::AtomicHistogram;
+use super::publisher::{self, Pace, Shared};
+use super::seq::{SeqReport, SeqTracker};
+use super::{latency_json, latency_line, now_ns, open_many, parse_payload, procfs, round1, Target, TargetArgs};
+
+#[derive(Debug, Clone, Args)]
+pub(super) struct FanoutArgs {
+    #[arg(long, default_value_t = 1000)]
+    subscribers: usize,
+    #[arg(long, default_value_t = 10)]
+    channels: usize,
+    /// Publications per second on each channel.
+    #[arg(long, default_value_t = 10.0, conflicts_with = "max")]
+    rate: f64,
+    /// Publish as fast as the server (and this load generator) sustain.
+    #[arg(long)]
+    max: bool,
+    /// Measured time, after the warm-up.
+    #[arg(long, default_value = "10s", value_parser = super::parse_duration)]
+    duration: Duration,
+    /// Publishing before the measurement starts (its latencies are not counted).
+    #[arg(long, default_value = "2s", value_parser = super::parse_duration)]
+    warmup: Duration,
+    /// Size of each message (the JSON payload), in bytes.
+    #[arg(long, default_value_t = 100)]
+    payload: usize,
+    /// HTTP connections the publisher uses (each owns some of the channels).
+    #[arg(long, default_value_t = 4)]
+    publishers: usize,
+    /// Subscriber connections being opened at once.
+    #[arg(long, default_value_t = 200)]
+    concurrency: usize,
+    /// Longest wait for late deliveries after publishing ends.
+    #[arg(long, default_value = "10s", value_parser = super::parse_duration)]
+    drain: Duration,
+    /// The server's process id(s), for its CPU time per delivery (several are summed).
+    #[arg(long, value_name = "PID")]
+    pid: Vec<u32>,
+    #[command(flatten)]
+    target: TargetArgs,
+}
+
+/// What subscribers share.
+#[derive(Debug)]
+struct Ctx {
+    shared: Arc<Shared>,
+    latency: AtomicHistogram,
+    /// Publications stamped before this (ns since the epoch) are warm-up.
+    measure_from_ns: AtomicU64,
+}
+
+/// How a subscriber ended.
+#[derive(Debug)]
+struct Ended {
+    channel: usize,
+    seqs: SeqTracker,
+    /// Why the connection ended before the run did.
+    dropped: Option<String>,
+}
+
+async fn subscriber(mut ws: Ws, channel: usize, herald: bool, ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) -> Ended {
+    let mut seqs = SeqTracker::default();
+    let dropped = loop {
+        let m = tokio::select! {
+            _ = stop.changed() => break None,
+            m = ws.next() => m,
+        };
+        match m {
+            Some(Ok(Message::Text(t))) => {
+                let t = t.as_str();
+                if herald && t == "{}" {
+                    if let Err(e) = ws.send(Message::text("{}")).await {
+                        break Some(format!("answering a ping: {e}"));
+                    }
+                } else if let Some((seq, ts)) = parse_payload(t) {
+                    let now = now_ns();
+                    seqs.record(seq);
+                    ctx.shared.delivered[channel].fetch_add(1, Ordering::Relaxed);
+                    if ts >= ctx.measure_from_ns.load(Ordering::Relaxed) {
+                        ctx.latency.record(now.saturating_sub(ts));
+                    }
+                }
+            }
+            Some(Ok(Message::Close(frame))) => break Some(format!("closed by the server: {frame:?}")),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => break Some(format!("{e}")),
+            None => break Some("the connection ended".to_owned()),
+        }
+    };
+    Ended { channel, seqs, dropped }
+}
+
+pub(super) async fn run(args: FanoutArgs) -> anyhow::Result<String> {
+    anyhow::ensure!(args.channels > 0 && args.subscribers > 0, "--subscribers and --channels must be at least 1");
+    anyhow::ensure!(args.max || args.rate > 0.0, "--rate must be positive");
+    let target = Target::resolve(&args.target).await?;
+    let herald = target.kind == super::TargetKind::Herald;
+    let sources = Sources::new(target.ws_addr, args.subscribers, args.target.source_ips);
+    let names: Vec<String> = (0..args.channels).map(|c| target.channel(c)).collect();
+    let per_channel: Vec<u64> =
+        (0..args.channels).map(|c| ((args.subscribers + args.channels - 1 - c) / args.channels) as u64).collect();
+    let ctx = Arc::new(Ctx {
+        shared: Arc::new(Shared::new(per_channel)),
+        latency: AtomicHistogram::new(),
+        measure_from_ns: AtomicU64::new(u64::MAX),
+    });
+    let pace = if args.max { Pace::Max { lag: 20 } } else { Pace::Rate(args.rate) };
+    let rate_text =
+        if args.max { "as fast as sustained".to_owned() } else { format!("{} publications/s each", args.rate) };
+    eprintln!(
+        "fanout ({}): {} subscribers over {} channels, {rate_text}, {} B, {:?} + {:?} warm-up",
+        target.name(),
+        args.subscribers,
+        args.channels,
+        args.payload,
+        args.duration,
+        args.warmup
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let opened = open_many(args.subscribers, args.concurrency, "subscribers", |i| {
+        let (target, names, ctx, stop) = (&target, &names, ctx.clone(), stop_rx.clone());
+        let source = sources.pick(i);
+        let channel = i % names.len();
+        async move {
+            let ws = target.open(source, Some(&names[channel])).await?;
+            Ok(tokio::spawn(subscriber(ws, channel, herald, ctx, stop)))
+        }
+    })
+    .await;
+    anyhow::ensure!(
+        !opened.opened.is_empty(),
+        "no subscriber could connect: {}",
+        opened.first_error.as_deref().unwrap_or("?")
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The schedule.
+    let start = Instant::now() + Duration::from_millis(100);
+    let measure_from = start + args.warmup;
+    let end = measure_from + args.duration;
+    ctx.measure_from_ns.store(now_ns() + (measure_from - Instant::now()).as_nanos() as u64, Ordering::Relaxed);
+    let shared = &*ctx.shared;
+
+    let publishers = args.publishers.clamp(1, args.channels);
+    let publishing = futures_util::future::join_all((0..publishers).map(|p| {
+        let channels: Vec<usize> = (p..args.channels).step_by(publishers).collect();
+        publisher::run(&target, &names, channels, pace, args.payload, start, end, shared)
+    }));
+    let watching = async {
+        tokio::time::sleep_until(measure_from.into()).await;
+        let (d0, p0, cpu0) = (shared.delivered_total(), shared.accepted_total(), procfs::CpuSample::take(&args.pid));
+        let mut last = (Instant::now(), d0);
+        while Instant::now() + Duration::from_millis(10) < end {
+            tokio::time::sleep_until((Instant::now() + Duration::from_secs(5)).min(end).into()).await;
+            let d = shared.delivered_total();
+            let rate = (d - last.1) as f64 / last.0.elapsed().as_secs_f64().max(1e-9);
+            eprintln!(
+                "  {:>5.1} s: {rate:.0} deliveries/s, {} publications accepted, {} errors",
+                (Instant::now() - measure_from).as_secs_f64(),
+                shared.accepted_total(),
+                shared.errors.load(Ordering::Relaxed)
+            );
+            last = (Instant::now(), d);
+        }
+        let (d1, p1, cpu1) = (shared.delivered_total(), shared.accepted_total(), procfs::CpuSample::take(&args.pid));
+        (d1 - d0, p1 - p0, cpu0.until(&cpu1))
+    };
+    let (published, (window_deliveries, window_publications, (own_cpu, server_cpu))) =
+        tokio::join!(publishing, watching);
+    let publish_failure = published.into_iter().find_map(Result::err).map(|e| format!("{e:#}"));
+
+    // Late deliveries: wait until all arrived, or none came for a second.
+    let drain_until = Instant::now() + args.drain;
+    let connected: u64 = opened.opened.iter().filter(|h| !h.is_finished()).count() as u64;
+    let mut last = (Instant::now(), shared.delivered_total());
+    while Instant::now() < drain_until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let d = shared.delivered_total();
+        let expected: u64 = shared.accepted_total() * connected / args.subscribers as u64;
+        if d >= expected && connected == args.subscribers as u64 {
+            break;
+        }
+        if d != last.1 {
+            last = (Instant::now(), d);
+        } else if last.0.elapsed() >= Duration::from_secs(1) {
+            break;
+        }
+    }
+    let _ = stop_tx.send(true);
+
+    let mut total = SeqReport::default();
+    let (mut with_loss, mut dropped, mut first_drop) = (0u64, 0u64, None);
+    for handle in opened.opened {
+        let Ok(Ok(ended)) = tokio::time::timeout(Duration::from_secs(5), handle).await else { continue };
+        let r = ended.seqs.report(shared.accepted[ended.channel].load(Ordering::Relaxed));
+        if r.lost > 0 {
+            with_loss += 1;
+        }
+        total.add(r);
+        if let Some(why) = ended.dropped {
+            dropped += 1;
+            first_drop.get_or_insert(why);
+        }
+    }
+
+    let secs = args.duration.as_secs_f64();
+    let deliveries_per_s = window_deliveries as f64 / secs;
+    let latency = ctx.latency.snapshot();
+    let cpu_us_per_delivery = server_cpu.map(|c| c * 1e6 / window_deliveries.max(1) as f64);
+    let server_cpu_pct = server_cpu.map(|c| 100.0 * c / secs);
+    let offered = if args.max { None } else { Some(args.rate * args.subscribers as f64) };
+
+    println!(
+        "fanout ({}): {} subscribers ({} failed to connect) over {} channels, {rate_text}, {} B",
+        target.name(),
+        args.subscribers - opened.failed as usize,
+        opened.failed,
+        args.channels,
+        args.payload
+    );
+    println!(
+        "  deliveries/s: {deliveries_per_s:.0}{} over {:.1} s; publications/s: {:.0}",
+        offered.map(|o| format!(" (offered {o:.0})")).unwrap_or_default(),
+        secs,
+        window_publications as f64 / secs
+    );
+    println!("  latency: {}", latency_line(&latency));
+    println!(
+        "  lost {} (subscribers with loss: {with_loss}), duplicated {}, reordered {}, dropped connections {dropped}",
+        total.lost, total.duplicated, total.reordered
+    );
+    if let (Some(us), Some(pct)) = (cpu_us_per_delivery, server_cpu_pct) {
+        println!("  server CPU: {pct:.0}%, {us:.2} µs per delivery");
+    }
+    println!("  load generator CPU: {own_cpu:.0}%");
+    let errors = shared.errors.load(Ordering::Relaxed);
+    let first_error = shared.first_error.lock().ok().and_then(|e| e.clone()).or(publish_failure);
+    if errors > 0 || first_error.is_some() {
+        println!("  publish errors: {errors}; first problem: {}", first_error.as_deref().unwrap_or("?"));
+    }
+    if let Some(why) = &first_drop {
+        println!("  first dropped connection: {why}");
+    }
+    Ok(json!({
+        "scenario": "fanout",
+        "target": target.name(),
+        "subscribers": args.subscribers,
+        "subscribers_failed": opened.failed,
+        "channels": args.channels,
+        "rate": if args.max { json!("max") } else { json!(args.rate) },
+        "duration_s": secs,
+        "warmup_s": args.warmup.as_secs_f64(),
+        "payload_bytes": args.payload,
+        "publications": shared.accepted_total(),
+        "publications_per_s": (window_publications as f64 / secs).round(),
+        "publish_errors": errors,
+        "offered_deliveries_per_s": offered,
+        "deliveries_per_s": deliveries_per_s.round(),
+        "latency_ms": latency_json(&latency),
+        "received": total.received,
+        "lost": total.lost,
+        "subscribers_with_loss": with_loss,
+        "duplicated": total.duplicated,
+        "reordered": total.reordered,
+        "dropped_connections": dropped,
+        "server_cpu_pct": server_cpu_pct.map(round1),
+        "server_cpu_us_per_delivery": cpu_us_per_delivery.map(|c| (c * 1000.0).round() / 1000.0),
+        "generator_cpu_pct": round1(own_cpu),
+        "first_error": first_error,
+        "first_dropped": first_drop,
+    })
+    .to_string())
+}

@@ -1,0 +1,348 @@
+//! The publisher: HTTP/1.1 `POST`s pipelined over a few keep-alive connections, written and
+//! read with a plain `TcpStream` so the publisher is not what limits a run.
+//!
+//! A connection owns a fixed list of channels and publishes to them in turn, so the k-th
+//! request (and the k-th response, HTTP/1.1 answers in order) of a connection is for channel
+//! `channels[k % len]` with seq `k / len`: no bookkeeping per request.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, Semaphore};
+
+use super::{now_ns, payload, Target};
+
+/// Requests written at once.
+const BATCH: u64 = 64;
+/// Requests awaiting their response, per connection.
+const WINDOW: usize = 512;
+
+/// How fast to publish.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Pace {
+    /// Publications per second per channel.
+    Rate(f64),
+    /// As fast as the server takes them, while each channel's subscribers lag behind by at
+    /// most this many messages on average (so the run measures what the whole path sustains,
+    /// not a growing queue). Each publisher connection watches only its own channels, so none
+    /// is starved by the others.
+    Max { lag: u64 },
+}
+
+/// Counters shared by publishers, subscribers and the progress line.
+#[derive(Debug)]
+pub(super) struct Shared {
+    /// Deliveries seen by subscribers, per channel.
+    pub(super) delivered: Vec<AtomicU64>,
+    /// Publications accepted (2xx), per channel.
+    pub(super) accepted: Vec<AtomicU64>,
+    /// Publications written, per channel.
+    sent: Vec<AtomicU64>,
+    /// Subscribers per channel (for the `Max` backlog).
+    pub(super) subscribers: Vec<u64>,
+    pub(super) errors: AtomicU64,
+    pub(super) first_error: std::sync::Mutex<Option<String>>,
+}
+
+impl Shared {
+    pub(super) fn new(subscribers: Vec<u64>) -> Self {
+        Self {
+            delivered: subscribers.iter().map(|_| AtomicU64::new(0)).collect(),
+            accepted: subscribers.iter().map(|_| AtomicU64::new(0)).collect(),
+            sent: subscribers.iter().map(|_| AtomicU64::new(0)).collect(),
+            subscribers,
+            errors: AtomicU64::new(0),
+            first_error: std::sync::Mutex::new(None),
+        }
+    }
+
+    pub(super) fn accepted_total(&self) -> u64 {
+        self.accepted.iter().map(|a| a.load(Ordering::Relaxed)).sum()
+    }
+
+    pub(super) fn delivered_total(&self) -> u64 {
+        self.delivered.iter().map(|a| a.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Deliveries owed on `channels` for everything written to them so far (answered or not).
+    fn backlog(&self, channels: &[usize]) -> u64 {
+        channels
+            .iter()
+            .map(|&c| {
+                let owed = self.sent[c].load(Ordering::Relaxed) * self.subscribers[c];
+                owed.saturating_sub(self.delivered[c].load(Ordering::Relaxed))
+            })
+            .sum()
+    }
+
+    fn error(&self, message: String) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut first) = self.first_error.lock() {
+            first.get_or_insert(message);
+        }
+    }
+}
+
+/// Publishes to `channels` (indexes into `names`) from `start` until `end`, then waits (up to
+/// 10 s) for the last responses.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn run(
+    target: &Target,
+    names: &[String],
+    channels: Vec<usize>,
+    pace: Pace,
+    payload_size: usize,
+    start: Instant,
+    end: Instant,
+    shared: &Shared,
+) -> anyhow::Result<()> {
+    let (addr, _) = target.publish_endpoint();
+    let mut stream =
+        TcpStream::connect(addr).await.with_context(|| format!("cannot connect the publisher to {addr}"))?;
+    stream.set_nodelay(true)?;
+    let (read, write) = stream.split();
+    let window = Semaphore::new(WINDOW);
+    let sent = AtomicU64::new(0);
+    let done = AtomicBool::new(false);
+    let wake = Notify::new();
+    let writer =
+        write_requests(write, target, names, &channels, pace, payload_size, start, end, shared, &window, &sent);
+    let writer = async {
+        let r = writer.await;
+        done.store(true, Ordering::Release);
+        wake.notify_one();
+        r
+    };
+    let reader = read_responses(read, &channels, shared, &window, &sent, &done, &wake);
+    let reader = async { tokio::time::timeout_at((end + Duration::from_secs(10)).into(), reader).await };
+    let (w, r) = tokio::join!(writer, reader);
+    w?;
+    r.context("the server did not answer every publish in time")?
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn write_requests(
+    mut write: tokio::net::tcp::WriteHalf<'_>,
+    target: &Target,
+    names: &[String],
+    channels: &[usize],
+    pace: Pace,
+    payload_size: usize,
+    start: Instant,
+    end: Instant,
+    shared: &Shared,
+    window: &Semaphore,
+    sent: &AtomicU64,
+) -> anyhow::Result<()> {
+    let per_connection = channels.len() as f64;
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut body = Vec::with_capacity(payload_size + 64);
+    let mut k: u64 = 0;
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            return Ok(());
+        }
+        let want = match pace {
+            Pace::Rate(r) => {
+                let due = (now.saturating_duration_since(start).as_secs_f64() * r * per_connection) as u64;
+                if due <= k {
+                    // Next one due at (k + 1) / rate; the timer's resolution is 1 ms.
+                    let at = start + Duration::from_secs_f64((k + 1) as f64 / (r * per_connection));
+                    tokio::time::sleep_until(at.min(end).into()).await;
+                    continue;
+                }
+                (due - k).min(BATCH)
+            }
+            Pace::Max { lag } => {
+                if shared.backlog(channels) > lag * channels.iter().map(|&c| shared.subscribers[c]).sum::<u64>() {
+                    tokio::time::sleep(Duration::from_micros(500)).await;
+                    continue;
+                }
+                BATCH
+            }
+        };
+        let n = (window.available_permits() as u64).clamp(1, want);
+        match tokio::time::timeout_at(end.into(), window.acquire_many(n as u32)).await {
+            Ok(Ok(permit)) => permit.forget(),
+            _ => return Ok(()),
+        }
+        buf.clear();
+        for _ in 0..n {
+            let ch = channels[(k % channels.len() as u64) as usize];
+            let seq = k / channels.len() as u64;
+            body.clear();
+            payload(&mut body, seq, now_ns(), payload_size);
+            target.publish_request(&mut buf, &names[ch], &body);
+            shared.sent[ch].fetch_add(1, Ordering::Relaxed);
+            k += 1;
+        }
+        write.write_all(&buf).await.context("the publisher's connection failed")?;
+        sent.store(k, Ordering::Release);
+    }
+}
+
+async fn read_responses(
+    mut read: tokio::net::tcp::ReadHalf<'_>,
+    channels: &[usize],
+    shared: &Shared,
+    window: &Semaphore,
+    sent: &AtomicU64,
+    done: &AtomicBool,
+    wake: &Notify,
+) -> anyhow::Result<()> {
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut start = 0;
+    let mut k: u64 = 0;
+    loop {
+        if done.load(Ordering::Acquire) && k >= sent.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if buf.len() == buf.capacity() {
+            buf.drain(..start);
+            start = 0;
+            if buf.len() == buf.capacity() {
+                buf.reserve(buf.capacity());
+            }
+        }
+        let len = buf.len();
+        buf.resize(buf.capacity(), 0);
+        let got = tokio::select! {
+            r = read.read(&mut buf[len..]) => r,
+            () = wake.notified() => { buf.truncate(len); continue; }
+        };
+        let n = got.context("reading the publisher's responses")?;
+        buf.truncate(len + n);
+        if n == 0 {
+            anyhow::bail!("the server closed the publisher's connection after {k} responses");
+        }
+        while let Some(response) = parse_response(&buf[start..])? {
+            let ch = channels[(k % channels.len() as u64) as usize];
+            if (200..300).contains(&response.status) {
+                shared.accepted[ch].fetch_add(1, Ordering::Relaxed);
+            } else {
+                let body = String::from_utf8_lossy(&buf[start + response.body.0..start + response.body.1]);
+                shared.error(format!("HTTP {}: {}", response.status, body.trim()));
+            }
+            start += response.len;
+            k += 1;
+            window.add_permits(1);
+        }
+        if start == buf.len() {
+            buf.clear();
+            start = 0;
+        }
+    }
+}
+
+/// One complete HTTP/1.1 response at the start of a buffer.
+#[derive(Debug, PartialEq, Eq)]
+struct Response {
+    status: u16,
+    /// Its whole length in the buffer.
+    len: usize,
+    /// Where its body is (for Content-Length bodies; chunked ones are not kept).
+    body: (usize, usize),
+}
+
+/// `Ok(None)` until the whole response is in `buf`.
+fn parse_response(buf: &[u8]) -> anyhow::Result<Option<Response>> {
+    let Some(head_end) = find(buf, b"\r\n\r\n") else {
+        anyhow::ensure!(buf.len() < 64 * 1024, "an HTTP response head over 64 KiB");
+        return Ok(None);
+    };
+    let head = std::str::from_utf8(&buf[..head_end]).context("a response head that is not UTF-8")?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .with_context(|| format!("not an HTTP status line: `{status_line}`"))?;
+    let mut length = None;
+    let mut chunked = false;
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else { continue };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            length = Some(value.parse::<usize>().with_context(|| format!("bad Content-Length `{value}`"))?);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") && value.eq_ignore_ascii_case("chunked") {
+            chunked = true;
+        }
+    }
+    let body_start = head_end + 4;
+    if chunked {
+        return Ok(chunked_end(buf, body_start)?.map(|len| Response { status, len, body: (body_start, body_start) }));
+    }
+    let length = match (length, status) {
+        (Some(n), _) => n,
+        (None, 204 | 304) | (None, 100..=199) => 0,
+        (None, _) => anyhow::bail!("an HTTP response without Content-Length (HTTP {status}) cannot be pipelined"),
+    };
+    if buf.len() < body_start + length {
+        return Ok(None);
+    }
+    Ok(Some(Response { status, len: body_start + length, body: (body_start, body_start + length) }))
+}
+
+/// The end of a chunked body that starts at `at`, once all of it is in `buf`.
+fn chunked_end(buf: &[u8], mut at: usize) -> anyhow::Result<Option<usize>> {
+    loop {
+        let Some(line_end) = find(&buf[at..], b"\r\n") else { return Ok(None) };
+        let line = std::str::from_utf8(&buf[at..at + line_end]).context("a chunk size that is not UTF-8")?;
+        let size_text = line.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size_text, 16).with_context(|| format!("bad chunk size `{line}`"))?;
+        at += line_end + 2;
+        if size == 0 {
+            // No trailers expected: the terminating empty line.
+            return Ok((buf.len() >= at + 2).then_some(at + 2));
+        }
+        if buf.len() < at + size + 2 {
+            return Ok(None);
+        }
+        at += size + 2;
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_length_responses_back_to_back() {
+        let two = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\n\r\nbig";
+        let first = parse_response(two).expect("ok").expect("complete");
+        assert_eq!(first, Response { status: 200, len: 40, body: (38, 40) });
+        let second = parse_response(&two[first.len..]).expect("ok").expect("complete");
+        assert_eq!(second.status, 413);
+        assert_eq!(&two[first.len + second.body.0..first.len + second.body.1], b"big");
+        // Any prefix is incomplete, never an error.
+        for cut in 0..first.len {
+            assert_eq!(parse_response(&two[..cut]).expect("ok"), None, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn chunked_responses() {
+        let r = b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nHTTP/1.1";
+        let parsed = parse_response(r).expect("ok").expect("complete");
+        assert_eq!(parsed.status, 201);
+        assert_eq!(parsed.len, r.len() - "HTTP/1.1".len());
+        for cut in 0..parsed.len {
+            assert_eq!(parse_response(&r[..cut]).expect("ok"), None, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn nonsense_is_an_error() {
+        assert!(parse_response(b"garbage\r\n\r\n").is_err());
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\n\r\n").is_err());
+    }
+}
