@@ -42,7 +42,9 @@ pub struct Settings {
     /// Bytes of outgoing frames queued per connection before the client counts as too slow
     /// and is disconnected.
     pub max_queue_bytes: usize,
-    /// Time allowed for a client to send its HTTP upgrade request after connecting.
+    /// Time allowed for a client to send an HTTP request's headers: the upgrade request after
+    /// connecting, and each next request on a kept-alive HTTP connection (an idle keep-alive
+    /// connection is closed after this long; HTTP clients with connection pools reconnect).
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub handshake_timeout: Duration,
