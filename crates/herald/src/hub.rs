@@ -204,10 +204,6 @@ impl Hub {
     /// subscribe reply with recovered publications, or for SSE the first events; `None` sends
     /// nothing), then every held publication newer than `offset` (the last one the reply
     /// covers), and goes live.
-    #[doc(hidden)]
-    ///
-    /// subscribe reply with recovered publications; `None` sends nothing), then every held
-    /// publication newer than `offset` (the last one the reply covers), and goes live.
     pub fn activate(&self, channel: &str, id: u64, reply: Option<Bytes>, offset: u64) -> Result<(), SubscribeError> {
         let Some(state) = lock(self.shard(channel)).get(channel).cloned() else {
             return Err(SubscribeError::Closed);

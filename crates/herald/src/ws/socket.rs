@@ -84,7 +84,7 @@ impl WebSocket {
         let (read, write) = stream.into_split();
         let mode = SendMode::new(negotiated.as_ref(), settings.compression.threshold, settings.compression.level);
         let outbox = Outbox::new(settings.max_queue_bytes, mode);
-        let writer = tokio::spawn(outbox.clone().write_loop(write, metrics.clone()));
+        let writer = tokio::spawn(outbox.clone().write_loop(write, settings.write_delay, metrics.clone()));
         let limits = Limits {
             max_frame_size: settings.max_frame_size,
             max_message_size: settings.max_message_size,
@@ -149,6 +149,9 @@ impl WebSocket {
     /// The next data message. `Ok(None)` once the connection has closed cleanly (either side
     /// initiated); errors say why it ended otherwise. Either way the socket is released when
     /// this returns something other than a message.
+    ///
+    /// Idle connections sit in this future, so the closing paths (`drain`, `finish_writer`,
+    /// which need a scratch buffer and timeouts) are boxed to keep it small.
     pub async fn recv(&mut self) -> Result<Option<Message>, WsError> {
         loop {
             if self.phase != Phase::Draining {
@@ -164,12 +167,12 @@ impl WebSocket {
                     Err(e) => {
                         self.outbox.close(Some(CloseFrame::new(e.code, e.reason)));
                         self.enter(Phase::Draining);
-                        self.drain().await;
+                        Box::pin(self.drain()).await;
                         return Err(e.into());
                     }
                 }
             } else {
-                self.drain().await;
+                Box::pin(self.drain()).await;
                 return Ok(None);
             }
             if self.buf.is_empty() && self.buf.capacity() > 0 {
@@ -191,7 +194,7 @@ impl WebSocket {
                 }
                 () = &mut self.timer => {
                     if let Some(err) = self.on_timer() {
-                        self.finish_writer().await;
+                        Box::pin(self.finish_writer()).await;
                         return match err {
                             TimerEnd::PingTimeout => Err(WsError::PingTimeout),
                             TimerEnd::CloseTimeout => Ok(None),
