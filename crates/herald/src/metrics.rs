@@ -35,6 +35,10 @@ fn describe() {
     );
     describe_counter!("herald_frames_received_total", "WebSocket frames received from clients.");
     describe_counter!("herald_frames_sent_total", "WebSocket frames written to clients.");
+    describe_counter!(
+        "herald_writes_total",
+        "Write system calls to WebSocket clients; frames sent / writes = frames merged per write."
+    );
     describe_counter!("herald_bytes_in_total", Unit::Bytes, "Bytes read from WebSocket clients.");
     describe_counter!("herald_bytes_out_total", Unit::Bytes, "Bytes written to WebSocket clients.");
     describe_counter!("herald_publications_total", "Publications accepted, from the API and from clients.");

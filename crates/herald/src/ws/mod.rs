@@ -62,6 +62,15 @@ pub struct Settings {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub close_timeout: Duration,
+    /// Holds a connection's outgoing messages for up to this long after the first one is
+    /// queued, so that those that follow go out in the same system call and TCP segment.
+    /// `0s` (the default) writes at once. Where each client receives many messages a second,
+    /// a delay of the order of the gap between them lowers the server's CPU per delivery
+    /// (`herald_frames_sent_total` / `herald_writes_total` shows the merging), at the price
+    /// of up to that much latency.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub write_delay: Duration,
     /// permessage-deflate compression (RFC 7692).
     pub compression: DeflatePolicy,
 }
@@ -77,6 +86,7 @@ impl Default for Settings {
             ping_interval: Duration::from_secs(25),
             pong_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(3),
+            write_delay: Duration::ZERO,
             compression: DeflatePolicy::default(),
         }
     }
@@ -88,6 +98,7 @@ pub struct WsMetrics {
     connections: metrics::Gauge,
     frames_received: metrics::Counter,
     frames_sent: metrics::Counter,
+    writes: metrics::Counter,
     bytes_in: metrics::Counter,
     bytes_out: metrics::Counter,
     handshake: metrics::Histogram,
@@ -106,6 +117,7 @@ impl WsMetrics {
             connections: metrics::gauge!("herald_connections", "transport" => "websocket"),
             frames_received: metrics::counter!("herald_frames_received_total"),
             frames_sent: metrics::counter!("herald_frames_sent_total"),
+            writes: metrics::counter!("herald_writes_total"),
             bytes_in: metrics::counter!("herald_bytes_in_total"),
             bytes_out: metrics::counter!("herald_bytes_out_total"),
             handshake: metrics::histogram!("herald_handshake_seconds"),
@@ -128,8 +140,9 @@ impl WsMetrics {
         self.bytes_in.increment(n);
     }
 
-    fn sent(&self, frames: u64, bytes: u64) {
+    fn sent(&self, frames: u64, writes: u64, bytes: u64) {
         self.frames_sent.increment(frames);
+        self.writes.increment(writes);
         self.bytes_out.increment(bytes);
     }
 

@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use tokio::io::AsyncWriteExt;
@@ -260,14 +261,29 @@ impl Outbox {
         self.shared.wake_reader.notify_one();
     }
 
+    /// Moves whatever is queued now to the end of `batch`, without waiting.
+    fn take_more(&self, batch: &mut VecDeque<Bytes>) {
+        let mut q = self.lock();
+        batch.append(&mut q.frames);
+        q.bytes = 0;
+        if q.closing {
+            q.done = true;
+        }
+    }
+
     /// The writer task: drains the queue into vectored writes until the close frame is written
-    /// (then half-closes the socket) or the socket fails.
-    pub(crate) async fn write_loop(self, mut io: OwnedWriteHalf, metrics: WsMetrics) {
+    /// (then half-closes the socket) or the socket fails. With a `delay`, it waits that long
+    /// after the first frame of a batch so that the frames queued meanwhile share its writes.
+    pub(crate) async fn write_loop(self, mut io: OwnedWriteHalf, delay: Duration, metrics: WsMetrics) {
         let mut batch: VecDeque<Bytes> = VecDeque::new();
         while self.next_batch(&mut batch).await {
+            if !delay.is_zero() && !self.writer_done() {
+                tokio::time::sleep(delay).await;
+                self.take_more(&mut batch);
+            }
             let frames = batch.len() as u64;
             match write_all(&mut io, &mut batch).await {
-                Ok(bytes) => metrics.sent(frames, bytes as u64),
+                Ok((bytes, writes)) => metrics.sent(frames, writes, bytes as u64),
                 Err(_) => break,
             }
             if self.writer_done() {
@@ -284,13 +300,23 @@ impl Outbox {
     }
 }
 
-/// Writes every frame in `batch`, up to 64 slices per `writev`; returns the bytes written.
-async fn write_all(io: &mut OwnedWriteHalf, batch: &mut VecDeque<Bytes>) -> std::io::Result<usize> {
+/// Most slices handed to one `writev` (Linux accepts 1024; 64 frames are plenty per call).
+const MAX_SLICES: usize = 64;
+
+/// Writes every frame in `batch`, up to [`MAX_SLICES`] per `writev`; returns the bytes written
+/// and the number of writes. A lone frame (the usual case at moderate rates) is written
+/// without building a slice list.
+async fn write_all(io: &mut OwnedWriteHalf, batch: &mut VecDeque<Bytes>) -> std::io::Result<(usize, u64)> {
     let mut total = 0;
-    while !batch.is_empty() {
-        let slices: Vec<IoSlice<'_>> = batch.iter().take(64).map(|b| IoSlice::new(b)).collect();
-        let mut n = io.write_vectored(&slices).await?;
-        drop(slices);
+    let mut writes = 0;
+    while let Some(front) = batch.front() {
+        let mut n = if batch.len() == 1 {
+            io.write(front).await?
+        } else {
+            let slices: Vec<IoSlice<'_>> = batch.iter().take(MAX_SLICES).map(|b| IoSlice::new(b)).collect();
+            io.write_vectored(&slices).await?
+        };
+        writes += 1;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
@@ -306,7 +332,7 @@ async fn write_all(io: &mut OwnedWriteHalf, batch: &mut VecDeque<Bytes>) -> std:
             }
         }
     }
-    Ok(total)
+    Ok((total, writes))
 }
 
 #[cfg(test)]
@@ -343,6 +369,50 @@ mod tests {
             .collect();
         let p = Prepared::binary(Bytes::from(noise));
         assert_eq!(p.frame_for(&mode)[0], 0x82);
+    }
+
+    /// Frames and writes counted by a writer with `delay`: one frame queued, taken by the
+    /// writer, then four more queued while it waits.
+    async fn writes_for(delay: Duration) -> (u64, u64) {
+        use metrics_exporter_prometheus::PrometheusBuilder;
+        use tokio::io::AsyncReadExt;
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let metrics = metrics::with_local_recorder(&recorder, super::super::WsMetrics::new);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let (_read, write) = server.into_split();
+        let outbox = Outbox::new(1 << 20, SendMode::PLAIN);
+        let writer = tokio::spawn(outbox.clone().write_loop(write, delay, metrics));
+        outbox.send_text(Bytes::from_static(b"1")).expect("queue");
+        while outbox.queued_bytes() > 0 {
+            tokio::task::yield_now().await;
+        }
+        for text in ["2", "3", "4", "5"] {
+            outbox.send_text(Bytes::from(text)).expect("queue");
+        }
+        let mut got = [0u8; 15];
+        client.read_exact(&mut got).await.expect("five frames");
+        assert_eq!(&got, b"\x81\x011\x81\x012\x81\x013\x81\x014\x81\x015", "in order");
+        outbox.close(None);
+        writer.await.expect("writer");
+        let text = handle.render();
+        let value = |name: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
+        };
+        // The close frame is one more frame and one more write.
+        (value("herald_frames_sent_total") - 1, value("herald_writes_total") - 1)
+    }
+
+    #[tokio::test]
+    async fn a_write_delay_merges_what_is_queued_meanwhile_into_one_write() {
+        assert_eq!(writes_for(Duration::from_secs(2)).await, (5, 1));
+        let (frames, writes) = writes_for(Duration::ZERO).await;
+        assert_eq!(frames, 5);
+        assert!(writes >= 2, "without a delay the first frame goes out alone ({writes} writes)");
     }
 
     #[test]
