@@ -92,9 +92,12 @@ impl Default for Settings {
     }
 }
 
-/// Counters shared by every connection (Prometheus names in `crate::metrics`).
+/// Counters shared by every connection (Prometheus names in `crate::metrics`). One pointer:
+/// every connection holds a copy in its reader and its writer.
 #[derive(Clone)]
-pub struct WsMetrics {
+pub struct WsMetrics(std::sync::Arc<MetricHandles>);
+
+struct MetricHandles {
     connections: metrics::Gauge,
     frames_received: metrics::Counter,
     frames_sent: metrics::Counter,
@@ -113,7 +116,7 @@ impl std::fmt::Debug for WsMetrics {
 impl WsMetrics {
     /// Handles to the global recorder; install the recorder first.
     pub fn new() -> Self {
-        Self {
+        Self(std::sync::Arc::new(MetricHandles {
             connections: metrics::gauge!("herald_connections", "transport" => "websocket"),
             frames_received: metrics::counter!("herald_frames_received_total"),
             frames_sent: metrics::counter!("herald_frames_sent_total"),
@@ -121,33 +124,33 @@ impl WsMetrics {
             bytes_in: metrics::counter!("herald_bytes_in_total"),
             bytes_out: metrics::counter!("herald_bytes_out_total"),
             handshake: metrics::histogram!("herald_handshake_seconds"),
-        }
+        }))
     }
 
     fn opened(&self) {
-        self.connections.increment(1.0);
+        self.0.connections.increment(1.0);
     }
 
     fn closed(&self) {
-        self.connections.decrement(1.0);
+        self.0.connections.decrement(1.0);
     }
 
     fn received_frame(&self) {
-        self.frames_received.increment(1);
+        self.0.frames_received.increment(1);
     }
 
     fn received_bytes(&self, n: u64) {
-        self.bytes_in.increment(n);
+        self.0.bytes_in.increment(n);
     }
 
     fn sent(&self, frames: u64, writes: u64, bytes: u64) {
-        self.frames_sent.increment(frames);
-        self.writes.increment(writes);
-        self.bytes_out.increment(bytes);
+        self.0.frames_sent.increment(frames);
+        self.0.writes.increment(writes);
+        self.0.bytes_out.increment(bytes);
     }
 
     fn handshake_took(&self, d: Duration) {
-        self.handshake.record(d.as_secs_f64());
+        self.0.handshake.record(d.as_secs_f64());
     }
 }
 

@@ -52,7 +52,9 @@ pub struct WebSocket {
     decoder: Decoder,
     outbox: Outbox,
     writer: JoinHandle<()>,
-    timer: Pin<Box<Sleep>>,
+    /// Armed for pings (with keepalive) and for the closing deadline; none otherwise, so that
+    /// idle connections of protocols with their own pings hold no timer.
+    timer: Option<Pin<Box<Sleep>>>,
     last_seen: Instant,
     ping_sent: bool,
     phase: Phase,
@@ -100,7 +102,7 @@ impl WebSocket {
             decoder,
             outbox,
             writer,
-            timer: Box::pin(tokio::time::sleep_until(now + settings.ping_interval)),
+            timer: Some(Box::pin(tokio::time::sleep_until(now + settings.ping_interval))),
             last_seen: now,
             ping_sent: false,
             phase: Phase::Open,
@@ -123,6 +125,9 @@ impl WebSocket {
     /// (see [`WebSocket::last_seen`]).
     pub fn disable_keepalive(&mut self) {
         self.keepalive = false;
+        if self.deadline.is_none() {
+            self.timer = None;
+        }
     }
 
     /// When the peer last sent anything.
@@ -192,7 +197,7 @@ impl WebSocket {
                         };
                     }
                 }
-                () = &mut self.timer => {
+                () = fired(&mut self.timer) => {
                     if let Some(err) = self.on_timer() {
                         Box::pin(self.finish_writer()).await;
                         return match err {
@@ -270,7 +275,14 @@ impl WebSocket {
         if self.deadline.is_none() {
             let at = Instant::now() + self.settings.close_timeout;
             self.deadline = Some(at);
-            self.timer.as_mut().reset(at);
+            self.arm(at);
+        }
+    }
+
+    fn arm(&mut self, at: Instant) {
+        match self.timer.as_mut() {
+            Some(t) => t.as_mut().reset(at),
+            None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
         }
     }
 
@@ -280,16 +292,16 @@ impl WebSocket {
             if now >= at {
                 return Some(TimerEnd::CloseTimeout);
             }
-            self.timer.as_mut().reset(at);
+            self.arm(at);
             return None;
         }
         let idle_until = self.last_seen + self.settings.ping_interval;
         if !self.keepalive {
-            self.timer.as_mut().reset(now + self.settings.ping_interval);
+            self.timer = None;
             return None;
         }
         if now < idle_until {
-            self.timer.as_mut().reset(idle_until);
+            self.arm(idle_until);
             return None;
         }
         if self.ping_sent {
@@ -305,7 +317,7 @@ impl WebSocket {
                 return None;
             }
         }
-        self.timer.as_mut().reset(self.last_seen + self.settings.ping_interval + self.settings.pong_timeout);
+        self.arm(self.last_seen + self.settings.ping_interval + self.settings.pong_timeout);
         None
     }
 
@@ -335,6 +347,14 @@ impl WebSocket {
             let _ = tokio::time::timeout_at(deadline, &mut self.writer).await;
         }
         self.writer.abort();
+    }
+}
+
+/// Completes when the timer fires; never without a timer.
+async fn fired(timer: &mut Option<Pin<Box<Sleep>>>) {
+    match timer {
+        Some(t) => t.as_mut().await,
+        None => std::future::pending().await,
     }
 }
 
