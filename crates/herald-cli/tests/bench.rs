@@ -1,7 +1,10 @@
 //! `herald bench` against a real `herald serve`: a short fan-out loses nothing.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
+
+mod common;
+use common::herald;
 
 struct Server(Child);
 
@@ -10,16 +13,6 @@ impl Drop for Server {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn herald() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_herald"));
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("HERALD_") {
-            c.env_remove(k);
-        }
-    }
-    c
 }
 
 #[test]

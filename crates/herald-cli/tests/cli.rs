@@ -1,20 +1,11 @@
 //! The `herald` binary as an operator runs it.
 
 use std::io::{Read, Write};
-use std::process::Command;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-fn herald() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_herald"));
-    // A developer's HERALD_* variables must not leak into these runs.
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("HERALD_") {
-            c.env_remove(k);
-        }
-    }
-    c
-}
+mod common;
+use common::herald;
 
 #[test]
 fn version_prints_the_crate_version() {
