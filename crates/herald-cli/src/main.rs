@@ -94,6 +94,11 @@ struct ServeArgs {
     /// Address to listen on, e.g. 0.0.0.0:8080 (overrides `listen`).
     #[arg(long, value_name = "ADDR", global = true)]
     listen: Option<std::net::SocketAddr>,
+    /// Set up the demo pages at `/`: namespaces `chat` and `ticker` (unless configured), a
+    /// development secret for this run (unless configured), `/demo/token` and a ticker
+    /// publisher. For trying Herald on your machine; never in production.
+    #[arg(long, global = true)]
+    demo: bool,
 }
 
 fn main() -> ExitCode {
@@ -121,12 +126,23 @@ fn main() -> ExitCode {
 }
 
 fn merge(outer: ServeArgs, inner: ServeArgs) -> ServeArgs {
-    ServeArgs { config: inner.config.or(outer.config), listen: inner.listen.or(outer.listen) }
+    ServeArgs {
+        config: inner.config.or(outer.config),
+        listen: inner.listen.or(outer.listen),
+        demo: inner.demo || outer.demo,
+    }
 }
 
 fn load(args: &ServeArgs) -> anyhow::Result<config::Loaded> {
+    Ok(load_demo(args)?.0)
+}
+
+/// Loads the configuration, with `--demo`'s additions; says whether a secret was generated.
+fn load_demo(args: &ServeArgs) -> anyhow::Result<(config::Loaded, bool)> {
     let overrides = Overrides { listen: args.listen };
-    Ok(config::load(args.config.as_deref(), &overrides)?)
+    let mut loaded = config::load(args.config.as_deref(), &overrides)?;
+    let generated = if args.demo { herald::web::apply_demo(&mut loaded.config)? } else { false };
+    Ok((loaded, generated))
 }
 
 fn token(args: TokenArgs) -> anyhow::Result<()> {
@@ -150,7 +166,7 @@ fn check_config(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let loaded = load(&args)?;
+    let (loaded, generated_secret) = load_demo(&args)?;
     let config = loaded.config;
     init_logging(&config.log.level, config.log.format)?;
     raise_open_file_limit();
@@ -159,6 +175,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
+        if config.demo {
+            let addr = config.listen;
+            tracing::warn!(
+                "demo mode (--demo): demo namespaces, /demo/token and a ticker publisher are on. Not for production"
+            );
+            if generated_secret {
+                tracing::info!("demo mode: generated a development token secret for this run (not printed)");
+            }
+            tracing::info!("demo pages: http://{addr}/");
+        }
         if config.testing.echo {
             tracing::warn!("testing.echo is on: /_echo echoes every message (for conformance runs only)");
         }
