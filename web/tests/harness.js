@@ -9,8 +9,9 @@ import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
-export const bin = process.env.HERALD_BIN || path.join(root, "target/debug/herald");
-export const shots = path.join(root, "target/browser");
+const target = process.env.CARGO_TARGET_DIR ? path.resolve(root, process.env.CARGO_TARGET_DIR) : path.join(root, "target");
+export const bin = process.env.HERALD_BIN || path.join(target, "debug/herald");
+export const shots = path.join(target, "browser");
 mkdirSync(shots, { recursive: true });
 
 /** A port free on 127.0.0.1 right now. */
@@ -26,9 +27,11 @@ export async function freePort() {
 
 /** A Herald started with `serve --demo` on `port`; `stop()` ends it (SIGTERM, then SIGKILL). */
 export async function startHerald(port, env = {}) {
+  // Herald reads every HERALD_* variable as configuration: HERALD_BIN is the test's, not its.
+  const { HERALD_BIN: _bin, ...inherited } = process.env;
   const child = spawn(bin, ["serve", "--demo", "--listen", `127.0.0.1:${port}`], {
     stdio: ["ignore", "ignore", "pipe"],
-    env: { ...process.env, HERALD_LOG__LEVEL: "warn", HERALD_DRAIN_TIMEOUT: "1s", ...env },
+    env: { ...inherited, HERALD_LOG__LEVEL: "warn", HERALD_DRAIN_TIMEOUT: "1s", ...env },
   });
   let stderr = "";
   child.stderr.on("data", (d) => {
