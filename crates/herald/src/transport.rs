@@ -112,7 +112,11 @@ pub async fn sse(State(node): State<Arc<Node>>, Path(name): Path<String>, header
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
-    let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(parse_event_id);
+    // A Last-Event-ID that is not one of ours cannot be resumed from: the stream starts with a
+    // `herald-reset` event (as for a lost epoch), never silently live-only.
+    let resume = headers
+        .get("last-event-id")
+        .map(|v| v.to_str().ok().and_then(parse_event_id).unwrap_or_else(crate::node::no_position));
     let id = node.next_id();
     let outbox = Outbox::new(node.config.websocket.max_queue_bytes, SendMode::PLAIN);
     let sub = Subscriber { id, outbox: outbox.clone(), format: Format::Sse };
