@@ -137,16 +137,13 @@ export class Herald {
     this._timer("open", timeout, () => this._lost(1006, "connect timed out"));
     ws.onopen = () => {
       const { name, version } = this.options;
-      this._send("connect", { token: this.token, name, version }, true).then(
-        (info) => this._ready(info),
-        (e) => {
-          if (ws !== this.ws) return;
-          if (e.code === DISCONNECTED) return; // _lost already handled it
-          this._emit("error", e);
-          const retry = e.code === TIMEOUT || e.code === 100 || e.code === 113;
-          this._lost(1006, "connect refused: " + e.message, retry);
-        },
-      );
+      this._send("connect", { token: this.token, name, version }, true, (e, info) => {
+        if (!e) return this._ready(info);
+        if (ws !== this.ws || e.code === DISCONNECTED) return; // _lost already handled it
+        this._emit("error", e);
+        const retry = e.code === TIMEOUT || e.code === 100 || e.code === 113;
+        this._lost(1006, "connect refused: " + e.message, retry);
+      });
     };
     ws.onmessage = (event) => ws === this.ws && this._message(event.data);
     ws.onclose = (event) => ws === this.ws && this._lost(event.code, event.reason);
@@ -185,7 +182,7 @@ export class Herald {
     for (const name of Object.keys(this.timers)) this._timer(name);
     for (const req of this.pending.values()) {
       clearTimeout(req.timer);
-      req.reject(new HeraldError(DISCONNECTED, `connection lost before the ${req.cmd} reply`));
+      req.done(new HeraldError(DISCONNECTED, `connection lost before the ${req.cmd} reply`));
     }
     this.pending.clear();
     for (const sub of this.subs.values()) sub.active = false;
@@ -202,7 +199,7 @@ export class Herald {
       this.stopped = true;
       for (const req of this.queue.splice(0)) {
         clearTimeout(req.timer);
-        req.reject(new HeraldError(CLOSED, "the client is disconnected"));
+        req.done(new HeraldError(CLOSED, "the client is disconnected"));
       }
     }
     this._emit("disconnected", { code, reason, reconnect });
@@ -239,8 +236,8 @@ export class Herald {
       if (!req) return;
       this.pending.delete(msg.id);
       clearTimeout(req.timer);
-      if (msg.error) req.reject(new HeraldError(msg.error.code, msg.error.message));
-      else req.resolve(msg[req.cmd]);
+      if (msg.error) req.done(new HeraldError(msg.error.code, msg.error.message));
+      else req.done(undefined, msg[req.cmd]);
     } else if (msg.push) {
       const sub = this.subs.get(msg.push.channel);
       if (sub && sub.active) sub._push(msg.push);
@@ -252,22 +249,25 @@ export class Herald {
   }
 
   // Sends a command now (`now`: connect and the SDK's own commands) or once connected.
-  _send(cmd, args, now) {
-    return new Promise((resolve, reject) => {
-      const { timeout, maxPending } = this.options;
-      if (!now && this.state === "disconnected")
-        return reject(new HeraldError(CLOSED, "the client is disconnected: call connect() first"));
-      if (!now && this.pending.size + this.queue.length >= maxPending)
-        return reject(new HeraldError(QUEUE_FULL, `more than ${maxPending} requests pending`));
-      const req = { cmd, args, resolve, reject };
-      req.timer = setTimeout(() => {
-        this.pending.delete(req.id);
-        this.queue = this.queue.filter((r) => r !== req);
-        reject(new HeraldError(TIMEOUT, `no ${cmd} reply within ${timeout} ms`));
-      }, timeout);
-      if (now || this.state === "connected") this._transmit(req);
-      else this.queue.push(req);
-    });
+  // `done(error, result)` runs as the reply is read, before the frames that follow it.
+  _send(cmd, args, now, done) {
+    const { timeout, maxPending } = this.options;
+    if (!now && this.state === "disconnected")
+      return done(new HeraldError(CLOSED, "the client is disconnected: call connect() first"));
+    if (!now && this.pending.size + this.queue.length >= maxPending)
+      return done(new HeraldError(QUEUE_FULL, `more than ${maxPending} requests pending`));
+    const req = { cmd, args, done };
+    req.timer = setTimeout(() => {
+      this.pending.delete(req.id);
+      this.queue = this.queue.filter((r) => r !== req);
+      done(new HeraldError(TIMEOUT, `no ${cmd} reply within ${timeout} ms`));
+    }, timeout);
+    if (now || this.state === "connected") this._transmit(req);
+    else this.queue.push(req);
+  }
+
+  _request(cmd, args) {
+    return new Promise((resolve, reject) => this._send(cmd, args, false, (e, r) => (e ? reject(e) : resolve(r))));
   }
 
   _transmit(req) {
@@ -291,8 +291,10 @@ export class Herald {
       const token = await this.options.getToken();
       if (ws !== this.ws) return;
       this.token = token;
-      const reply = await this._send("refresh", { token }, true);
-      this._scheduleRefresh(reply.expires);
+      this._send("refresh", { token }, true, (e, reply) => {
+        if (e) this._emit("error", e);
+        else this._scheduleRefresh(reply.expires);
+      });
     } catch (e) {
       if (ws === this.ws) this._emit("error", asError(e, TOKEN));
     }
@@ -312,22 +314,22 @@ export class Herald {
 
   /** Publishes `data` (any JSON value); resolves to {epoch, offset}. */
   publish(channel, data) {
-    return this._send("publish", { channel, data });
+    return this._request("publish", { channel, data });
   }
 
   /** Reads a channel's history; resolves to {epoch, offset, publications}. */
   history(channel, { limit, since, reverse } = {}) {
-    return this._send("history", { channel, limit, since, reverse });
+    return this._request("history", { channel, limit, since, reverse });
   }
 
   /** Who is subscribed; resolves to {clients: {<client>: {user, client, info?}}}. */
   presence(channel) {
-    return this._send("presence", { channel });
+    return this._request("presence", { channel });
   }
 
   /** Resolves to {clients, users}. */
   presenceStats(channel) {
-    return this._send("presence_stats", { channel });
+    return this._request("presence_stats", { channel });
   }
 }
 
@@ -349,15 +351,14 @@ class Subscription {
   _subscribe() {
     const { herald, channel, epoch, offset } = this;
     const args = epoch ? { channel, recover: true, epoch, offset } : { channel };
-    herald._send("subscribe", args, true).then(
-      (reply) => this._current && this._subscribed(reply),
-      (e) => {
-        if (!this._current || e.code === DISCONNECTED) return;
-        if (e.code === TIMEOUT) return herald._lost(1006, `no subscribe reply for ${channel}`);
-        herald.subs.delete(channel);
-        call(this.handlers.onError, e);
-      },
-    );
+    herald._send("subscribe", args, true, (e, reply) => {
+      if (!this._current) return;
+      if (!e) return this._subscribed(reply);
+      if (e.code === DISCONNECTED) return; // resubscribed after the reconnect
+      if (e.code === TIMEOUT) return herald._lost(1006, `no subscribe reply for ${channel}`);
+      herald.subs.delete(channel);
+      call(this.handlers.onError, e);
+    });
   }
 
   _subscribed(reply) {
@@ -402,6 +403,6 @@ class Subscription {
     if (!this._current) return;
     herald.subs.delete(channel);
     this.active = false;
-    if (herald.state === "connected") herald._send("unsubscribe", { channel }, true).catch(() => {});
+    if (herald.state === "connected") herald._send("unsubscribe", { channel }, true, () => {});
   }
 }

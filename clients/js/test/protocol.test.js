@@ -128,12 +128,12 @@ test("every server frame is decoded", async () => {
   const ask = (name, promise) => promise.then((r) => (replies[name] = r), (e) => (replies[name] = e));
   ask("publish_0", herald.publish("chat:lobby", 1)); // id 3
   ask("publish", herald.publish("chat:lobby", 1)); // id 4
-  ask("unsubscribe", herald._send("unsubscribe", { channel: "x" })); // id 5
+  ask("unsubscribe", herald._request("unsubscribe", { channel: "x" })); // id 5
   ask("error", herald.history("chat:lobby")); // id 6
   ask("history", herald.history("chat:lobby")); // id 7
   ask("presence", herald.presence("chat:lobby")); // id 8
   ask("presence_stats", herald.presenceStats("chat:lobby")); // id 9
-  ask("refresh", herald._send("refresh", { token: "t" })); // id 10
+  ask("refresh", herald._request("refresh", { token: "t" })); // id 10
   for (const name of ["publish", "unsubscribe", "error", "history", "presence", "presence_stats", "refresh"])
     ws.receive(fixture("server", name));
   await tick();
