@@ -156,7 +156,8 @@ export class Herald {
     this.client = info.client;
     this.connectedAt = Date.now();
     this.pingMs = info.ping * 1000;
-    this._alive();
+    this.seen = Date.now();
+    if (this.pingMs > 0) this._watch();
     this._scheduleRefresh(tokenExpiry(this.token || ""));
     for (const sub of this.subs.values()) sub._subscribe();
     const queued = this.queue;
@@ -214,12 +215,13 @@ export class Herald {
     this._timer("retry", Math.random() * ceiling, () => this._open());
   }
 
-  // Anything from the server proves the link alive; silence for ping + margin means it is dead.
-  _alive() {
-    if (this.pingMs > 0) {
-      const ms = this.pingMs + this.options.pingMargin;
-      this._timer("alive", ms, () => this._lost(1006, `nothing from the server for ${ms} ms`));
-    }
+  // Anything from the server proves the link alive; silence for ping + margin means it is
+  // dead (a half-open TCP connection can stay silent for minutes without a close event).
+  _watch() {
+    const ms = this.pingMs + this.options.pingMargin;
+    const left = this.seen + ms - Date.now();
+    if (left <= 0) return this._lost(1006, `nothing from the server for ${ms} ms`);
+    this._timer("alive", left, () => this._watch());
   }
 
   _message(text) {
@@ -230,7 +232,7 @@ export class Herald {
       return this._emit("error", new HeraldError(107, "the server sent a frame that is not JSON"));
     }
     if (!msg || typeof msg !== "object") return;
-    this._alive();
+    this.seen = Date.now();
     if (msg.id !== undefined) {
       const req = this.pending.get(msg.id);
       if (!req) return;
@@ -272,6 +274,7 @@ export class Herald {
 
   _transmit(req) {
     req.id = this.nextId++;
+    if (this.nextId > 0xffffffff) this.nextId = 1;
     this.pending.set(req.id, req);
     this.ws.send(JSON.stringify({ id: req.id, [req.cmd]: req.args }));
   }
