@@ -286,10 +286,25 @@ async fn print_publications(client: &Client, channels: &[String]) -> anyhow::Res
                 Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
                 Err(e) => return Err(e).context("cannot write to stdout"),
             },
-            Event::Reset { epoch, offset } => eprintln!(
-                "herald: `{channel}`: publications were missed while reconnecting; \
-                 continuing after offset {offset} of epoch {epoch}"
-            ),
+            Event::Reset { epoch, offset, epoch_changed } => {
+                if epoch_changed {
+                    eprintln!(
+                        "herald: `{channel}`: the server lost this channel's history (new epoch {epoch}, e.g. it \
+                         restarted); what was published meanwhile is unknown. Continuing after offset {offset}"
+                    );
+                } else {
+                    eprintln!(
+                        "herald: `{channel}`: publications were missed while reconnecting (more than the server's \
+                         history keeps); continuing after offset {offset} of epoch {epoch}"
+                    );
+                }
+                let reason = if epoch_changed { "epoch_changed" } else { "history_exceeded" };
+                match print_reset(&mut io::stdout().lock(), &channel, &epoch, offset, reason) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
+                    Err(e) => return Err(e).context("cannot write to stdout"),
+                }
+            }
             _ => {}
         }
     }
@@ -298,6 +313,15 @@ async fn print_publications(client: &Client, channels: &[String]) -> anyhow::Res
         State::Closed(e) => Err(anyhow::Error::new(e).context("the connection ended")),
         _ => Err(anyhow::anyhow!("every subscription ended")),
     }
+}
+
+/// The marker line for lost history, so a program reading the JSON lines can reload:
+/// `{"channel":..,"reset":{"epoch":..,"offset":..,"reason":"epoch_changed"|"history_exceeded"}}`.
+fn print_reset(out: &mut impl Write, channel: &str, epoch: &str, offset: u64, reason: &str) -> io::Result<()> {
+    let line =
+        serde_json::json!({ "channel": channel, "reset": { "epoch": epoch, "offset": offset, "reason": reason } });
+    writeln!(out, "{line}")?;
+    out.flush()
 }
 
 /// One JSON line per publication. Data the publisher sent across several lines is compacted
@@ -370,5 +394,22 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => tracing::info!("interrupt received"),
         () = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_history_is_a_json_line_a_program_can_see() {
+        let mut out = Vec::new();
+        print_reset(&mut out, "news", "e2", 7, "epoch_changed").expect("write");
+        let line: serde_json::Value = serde_json::from_slice(&out).expect("one JSON line");
+        assert_eq!(
+            line,
+            serde_json::json!({"channel": "news", "reset": {"epoch": "e2", "offset": 7, "reason": "epoch_changed"}})
+        );
+        assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 1);
     }
 }
