@@ -19,6 +19,7 @@ const CONFIG = `
 publish = true
 presence = true
 join_leave = true
+history_size = 1000
 
 [websocket]
 ping_interval = "1s"
