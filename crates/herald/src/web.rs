@@ -144,13 +144,21 @@ pub const TICKER_CHANNEL: &str = "ticker:prices";
 pub enum DemoError {
     #[error("the demo namespaces do not parse: {0}")]
     Namespaces(#[from] toml::de::Error),
+    #[error(
+        "--demo serves /demo/token, which mints a token for any user: it listens only on loopback \
+         (e.g. --listen 127.0.0.1:8080), not on {0}"
+    )]
+    NotLoopback(std::net::SocketAddr),
 }
 
 /// What `herald serve --demo` changes: the demo namespaces (`chat`, `ticker`) where the
 /// configuration has none of that name, and a development HMAC secret for this run when
 /// none is configured (so `/demo/token` can mint tokens). Production defaults stay as they are.
-/// Returns whether a secret was generated.
+/// Refused unless Herald listens on a loopback address. Returns whether a secret was generated.
 pub fn apply_demo(config: &mut Config) -> Result<bool, DemoError> {
+    if !config.listen.ip().is_loopback() {
+        return Err(DemoError::NotLoopback(config.listen));
+    }
     config.demo = true;
     let namespaces: std::collections::BTreeMap<String, NamespaceOptions> = toml::from_str(DEMO_NAMESPACES)?;
     for (name, options) in namespaces {
@@ -245,6 +253,10 @@ mod tests {
         assert!(config.channels.resolve(TICKER_CHANNEL).is_ok());
         assert!(config.auth.secret.expose().len() >= 32);
         assert!(config.validate().is_ok());
+        let mut public = Config::default();
+        public.listen = std::net::SocketAddr::from(([0, 0, 0, 0], 8080));
+        assert!(matches!(apply_demo(&mut public), Err(DemoError::NotLoopback(_))));
+        assert!(!public.demo);
         let defaults = Config::default();
         assert!(!defaults.demo && defaults.channels.namespaces.is_empty() && defaults.auth.secret.is_empty());
     }
