@@ -253,8 +253,7 @@ mod tests {
         assert!(config.channels.resolve(TICKER_CHANNEL).is_ok());
         assert!(config.auth.secret.expose().len() >= 32);
         assert!(config.validate().is_ok());
-        let mut public = Config::default();
-        public.listen = std::net::SocketAddr::from(([0, 0, 0, 0], 8080));
+        let mut public = Config { listen: std::net::SocketAddr::from(([0, 0, 0, 0], 8080)), ..Default::default() };
         assert!(matches!(apply_demo(&mut public), Err(DemoError::NotLoopback(_))));
         assert!(!public.demo);
         let defaults = Config::default();
