@@ -111,27 +111,31 @@ export class Herald {
   }
 
   async _open() {
+    const run = (this.run = {}); // a later _open() (disconnect(), then connect()) supersedes this one
     this.state = "connecting";
     this._emit("connecting", { attempt: this.attempt });
     const { getToken, timeout } = this.options;
     // A token that is missing or expires within the timeout is replaced before connecting.
     const exp = this.token && tokenExpiry(this.token);
     if (getToken && (!this.token || (exp && exp * 1000 - Date.now() < timeout))) {
+      let token;
       try {
-        this.token = await getToken();
+        token = await getToken();
       } catch (e) {
-        if (this.stopped) return;
+        if (this.stopped || run !== this.run) return;
         this._emit("error", asError(e, TOKEN));
         return this._retry();
       }
-      if (this.stopped) return;
+      if (this.stopped || run !== this.run) return;
+      this.token = token;
     }
     let ws;
     try {
       ws = this.ws = new this.options.WebSocket(this.url, "herald.v1");
     } catch (e) {
-      this._emit("error", asError(e, DISCONNECTED));
-      return this._retry();
+      // A malformed URL, most likely: retrying cannot help.
+      this._emit("error", asError(e, CLOSED));
+      return this._lost(1006, "cannot open a WebSocket: " + e.message, false);
     }
     this.nextId = 1;
     this._timer("open", timeout, () => this._lost(1006, "connect timed out"));

@@ -159,6 +159,19 @@ test("a terminal close code (4503) stops reconnecting", async () => {
   await assert.rejects(herald.publish("chat:x", 1), (e) => e.code === HeraldError.CLOSED);
 });
 
+test("a refused connect (bad token) is an error and ends connecting", async () => {
+  const forged = token("mallory").replace(/\.[^.]*$/, ".AAAA");
+  const herald = new Herald(server.url, { WebSocket, token: forged, backoffBase: 20, backoffMax: 300 });
+  const events = [];
+  for (const e of ["connecting", "connected", "error", "disconnected"]) herald.on(e, (ctx) => events.push([e, ctx]));
+  herald.connect();
+  await waitFor(() => herald.state === "disconnected", "disconnected");
+  await sleep(400);
+  assert.deepEqual(events.map(([e]) => e), ["connecting", "error", "disconnected"]);
+  assert.equal(events[1][1].code, 101);
+  assert.equal(events[2][1].reconnect, false);
+});
+
 test("disconnect() closes for good; connect() again resubscribes", async () => {
   const herald = await client();
   const seen = await subscribe(herald, "chat:again");

@@ -227,3 +227,44 @@ test("the fixtures this file reads are all the fixtures there are", () => {
   ]);
   assert.equal(names("server").length, 16);
 });
+
+test("a URL the WebSocket refuses ends connecting, with an error", async () => {
+  class Refusing {
+    constructor(url) {
+      throw new SyntaxError(`invalid URL: ${url}`);
+    }
+  }
+  const herald = new Herald("nonsense", { WebSocket: Refusing });
+  const events = [];
+  for (const e of ["connecting", "error", "disconnected"]) herald.on(e, (ctx) => events.push([e, ctx]));
+  herald.connect();
+  assert.equal(herald.state, "disconnected");
+  assert.deepEqual(events.map(([e]) => e), ["connecting", "error", "disconnected"]);
+  assert.match(events[1][1].message, /invalid URL: nonsense/);
+  assert.equal(events[2][1].reconnect, false);
+});
+
+test("disconnect() then connect() while getToken is pending opens one connection", async () => {
+  let release;
+  const sockets = [];
+  class Counting extends ScriptedSocket {
+    constructor(...args) {
+      super(...args);
+      sockets.push(this);
+    }
+  }
+  const herald = new Herald("ws://x/connect", {
+    WebSocket: Counting,
+    getToken: () => new Promise((r) => (release = r)),
+  });
+  herald.connect();
+  const first = release;
+  herald.disconnect();
+  herald.connect();
+  first("old");
+  release("new");
+  await tick();
+  assert.equal(sockets.length, 1);
+  assert.match(sockets[0].sent[0], /"token":"new"/);
+  herald.disconnect();
+});
