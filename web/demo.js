@@ -11,8 +11,16 @@ export function showState(state, detail = "") {
   pill.textContent = detail ? `${state} · ${detail}` : state;
 }
 
-/** Wires an SDK client's events to the state pill. */
+/** Wires an SDK client's events to the state pill, and errors that need the user to the notice. */
 export function trackState(herald) {
+  herald.on("error", (err) => {
+    // 5: no token (getToken failed); 100+: the server refused. Transient network errors only
+    // show in the pill: the SDK reconnects by itself.
+    const notice = document.getElementById("notice");
+    if (!notice || !err || !(err.code === 5 || err.code >= 100)) return;
+    notice.hidden = false;
+    notice.textContent = `${err.message || err} (is Herald running with --demo?)`;
+  });
   herald.on("connecting", () => showState("connecting"));
   herald.on("connected", () => showState("connected"));
   herald.on("disconnected", (ctx) =>
