@@ -284,12 +284,13 @@ export class Herald {
   }
 
   // Asks getToken for a new token shortly before the current one expires (the last fifth of
-  // its life, at most a minute early). On failure the server closes with 4005 at expiry and
-  // the client reconnects with a fresh token.
+  // its life, at most a minute early; at most once a second, should this clock run far ahead
+  // of the token issuer's). On failure the server closes with 4005 at expiry and the client
+  // reconnects with a fresh token.
   _scheduleRefresh(exp) {
     if (!this.options.getToken || !exp) return this._timer("refresh");
     const left = exp * 1000 - Date.now();
-    this._timer("refresh", left - Math.min(left / 5, 60000), () => this._refresh());
+    this._timer("refresh", Math.max(1000, left - Math.min(left / 5, 60000)), () => this._refresh());
   }
 
   async _refresh() {

@@ -268,3 +268,27 @@ test("disconnect() then connect() while getToken is pending opens one connection
   assert.match(sockets[0].sent[0], /"token":"new"/);
   herald.disconnect();
 });
+
+test("a clock far ahead of the token issuer's does not refresh in a tight loop", async () => {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
+  // Already expired by this clock, yet the server (whose clock is right) accepts it.
+  const stale = `${b64({ alg: "HS256" })}.${b64({ sub: "u", exp: Math.floor(Date.now() / 1000) - 600 })}.sig`;
+  let calls = 0;
+  const { herald, ws } = await connected({ getToken: async () => (calls++, stale) });
+  ws.receive(fixture("server", "connect"));
+  const refreshes = () => ws.sent.filter((f) => f.includes('"refresh"'));
+  const answer = () => {
+    for (const f of refreshes().slice(answered)) ws.receive(`{"id":${JSON.parse(f).id},"refresh":{"expires":1}}`);
+    answered = refreshes().length;
+  };
+  let answered = 0;
+  const until = Date.now() + 2500;
+  while (Date.now() < until) {
+    answer();
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  assert.ok(refreshes().length >= 1, "refreshed");
+  assert.ok(refreshes().length <= 3, `${refreshes().length} refreshes in 2.5 s`);
+  assert.ok(calls <= 4, `getToken called ${calls} times`);
+  herald.disconnect();
+});
