@@ -143,6 +143,31 @@ describe("demo pages", () => {
     await page.context().close();
   });
 
+  test("ticker: a network outage of a few seconds is recovered with no gap", async () => {
+    const proxy = await cuttableProxy(herald.port);
+    const page = await newPage(`${proxy.base}/demo/ticker`);
+    try {
+      await connected(page);
+      await until("some updates", async () => Number(await page.textContent("#updates")) >= 3);
+      await page.context().setOffline(true);
+      proxy.cut();
+      await until("the page to notice", async () => (await state(page)) !== "connected");
+      const before = Number(await page.textContent("#offset"));
+      await page.waitForTimeout(2000); // about 8 updates published meanwhile
+      proxy.restore();
+      await page.context().setOffline(false);
+      await connected(page);
+      await until("the recovery", async () => (await page.textContent("#recovered")) === "1");
+      await until("updates past the outage", async () => Number(await page.textContent("#offset")) >= before + 10);
+      assert.equal(await page.textContent("#gaps"), "0", "every offset once, in order");
+      assert.equal(await page.locator("#notice").isHidden(), true);
+      assert.deepEqual(page.errors, []);
+    } finally {
+      await page.context().close();
+      await proxy.close();
+    }
+  });
+
   test("plain page: the README snippet and an EventSource both receive; the wrong URL gets 4504", async () => {
     const page = await newPage(`${herald.base}/demo/plain`);
     await until("both connected", async () => (await state(page)) === "connected");
