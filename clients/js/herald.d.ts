@@ -131,7 +131,7 @@ export interface SubscriptionHandlers {
   onReset?(position: Position): void;
   /** After every (re)subscribe. */
   onSubscribed?(ctx: SubscribedContext): void;
-  /** The server refused the subscription (e.g. 102, 103, 106); it is dropped. */
+  /** The server refused the subscription: dropped for 102, 103, 106 and the like; kept, and tried again at the next connect, for 100 and 113. */
   onError?(error: HeraldError): void;
   /** The backend ended the subscription (API `unsubscribe`); it is not resubscribed. */
   onUnsubscribed?(ctx: Record<string, never>): void;

@@ -364,7 +364,8 @@ class Subscription {
       if (!e) return this._subscribed(reply);
       if (e.code === DISCONNECTED) return; // resubscribed after the reconnect
       if (e.code === TIMEOUT) return herald._lost(1006, `no subscribe reply for ${channel}`);
-      herald.subs.delete(channel);
+      // 100 and 113 (e.g. the server is shutting down) are tried again at the next connect.
+      if (e.code !== 100 && e.code !== 113) herald.subs.delete(channel);
       call(this.handlers.onError, e);
     });
   }

@@ -292,3 +292,23 @@ test("a clock far ahead of the token issuer's does not refresh in a tight loop",
   assert.ok(calls <= 4, `getToken called ${calls} times`);
   herald.disconnect();
 });
+
+test("a subscription refused with 113 is kept and tried again; with 103 it is dropped", async () => {
+  const { herald, ws } = await connected();
+  ws.receive(fixture("server", "connect"));
+  await tick();
+  const errors = [];
+  herald.subscribe("a", { onError: (e) => errors.push(e.code) });
+  herald.subscribe("b", { onError: (e) => errors.push(e.code) });
+  ws.receive(`{"id":2,"error":{"code":113,"message":"unavailable"}}`);
+  ws.receive(`{"id":3,"error":{"code":103,"message":"permission denied"}}`);
+  assert.deepEqual(errors, [113, 103]);
+  assert.deepEqual([...herald.subs.keys()], ["a"]);
+  ws.drop(1001);
+  await new Promise((r) => setTimeout(r, 400));
+  const ws2 = ScriptedSocket.last;
+  ws2.receive(fixture("server", "connect"));
+  await tick();
+  assert.equal(ws2.sent.at(-1), `{"id":2,"subscribe":{"channel":"a"}}`);
+  herald.disconnect();
+});
