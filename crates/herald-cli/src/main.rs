@@ -94,6 +94,11 @@ struct ServeArgs {
     /// Address to listen on, e.g. 0.0.0.0:8080 (overrides `listen`).
     #[arg(long, value_name = "ADDR", global = true)]
     listen: Option<std::net::SocketAddr>,
+    /// Set up the demo pages at `/`: namespaces `chat` and `ticker` (unless configured), a
+    /// development secret for this run (unless configured), `/demo/token` and a ticker
+    /// publisher. For trying Herald on your machine; never in production.
+    #[arg(long, global = true)]
+    demo: bool,
 }
 
 fn main() -> ExitCode {
@@ -121,12 +126,23 @@ fn main() -> ExitCode {
 }
 
 fn merge(outer: ServeArgs, inner: ServeArgs) -> ServeArgs {
-    ServeArgs { config: inner.config.or(outer.config), listen: inner.listen.or(outer.listen) }
+    ServeArgs {
+        config: inner.config.or(outer.config),
+        listen: inner.listen.or(outer.listen),
+        demo: inner.demo || outer.demo,
+    }
 }
 
 fn load(args: &ServeArgs) -> anyhow::Result<config::Loaded> {
+    Ok(load_demo(args)?.0)
+}
+
+/// Loads the configuration, with `--demo`'s additions; says whether a secret was generated.
+fn load_demo(args: &ServeArgs) -> anyhow::Result<(config::Loaded, bool)> {
     let overrides = Overrides { listen: args.listen };
-    Ok(config::load(args.config.as_deref(), &overrides)?)
+    let mut loaded = config::load(args.config.as_deref(), &overrides)?;
+    let generated = if args.demo { herald::web::apply_demo(&mut loaded.config)? } else { false };
+    Ok((loaded, generated))
 }
 
 fn token(args: TokenArgs) -> anyhow::Result<()> {
@@ -150,7 +166,7 @@ fn check_config(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let loaded = load(&args)?;
+    let (loaded, generated_secret) = load_demo(&args)?;
     let config = loaded.config;
     init_logging(&config.log.level, config.log.format)?;
     raise_open_file_limit();
@@ -159,6 +175,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
+        if config.demo {
+            let addr = config.listen;
+            tracing::warn!(
+                "demo mode (--demo): demo namespaces, /demo/token and a ticker publisher are on. Not for production"
+            );
+            if generated_secret {
+                tracing::info!("demo mode: generated a development token secret for this run (not printed)");
+            }
+            tracing::info!("demo pages: http://{addr}/");
+        }
         if config.testing.echo {
             tracing::warn!("testing.echo is on: /_echo echoes every message (for conformance runs only)");
         }
@@ -260,10 +286,25 @@ async fn print_publications(client: &Client, channels: &[String]) -> anyhow::Res
                 Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
                 Err(e) => return Err(e).context("cannot write to stdout"),
             },
-            Event::Reset { epoch, offset } => eprintln!(
-                "herald: `{channel}`: publications were missed while reconnecting; \
-                 continuing after offset {offset} of epoch {epoch}"
-            ),
+            Event::Reset { epoch, offset, epoch_changed } => {
+                if epoch_changed {
+                    eprintln!(
+                        "herald: `{channel}`: the server lost this channel's history (new epoch {epoch}, e.g. it \
+                         restarted); what was published meanwhile is unknown. Continuing after offset {offset}"
+                    );
+                } else {
+                    eprintln!(
+                        "herald: `{channel}`: publications were missed while reconnecting (more than the server's \
+                         history keeps); continuing after offset {offset} of epoch {epoch}"
+                    );
+                }
+                let reason = if epoch_changed { "epoch_changed" } else { "history_exceeded" };
+                match print_reset(&mut io::stdout().lock(), &channel, &epoch, offset, reason) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
+                    Err(e) => return Err(e).context("cannot write to stdout"),
+                }
+            }
             _ => {}
         }
     }
@@ -272,6 +313,15 @@ async fn print_publications(client: &Client, channels: &[String]) -> anyhow::Res
         State::Closed(e) => Err(anyhow::Error::new(e).context("the connection ended")),
         _ => Err(anyhow::anyhow!("every subscription ended")),
     }
+}
+
+/// The marker line for lost history, so a program reading the JSON lines can reload:
+/// `{"channel":..,"reset":{"epoch":..,"offset":..,"reason":"epoch_changed"|"history_exceeded"}}`.
+fn print_reset(out: &mut impl Write, channel: &str, epoch: &str, offset: u64, reason: &str) -> io::Result<()> {
+    let line =
+        serde_json::json!({ "channel": channel, "reset": { "epoch": epoch, "offset": offset, "reason": reason } });
+    writeln!(out, "{line}")?;
+    out.flush()
 }
 
 /// One JSON line per publication. Data the publisher sent across several lines is compacted
@@ -344,5 +394,22 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => tracing::info!("interrupt received"),
         () = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_history_is_a_json_line_a_program_can_see() {
+        let mut out = Vec::new();
+        print_reset(&mut out, "news", "e2", 7, "epoch_changed").expect("write");
+        let line: serde_json::Value = serde_json::from_slice(&out).expect("one JSON line");
+        assert_eq!(
+            line,
+            serde_json::json!({"channel": "news", "reset": {"epoch": "e2", "offset": 7, "reason": "epoch_changed"}})
+        );
+        assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 1);
     }
 }

@@ -151,3 +151,98 @@ fn token_mints_with_the_configured_secret_and_refuses_without_one() {
     let out = herald().args(["token", "--user", "42"]).output().expect("runs");
     assert!(!out.status.success(), "no secret configured");
 }
+
+/// A `herald serve` child on `port`, killed when dropped.
+struct Served(std::process::Child);
+
+impl Served {
+    fn start(port: u16, demo: bool) -> Self {
+        let mut cmd = herald();
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")]).env("HERALD_LOG__LEVEL", "warn");
+        if demo {
+            cmd.arg("--demo");
+        }
+        // Owned by `Served` at once, so it is killed and waited for on every path.
+        let served = Self(cmd.stderr(std::process::Stdio::null()).spawn().expect("serve"));
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return served;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("herald serve did not listen on {port}");
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+#[test]
+fn subscribe_marks_a_lost_history_with_a_json_line_and_says_the_server_restarted() {
+    use std::io::BufRead;
+    let port = free_port();
+    let server = Served::start(port, false);
+    let mut sub = herald()
+        .args(["subscribe", "news", "--url", &format!("ws://127.0.0.1:{port}/connect")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("subscribe");
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let stdout = sub.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let url = format!("http://127.0.0.1:{port}");
+    // Publish until the subscriber has subscribed and printed one.
+    let mut first = None;
+    for _ in 0..50 {
+        let out = herald().args(["publish", "news", r#"{"n":1}"#, "--url", &url]).output().expect("publish");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        if let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) {
+            first = Some(line);
+            break;
+        }
+    }
+    assert!(first.expect("a publication line").contains(r#""data":{"n":1}"#));
+    drop(server); // killed: its memory history is gone
+    let _server = Served::start(port, false);
+    let line = lines.recv_timeout(Duration::from_secs(30)).expect("a reset line after the restart");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("JSON line");
+    assert_eq!(v["channel"], "news", "{line}");
+    assert_eq!(v["reset"]["reason"], "epoch_changed", "{line}");
+    let _ = sub.kill();
+    let mut err = String::new();
+    let _ = sub.stderr.take().expect("stderr").read_to_string(&mut err);
+    let _ = sub.wait();
+    assert!(err.contains("lost this channel's history") && !err.contains("were missed"), "{err}");
+}
+
+#[test]
+fn serve_demo_serves_the_pages_and_a_token() {
+    let port = free_port();
+    let _server = Served::start(port, true);
+    let get = |path: &str| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("read");
+        text
+    };
+    let index = get("/");
+    assert!(index.starts_with("HTTP/1.1 200") && index.contains("/demo/chat"), "{index}");
+    let token = get("/demo/token?user=ada");
+    assert!(token.starts_with("HTTP/1.1 200") && token.contains("\"token\":\"ey"), "{token}");
+}

@@ -43,7 +43,8 @@ impl Tracker {
         } else {
             // Missed publications are gone (history trimmed, epoch changed, or the channel
             // keeps no positions): say so, then continue from the channel's position.
-            events.push(Event::Reset { epoch: result.epoch.clone(), offset: result.offset });
+            let epoch_changed = result.epoch != self.epoch;
+            events.push(Event::Reset { epoch: result.epoch.clone(), offset: result.offset, epoch_changed });
             self.epoch = result.epoch;
             self.offset = result.offset;
         }
@@ -80,7 +81,7 @@ mod tests {
             .iter()
             .map(|e| match e {
                 Event::Publication(p) => p.offset.map_or("-".into(), |o| o.to_string()),
-                Event::Reset { epoch, offset } => format!("reset {epoch}@{offset}"),
+                Event::Reset { epoch, offset, .. } => format!("reset {epoch}@{offset}"),
             })
             .collect()
     }
@@ -153,6 +154,10 @@ mod tests {
         let mut t = subscribed_at("e1", 5);
         let events = t.subscribed(result("e9", 2, Some(true), &[1, 2]), vec![]);
         assert_eq!(offsets(&events), ["reset e9@2"]);
+        assert!(matches!(events[0], Event::Reset { epoch_changed: true, .. }), "a new epoch says so");
+        // Same epoch, but the gap left the history: a reset that is not an epoch change.
+        let events = t.subscribed(result("e9", 40, Some(false), &[]), vec![]);
+        assert!(matches!(events[..], [Event::Reset { epoch_changed: false, offset: 40, .. }]), "{events:?}");
     }
 
     #[test]

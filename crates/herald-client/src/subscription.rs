@@ -22,7 +22,7 @@ use crate::Error;
 ///             let value: serde_json::Value = serde_json::from_str(p.data.get()).unwrap_or_default();
 ///             println!("#{:?}: {value}", p.offset);
 ///         }
-///         Event::Reset { epoch, offset } => {
+///         Event::Reset { epoch, offset, .. } => {
 ///             println!("missed publications; resuming at {epoch}/{offset}: reload state");
 ///         }
 ///         _ => {}
@@ -38,8 +38,11 @@ pub enum Event {
     /// After a reconnect, the publications missed while disconnected could not be recovered
     /// (the server's history no longer has them, the channel's epoch changed, or the channel
     /// keeps no history): some are lost. Publications continue after `offset` in `epoch`.
-    /// Reload whatever state the application derives from this channel.
-    Reset { epoch: String, offset: u64 },
+    /// Reload whatever state the application derives from this channel. `epoch_changed` is
+    /// true when the channel's epoch changed (the server restarted or forgot the channel: its
+    /// history is new, whatever was published in between is unknown), false when the gap was
+    /// longer than the history the server keeps.
+    Reset { epoch: String, offset: u64, epoch_changed: bool },
 }
 
 /// The state the client's background task shares with one subscription.

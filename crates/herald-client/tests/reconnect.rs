@@ -150,7 +150,7 @@ async fn next(sub: &mut Subscription) -> String {
             assert_eq!(n["n"].as_u64(), p.offset, "data travels with its offset");
             p.offset.map_or("-".into(), |o| o.to_string())
         }
-        Some(Event::Reset { epoch, offset }) => format!("reset {epoch}@{offset}"),
+        Some(Event::Reset { epoch, offset, .. }) => format!("reset {epoch}@{offset}"),
         Some(other) => format!("{other:?}"),
         None => "end".into(),
     }

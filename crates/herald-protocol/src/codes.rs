@@ -37,11 +37,15 @@ pub enum ErrorCode {
     Unavailable = 113,
     /// The HTTP method is not allowed on this endpoint.
     MethodNotAllowed = 114,
+    /// The `since` position names an epoch the channel no longer has (its history was lost,
+    /// e.g. the server restarted): reload the state and continue from the position in the
+    /// error's message or a fresh `subscribe`.
+    EpochMismatch = 122,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         Self::Internal,
         Self::Unauthorized,
         Self::InvalidChannel,
@@ -56,6 +60,7 @@ impl ErrorCode {
         Self::TooLarge,
         Self::Unavailable,
         Self::MethodNotAllowed,
+        Self::EpochMismatch,
     ];
 
     /// Whether the same request may succeed if retried (with backoff).
@@ -70,7 +75,7 @@ impl ErrorCode {
             Self::Unauthorized => 401,
             Self::PermissionDenied => 403,
             Self::InvalidChannel | Self::BadRequest | Self::AlreadySubscribed | Self::NotConnected => 400,
-            Self::NotAvailable => 409,
+            Self::NotAvailable | Self::EpochMismatch => 409,
             Self::UnknownCommand | Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::TooLarge => 413,
@@ -106,6 +111,7 @@ impl ErrorCode {
             Self::TooLarge => "too large",
             Self::Unavailable => "unavailable",
             Self::MethodNotAllowed => "method not allowed",
+            Self::EpochMismatch => "epoch mismatch: the channel's history was lost",
         }
     }
 }
@@ -135,10 +141,16 @@ pub enum CloseCode {
     ProtocolViolation = 4500,
     /// The backend disconnected this client (API `disconnect`).
     ForceDisconnect = 4503,
+    /// A WebSocket opened on a path that is not a WebSocket endpoint (e.g. `/`); the reason
+    /// names the right ones (`/connect`, `/ws/<channel>`). Fix the URL.
+    NotAnEndpoint = 4504,
+    /// A raw `/ws/<channel>` client sent a message, and the channel's namespace does not allow
+    /// clients to publish (`publish = false`).
+    PublishNotAllowed = 4505,
 }
 
 impl CloseCode {
-    pub const ALL: [CloseCode; 7] = [
+    pub const ALL: [CloseCode; 9] = [
         Self::SlowConsumer,
         Self::NoPong,
         Self::ConnectTimeout,
@@ -146,6 +158,8 @@ impl CloseCode {
         Self::TokenExpired,
         Self::ProtocolViolation,
         Self::ForceDisconnect,
+        Self::NotAnEndpoint,
+        Self::PublishNotAllowed,
     ];
 
     /// Whether a client should reconnect by itself after this code.
@@ -167,6 +181,12 @@ impl CloseCode {
             Self::TokenExpired => "token expired",
             Self::ProtocolViolation => "protocol violation",
             Self::ForceDisconnect => "disconnected by the server",
+            Self::NotAnEndpoint => {
+                "not a WebSocket endpoint: use /ws/<channel> (raw data) or /connect (Herald protocol, see /herald.js)"
+            }
+            Self::PublishNotAllowed => {
+                "this channel's namespace does not allow clients to publish (publish = false); publish through the API"
+            }
         }
     }
 }

@@ -235,12 +235,16 @@ async fn history(node: &Node, body: HistoryBody) -> Result<herald_protocol::Hist
         return Err(ApiError::new(ErrorCode::NotAvailable, "this namespace keeps no history"));
     }
     let since = body.since.map(|p| StreamPosition { epoch: Arc::from(p.epoch.as_str()), offset: p.offset });
+    let asked_epoch = since.as_ref().map(|p| p.epoch.clone());
     let limit = body.limit.unwrap_or(ns.history_size).min(ns.history_size);
     let h = node
         .engine
         .history(channel.as_str(), HistoryQuery { since, limit, reverse: body.reverse })
         .await
         .map_err(engine_error)?;
+    if let Some(message) = asked_epoch.and_then(|e| crate::node::epoch_mismatch(&e, &h.position)) {
+        return Err(ApiError::new(ErrorCode::EpochMismatch, message));
+    }
     Ok(herald_protocol::HistoryResult {
         epoch: h.position.epoch.to_string(),
         offset: h.position.offset,

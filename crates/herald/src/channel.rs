@@ -136,7 +136,7 @@ impl Default for NamespaceOptions {
         Self {
             subscribe: true,
             publish: false,
-            history_size: 100,
+            history_size: 1000,
             history_ttl: std::time::Duration::from_secs(300),
             presence: false,
             join_leave: false,

@@ -11,6 +11,7 @@
 //! - `transport`: `/connect`, `/ws/<channel>`, `/sse/<channel>`.
 //! - `api`: the HTTP API for backends (`POST /api/<method>`).
 //! - `ws`: our WebSocket layer (RFC 6455 framing, RFC 7692 deflate, prepared frames).
+//! - `web`: `/herald.js`, the demo pages, `--demo` setup, the close for non-endpoint WebSockets.
 //! - `server`: the listener, routes, connection limits and graceful shutdown.
 //! - `metrics`: the Prometheus recorder behind `/metrics`.
 //! - `http_error`: JSON error answers shared by every HTTP endpoint.
@@ -27,6 +28,7 @@ pub mod node;
 pub mod server;
 pub mod session;
 pub mod transport;
+pub mod web;
 pub mod ws;
 
 pub use config::Config;

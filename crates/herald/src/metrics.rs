@@ -43,6 +43,15 @@ fn describe() {
     describe_counter!("herald_bytes_out_total", Unit::Bytes, "Bytes written to WebSocket clients.");
     describe_counter!("herald_publications_total", "Publications accepted, from the API and from clients.");
     describe_counter!(
+        "herald_recoveries_total",
+        "Subscriptions that asked to recover from a position (native recover, SSE Last-Event-ID), by result: \
+         recovered, or not_recovered (epoch changed, or the gap left history)."
+    );
+    describe_counter!(
+        "herald_wrong_endpoint_total",
+        "WebSockets opened on a path that is not a WebSocket endpoint, closed with 4504."
+    );
+    describe_counter!(
         "herald_slow_consumers_total",
         "Subscribers disconnected because their outgoing queue overflowed (close 4001)."
     );

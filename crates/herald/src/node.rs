@@ -121,6 +121,10 @@ impl Node {
             // Partial recovery would leave a hole the app cannot see: all or nothing.
             history.publications.clear();
         }
+        if asked {
+            let result = if history.complete { "recovered" } else { "not_recovered" };
+            metrics::counter!("herald_recoveries_total", "result" => result).increment(1);
+        }
         let text = reply(&history, asked.then_some(history.complete));
         self.hub.activate(channel.as_str(), id, text, history.position.offset).map_err(SubscribeFailure::Hub)?;
         Ok(history)
@@ -241,4 +245,23 @@ impl Drop for SubscriptionGuard {
     fn drop(&mut self) {
         self.node.hub.unsubscribe(&self.channel, self.id);
     }
+}
+
+/// A position that matches no stream (epochs are never empty): recovering from it answers
+/// "not recovered" with the channel's current position. For `recover: true` without a
+/// position, and for an SSE `Last-Event-ID` that is not `<epoch>:<offset>`.
+pub(crate) fn no_position() -> StreamPosition {
+    StreamPosition { epoch: Arc::from(""), offset: 0 }
+}
+
+/// When a `history` query's `since.epoch` is not the channel's epoch (its history was lost),
+/// the message for error 122; `None` when it matches.
+pub(crate) fn epoch_mismatch(asked: &str, current: &StreamPosition) -> Option<String> {
+    (asked != &*current.epoch).then(|| {
+        format!(
+            "since.epoch `{asked}` is not this channel's epoch: its history was lost (e.g. a restart); \
+             reload, then continue from epoch `{}` offset {}",
+            current.epoch, current.offset
+        )
+    })
 }

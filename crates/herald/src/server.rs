@@ -49,6 +49,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
             }
         }
     });
+    if config.demo {
+        tokio::spawn(crate::web::run_ticker(node.clone(), stop.clone()));
+    }
     let limits = Arc::new(ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip));
 
     tracing::info!(addr = %listener.local_addr()?, "listening");
@@ -101,7 +104,10 @@ fn router(node: Arc<Node>) -> Router {
     if node.config.testing.echo {
         r = r.route("/_echo", any(echo));
     }
-    r.fallback(not_found).with_state(node)
+    r.merge(crate::web::routes(&node))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(node.clone(), crate::web::websocket_gate))
+        .with_state(node)
 }
 
 async fn serve_connection(

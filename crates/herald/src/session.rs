@@ -144,7 +144,10 @@ impl Session {
         let recover = match (req.recover, req.epoch, req.offset) {
             (false, _, _) => None,
             (true, Some(epoch), Some(offset)) => Some(StreamPosition { epoch: Arc::from(epoch.as_str()), offset }),
-            (true, _, _) => return Err(refuse(ErrorCode::BadRequest, "`recover` needs `epoch` and `offset`")),
+            // No position yet (an app that always sends `recover: true`): nothing to recover,
+            // so the reply says `recovered: false` with the current position.
+            (true, None, None) => Some(crate::node::no_position()),
+            (true, _, _) => return Err(refuse(ErrorCode::BadRequest, "`recover` needs both `epoch` and `offset`")),
         };
         let sub = Subscriber { id: self.id, outbox: self.outbox.clone(), format: Format::Native };
         // Recorded before awaiting, so a session cancelled mid-subscribe still leaves the
@@ -305,6 +308,7 @@ impl Session {
         }
         let limit = req.limit.map_or(ns.history_size, |l| (l as usize).min(ns.history_size));
         let since = req.since.map(|p| StreamPosition { epoch: Arc::from(p.epoch.as_str()), offset: p.offset });
+        let asked_epoch = since.as_ref().map(|p| p.epoch.clone());
         let query = HistoryQuery { since, limit, reverse: req.reverse };
         let h = self
             .node
@@ -312,6 +316,11 @@ impl Session {
             .history(channel.as_str(), query)
             .await
             .map_err(|e| refuse(ErrorCode::Internal, e.to_string()))?;
+        if let Some(epoch) = asked_epoch {
+            if let Some(message) = crate::node::epoch_mismatch(&epoch, &h.position) {
+                return Err(refuse(ErrorCode::EpochMismatch, message));
+            }
+        }
         let result = HistoryResult {
             epoch: h.position.epoch.to_string(),
             offset: h.position.offset,

@@ -44,8 +44,9 @@ fn parse_event_id(id: &str) -> Option<StreamPosition> {
     Some(StreamPosition { epoch: Arc::from(epoch), offset: offset.parse().ok()? })
 }
 
-/// `GET /ws/<channel>`: every publication's data as a text frame. Messages from the client
-/// are read (for pings and close) and otherwise ignored.
+/// `GET /ws/<channel>`: every publication's data as a text frame. A text message from the
+/// client is published to the channel where its namespace allows clients to publish (JSON as
+/// is, other text as a JSON string); where it does not, the connection closes with 4505.
 pub async fn raw_ws(State(node): State<Arc<Node>>, Path(name): Path<String>, req: Request) -> Response {
     if let Err(e) = anonymous_subscribe(&node, &name) {
         return e.into_response();
@@ -61,8 +62,45 @@ pub async fn raw_ws(State(node): State<Arc<Node>>, Path(name): Path<String>, req
             return;
         }
         let _guard = SubscriptionGuard { node: node.clone(), channel: channel.shared().clone(), id };
-        while let Ok(Some(_)) = socket.recv().await {}
+        while let Ok(Some(msg)) = socket.recv().await {
+            if let Err((code, reason)) = raw_publish(&node, &channel, ns, msg).await {
+                socket.close(code, reason);
+            }
+        }
     })
+}
+
+/// Publishes one message a raw `/ws/<channel>` client sent, or says how to close.
+async fn raw_publish(
+    node: &Node,
+    channel: &ChannelName,
+    ns: &NamespaceOptions,
+    msg: ws::Message,
+) -> Result<(), (ws::CloseCode, &'static str)> {
+    let refused = herald_protocol::CloseCode::PublishNotAllowed;
+    if !ns.publish || !channel.allows_user("") {
+        return Err((ws::CloseCode(refused.as_u16()), refused.reason()));
+    }
+    let ws::Message::Text(text) = msg else {
+        return Err((ws::CloseCode::UNSUPPORTED_DATA, "send text: JSON, or any text to publish as a JSON string"));
+    };
+    let data = if serde_json::from_slice::<serde::de::IgnoredAny>(&text).is_ok() {
+        text
+    } else {
+        // The frame is valid UTF-8 (the WebSocket layer checked), so this is lossless.
+        Bytes::from(serde_json::Value::String(String::from_utf8_lossy(&text).into_owned()).to_string())
+    };
+    if data.len() > node.config.channels.max_publication_size {
+        return Err((ws::CloseCode::MESSAGE_TOO_BIG, "publication larger than channels.max_publication_size"));
+    }
+    match node.publish(channel, ns, data, None).await {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            tracing::warn!(channel = %channel, error = %e, "raw websocket publish failed");
+            let code = herald_protocol::CloseCode::ServerError;
+            Err((ws::CloseCode(code.as_u16()), code.reason()))
+        }
+    }
 }
 
 /// `GET /sse/<channel>`: Server-Sent Events, `id:` = `<epoch>:<offset>`, a comment every 15 s
@@ -74,7 +112,11 @@ pub async fn sse(State(node): State<Arc<Node>>, Path(name): Path<String>, header
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
-    let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(parse_event_id);
+    // A Last-Event-ID that is not one of ours cannot be resumed from: the stream starts with a
+    // `herald-reset` event (as for a lost epoch), never silently live-only.
+    let resume = headers
+        .get("last-event-id")
+        .map(|v| v.to_str().ok().and_then(parse_event_id).unwrap_or_else(crate::node::no_position));
     let id = node.next_id();
     let outbox = Outbox::new(node.config.websocket.max_queue_bytes, SendMode::PLAIN);
     let sub = Subscriber { id, outbox: outbox.clone(), format: Format::Sse };

@@ -41,6 +41,10 @@ pub struct Config {
     pub websocket: ws::Settings,
     /// Endpoints for testing Herald itself. Keep them off in production.
     pub testing: TestingConfig,
+    /// Set by `herald serve --demo` only (never from a file or the environment): serve
+    /// `/demo/token` and run the demo ticker. See `web::apply_demo`.
+    #[serde(skip)]
+    pub demo: bool,
 }
 
 impl Default for Config {
@@ -55,6 +59,7 @@ impl Default for Config {
             api: ApiConfig::default(),
             websocket: ws::Settings::default(),
             testing: TestingConfig::default(),
+            demo: false,
         }
     }
 }

@@ -1,0 +1,417 @@
+// Herald JS SDK: one ES module, no dependencies, for browsers and Node (inject `WebSocket`).
+// Speaks Herald's native protocol (docs/protocol.md) over one WebSocket: replies matched by
+// id, pushes routed to subscriptions, reconnect with backoff, recovery, token refresh.
+
+export const VERSION = "0.1.0";
+
+/** An error reply from the server (codes 100–199) or one the SDK raises itself (1–5). */
+export class HeraldError extends Error {
+  constructor(code, message) {
+    super(message);
+    this.name = "HeraldError";
+    this.code = code;
+  }
+}
+// The SDK's own codes; the server's are 100–199 (docs/protocol.md).
+HeraldError.TIMEOUT = 1; // no reply within `timeout`
+HeraldError.DISCONNECTED = 2; // the connection dropped before the reply: the outcome is unknown
+HeraldError.CLOSED = 3; // the client is disconnected (disconnect(), or a terminal close)
+HeraldError.QUEUE_FULL = 4; // more than `maxPending` requests waiting or in flight
+HeraldError.TOKEN = 5; // getToken() failed
+
+const { TIMEOUT, DISCONNECTED, CLOSED, QUEUE_FULL, TOKEN } = HeraldError;
+const MAX_DELAY = 2 ** 31 - 1; // setTimeout's limit
+
+/** Close codes after which reconnecting cannot help (docs/protocol.md, "Close codes"). */
+export const isTerminal = (code) =>
+  code === 1000 || code === 1002 || code === 1003 || code === 1007 || code === 1009 || (code >= 4500 && code <= 4999);
+
+/** The `exp` claim (Unix seconds) of a JWT, or undefined. The signature is not checked. */
+export function tokenExpiry(token) {
+  try {
+    const exp = JSON.parse(atob(token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/"))).exp;
+    return typeof exp === "number" ? exp : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+// Runs an application callback; what it throws is reported asynchronously (console, or the
+// process's uncaught exception) without breaking the delivery loop.
+function call(fn, arg) {
+  try {
+    if (fn) fn(arg);
+  } catch (e) {
+    setTimeout(() => {
+      throw e;
+    });
+  }
+}
+
+const asError = (e, code) => (e instanceof HeraldError ? e : new HeraldError(code, String((e && e.message) || e)));
+
+export class Herald {
+  /**
+   * @param {string} url e.g. "ws://localhost:8080/connect"
+   * @param {object} [options] see herald.d.ts
+   */
+  constructor(url, options = {}) {
+    this.url = url;
+    this.options = {
+      timeout: 10000,
+      pingMargin: 10000,
+      backoffBase: 250,
+      backoffMax: 20000,
+      maxPending: 256,
+      version: VERSION,
+      WebSocket: globalThis.WebSocket,
+      ...options,
+    };
+    if (!this.options.WebSocket) throw new TypeError("no WebSocket here: pass options.WebSocket (e.g. from 'ws')");
+    this.token = options.token;
+    this.state = "disconnected"; // "connecting" | "connected"
+    this.client = undefined; // this connection's id, from the connect reply
+    this.subs = new Map(); // channel -> Subscription
+    this.pending = new Map(); // id -> request sent, awaiting its reply
+    this.queue = []; // requests waiting for the connection
+    this.listeners = {};
+    this.attempt = 0;
+    this.timers = {};
+  }
+
+  /** Listens for "connecting", "connected", "disconnected" or "error"; returns off(). */
+  on(event, fn) {
+    const set = (this.listeners[event] ||= new Set());
+    set.add(fn);
+    return () => set.delete(fn);
+  }
+
+  _emit(event, ctx) {
+    for (const fn of this.listeners[event] || []) call(fn, ctx);
+  }
+
+  _timer(name, ms, fn) {
+    clearTimeout(this.timers[name]);
+    this.timers[name] = ms === undefined ? undefined : setTimeout(fn, Math.min(Math.max(ms, 0), MAX_DELAY));
+  }
+
+  /** Opens the connection (and keeps it open until disconnect() or a terminal close). */
+  connect() {
+    if (this.state !== "disconnected") return;
+    this.stopped = false;
+    this.attempt = 0;
+    this._open();
+  }
+
+  /** Closes the connection for good; subscriptions are kept for a later connect(). */
+  disconnect() {
+    if (this.state === "disconnected") return;
+    this.stopped = true;
+    this._lost(1000, "disconnected by the client", false);
+  }
+
+  async _open() {
+    const run = (this.run = {}); // a later _open() (disconnect(), then connect()) supersedes this one
+    this.state = "connecting";
+    this._emit("connecting", { attempt: this.attempt });
+    const { getToken, timeout } = this.options;
+    // A token that is missing or expires within the timeout is replaced before connecting.
+    const exp = this.token && tokenExpiry(this.token);
+    if (getToken && (!this.token || (exp && exp * 1000 - Date.now() < timeout))) {
+      let token;
+      try {
+        token = await getToken();
+      } catch (e) {
+        if (this.stopped || run !== this.run) return;
+        this._emit("error", asError(e, TOKEN));
+        return this._retry();
+      }
+      if (this.stopped || run !== this.run) return;
+      this.token = token;
+    }
+    let ws;
+    try {
+      ws = this.ws = new this.options.WebSocket(this.url, "herald.v1");
+    } catch (e) {
+      // A malformed URL, most likely: retrying cannot help.
+      this._emit("error", asError(e, CLOSED));
+      return this._lost(1006, "cannot open a WebSocket: " + e.message, false);
+    }
+    this.nextId = 1;
+    this._timer("open", timeout, () => this._lost(1006, "connect timed out"));
+    ws.onopen = () => {
+      const { name, version } = this.options;
+      this._send("connect", { token: this.token, name, version }, true, (e, info) => {
+        if (!e) return this._ready(info);
+        if (ws !== this.ws || e.code === DISCONNECTED) return; // _lost already handled it
+        this._emit("error", e);
+        const retry = e.code === TIMEOUT || e.code === 100 || e.code === 113;
+        this._lost(1006, "connect refused: " + e.message, retry);
+      });
+    };
+    ws.onmessage = (event) => ws === this.ws && this._message(event.data);
+    ws.onclose = (event) => ws === this.ws && this._lost(event.code, event.reason);
+    ws.onerror = () => {}; // a close event follows
+  }
+
+  _ready(info) {
+    this._timer("open");
+    this.state = "connected";
+    this.client = info.client;
+    this.connectedAt = Date.now();
+    this.pingMs = info.ping * 1000;
+    this.seen = Date.now();
+    if (this.pingMs > 0) this._watch();
+    this._scheduleRefresh(tokenExpiry(this.token || ""));
+    for (const sub of this.subs.values()) sub._subscribe();
+    const queued = this.queue;
+    this.queue = [];
+    for (const req of queued) this._transmit(req);
+    this._emit("connected", info);
+  }
+
+  // The connection ended (or is given up): clean up, tell the app, and reconnect unless told not to.
+  _lost(code, reason, reconnect = !isTerminal(code)) {
+    const ws = this.ws;
+    this.ws = undefined;
+    if (ws) {
+      ws.onopen = ws.onmessage = ws.onclose = null;
+      try {
+        if (code === 1000) ws.close(1000);
+        else if (ws.terminate) ws.terminate();
+        else ws.close();
+      } catch {
+        // already closed
+      }
+    }
+    for (const name of Object.keys(this.timers)) this._timer(name);
+    for (const req of this.pending.values()) {
+      clearTimeout(req.timer);
+      req.done(new HeraldError(DISCONNECTED, `connection lost before the ${req.cmd} reply`));
+    }
+    this.pending.clear();
+    for (const sub of this.subs.values()) sub.active = false;
+    if (code === 4005) {
+      // The token expired: only a fresh one from getToken can reconnect.
+      this.token = undefined;
+      reconnect = reconnect && !!this.options.getToken;
+    }
+    reconnect = reconnect && !this.stopped;
+    if (this.connectedAt && Date.now() - this.connectedAt >= this.options.backoffMax) this.attempt = 0;
+    this.connectedAt = undefined;
+    this.state = reconnect ? "connecting" : "disconnected";
+    if (!reconnect) {
+      this.stopped = true;
+      for (const req of this.queue.splice(0)) {
+        clearTimeout(req.timer);
+        req.done(new HeraldError(CLOSED, "the client is disconnected"));
+      }
+    }
+    this._emit("disconnected", { code, reason, reconnect });
+    if (reconnect) this._retry();
+  }
+
+  // Exponential backoff with full jitter: a uniform random wait below min(max, base * 2^n).
+  _retry() {
+    const { backoffBase, backoffMax } = this.options;
+    const ceiling = Math.min(backoffMax, backoffBase * 2 ** Math.min(this.attempt++, 30));
+    this.state = "connecting";
+    this._timer("retry", Math.random() * ceiling, () => this._open());
+  }
+
+  // Anything from the server proves the link alive; silence for ping + margin means it is
+  // dead (a half-open TCP connection can stay silent for minutes without a close event).
+  _watch() {
+    const ms = this.pingMs + this.options.pingMargin;
+    const left = this.seen + ms - Date.now();
+    if (left <= 0) return this._lost(1006, `nothing from the server for ${ms} ms`);
+    this._timer("alive", left, () => this._watch());
+  }
+
+  _message(text) {
+    let msg;
+    try {
+      msg = JSON.parse(text);
+    } catch {
+      return this._emit("error", new HeraldError(107, "the server sent a frame that is not JSON"));
+    }
+    if (!msg || typeof msg !== "object") return;
+    this.seen = Date.now();
+    if (msg.id !== undefined) {
+      const req = this.pending.get(msg.id);
+      if (!req) return;
+      this.pending.delete(msg.id);
+      clearTimeout(req.timer);
+      if (msg.error) req.done(new HeraldError(msg.error.code, msg.error.message));
+      else req.done(undefined, msg[req.cmd]);
+    } else if (msg.push) {
+      const sub = this.subs.get(msg.push.channel);
+      if (sub && sub.active) sub._push(msg.push);
+    } else if (msg.error) {
+      this._emit("error", new HeraldError(msg.error.code, msg.error.message));
+    } else if (Object.keys(msg).length === 0) {
+      this.ws.send("{}"); // the app-level ping: answer with a pong
+    }
+  }
+
+  // Sends a command now (`now`: connect and the SDK's own commands) or once connected.
+  // `done(error, result)` runs as the reply is read, before the frames that follow it.
+  _send(cmd, args, now, done) {
+    const { timeout, maxPending } = this.options;
+    if (!now && this.state === "disconnected")
+      return done(new HeraldError(CLOSED, "the client is disconnected: call connect() first"));
+    if (!now && this.pending.size + this.queue.length >= maxPending)
+      return done(new HeraldError(QUEUE_FULL, `more than ${maxPending} requests pending`));
+    const req = { cmd, args, done };
+    req.timer = setTimeout(() => {
+      this.pending.delete(req.id);
+      this.queue = this.queue.filter((r) => r !== req);
+      done(new HeraldError(TIMEOUT, `no ${cmd} reply within ${timeout} ms`));
+    }, timeout);
+    if (now || this.state === "connected") this._transmit(req);
+    else this.queue.push(req);
+  }
+
+  _request(cmd, args) {
+    return new Promise((resolve, reject) => this._send(cmd, args, false, (e, r) => (e ? reject(e) : resolve(r))));
+  }
+
+  _transmit(req) {
+    req.id = this.nextId++;
+    if (this.nextId > 0xffffffff) this.nextId = 1;
+    this.pending.set(req.id, req);
+    this.ws.send(JSON.stringify({ id: req.id, [req.cmd]: req.args }));
+  }
+
+  // Asks getToken for a new token shortly before the current one expires (the last fifth of
+  // its life, at most a minute early; at most once a second, should this clock run far ahead
+  // of the token issuer's). On failure the server closes with 4005 at expiry and the client
+  // reconnects with a fresh token.
+  _scheduleRefresh(exp) {
+    if (!this.options.getToken || !exp) return this._timer("refresh");
+    const left = exp * 1000 - Date.now();
+    this._timer("refresh", Math.max(1000, left - Math.min(left / 5, 60000)), () => this._refresh());
+  }
+
+  async _refresh() {
+    const ws = this.ws;
+    try {
+      const token = await this.options.getToken();
+      if (ws !== this.ws) return;
+      this.token = token;
+      this._send("refresh", { token }, true, (e, reply) => {
+        if (e) this._emit("error", e);
+        else this._scheduleRefresh(reply.expires);
+      });
+    } catch (e) {
+      if (ws === this.ws) this._emit("error", asError(e, TOKEN));
+    }
+  }
+
+  /**
+   * Subscribes to a channel; resubscribes (recovering what was missed) after every reconnect.
+   * @returns {Subscription}
+   */
+  subscribe(channel, handlers = {}) {
+    if (this.subs.has(channel)) throw new HeraldError(105, `already subscribed to ${channel}`);
+    const sub = new Subscription(this, channel, handlers);
+    this.subs.set(channel, sub);
+    if (this.state === "connected") sub._subscribe();
+    return sub;
+  }
+
+  /** Publishes `data` (any JSON value); resolves to {epoch, offset}. */
+  publish(channel, data) {
+    return this._request("publish", { channel, data });
+  }
+
+  /** Reads a channel's history; resolves to {epoch, offset, publications}. */
+  history(channel, { limit, since, reverse } = {}) {
+    return this._request("history", { channel, limit, since, reverse });
+  }
+
+  /** Who is subscribed; resolves to {clients: {<client>: {user, client, info?}}}. */
+  presence(channel) {
+    return this._request("presence", { channel });
+  }
+
+  /** Resolves to {clients, users}. */
+  presenceStats(channel) {
+    return this._request("presence_stats", { channel });
+  }
+}
+
+/** One channel's subscription: its position, for recovery, and the app's handlers. */
+class Subscription {
+  constructor(herald, channel, handlers) {
+    this.herald = herald;
+    this.channel = channel;
+    this.handlers = handlers;
+    this.epoch = undefined; // set by the first subscribe reply
+    this.offset = 0; // the last publication delivered
+    this.active = false; // subscribed on the current connection
+  }
+
+  get _current() {
+    return this.herald.subs.get(this.channel) === this;
+  }
+
+  _subscribe() {
+    const { herald, channel, epoch, offset } = this;
+    const args = epoch ? { channel, recover: true, epoch, offset } : { channel };
+    herald._send("subscribe", args, true, (e, reply) => {
+      if (!this._current) return;
+      if (!e) return this._subscribed(reply);
+      if (e.code === DISCONNECTED) return; // resubscribed after the reconnect
+      if (e.code === TIMEOUT) return herald._lost(1006, `no subscribe reply for ${channel}`);
+      // 100 and 113 (e.g. the server is shutting down) are tried again at the next connect.
+      if (e.code !== 100 && e.code !== 113) herald.subs.delete(channel);
+      call(this.handlers.onError, e);
+    });
+  }
+
+  _subscribed(reply) {
+    const h = this.handlers;
+    const recovered = !!reply.recovered && reply.epoch === this.epoch;
+    if (this.epoch === undefined || !recovered) {
+      const reset = this.epoch !== undefined;
+      this.epoch = reply.epoch;
+      this.offset = reply.offset;
+      if (reset) call(h.onReset, { epoch: reply.epoch, offset: reply.offset });
+    }
+    this.active = true;
+    call(h.onSubscribed, { epoch: reply.epoch, offset: reply.offset, recovered });
+    if (recovered) for (const pub of reply.publications || []) this._publication(pub);
+  }
+
+  // Delivers each offset once and in order: what recovery sent again is skipped.
+  _publication(pub) {
+    if (pub.offset !== undefined) {
+      if (pub.offset <= this.offset) return;
+      this.offset = pub.offset;
+    }
+    call(this.handlers.onPublication, pub);
+  }
+
+  _push(push) {
+    const h = this.handlers;
+    if (push.pub) this._publication(push.pub);
+    else if (push.join) call(h.onJoin, push.join);
+    else if (push.leave) call(h.onLeave, push.leave);
+    else if (push.unsubscribe) {
+      // The backend ended this subscription: it is not resubscribed.
+      this.herald.subs.delete(this.channel);
+      this.active = false;
+      call(h.onUnsubscribed, push.unsubscribe);
+    }
+  }
+
+  /** Stops the subscription (tells the server when connected). */
+  unsubscribe() {
+    const { herald, channel } = this;
+    if (!this._current) return;
+    herald.subs.delete(channel);
+    this.active = false;
+    if (herald.state === "connected") herald._send("unsubscribe", { channel }, true, () => {});
+  }
+}

@@ -1,0 +1,254 @@
+// The SDK against a real Herald (spawned from HERALD_BIN) over real sockets on 127.0.0.1.
+
+import assert from "node:assert/strict";
+import { after, before, test } from "node:test";
+import WebSocket from "ws";
+
+import { Herald, HeraldError } from "../herald.js";
+import { Server, sleep, token, waitFor } from "./herald-server.js";
+
+let server;
+const clients = [];
+
+before(async () => {
+  server = await new Server().start();
+});
+
+after(async () => {
+  for (const c of clients) c.disconnect();
+  await server.stop();
+});
+
+// A connected client; fast backoff so that reconnects happen within a test.
+async function client(options = {}) {
+  const herald = new Herald(options.url || server.url, { WebSocket, backoffBase: 20, backoffMax: 300, ...options });
+  clients.push(herald);
+  herald.events = [];
+  for (const e of ["connecting", "connected", "disconnected", "error"]) herald.on(e, (ctx) => herald.events.push([e, ctx]));
+  herald.connect();
+  await waitFor(() => herald.state === "connected", "connected");
+  return herald;
+}
+
+// Subscribes and records everything the subscription reports; resolves once subscribed.
+async function subscribe(herald, channel) {
+  const seen = { pubs: [], joins: [], leaves: [], resets: [], subscribed: [], errors: [] };
+  seen.sub = herald.subscribe(channel, {
+    onPublication: (p) => seen.pubs.push(p),
+    onJoin: (i) => seen.joins.push(i),
+    onLeave: (i) => seen.leaves.push(i),
+    onReset: (r) => seen.resets.push(r),
+    onSubscribed: (s) => seen.subscribed.push(s),
+    onError: (e) => seen.errors.push(e),
+  });
+  await waitFor(() => seen.subscribed.length > 0 || seen.errors.length > 0, `subscribed to ${channel}`);
+  return seen;
+}
+
+const datas = (seen) => seen.pubs.map((p) => p.data);
+const range = (from, to) => Array.from({ length: to - from + 1 }, (_, i) => from + i);
+
+test("connect, subscribe, and receive publications from the API and from the SDK", async () => {
+  const herald = await client({ name: "js-test" });
+  assert.match(herald.client, /\S/);
+  const seen = await subscribe(herald, "chat:connect");
+  assert.deepEqual(seen.subscribed, [{ epoch: seen.subscribed[0].epoch, offset: 0, recovered: false }]);
+
+  await server.api("publish", { channel: "chat:connect", data: { n: 1 } });
+  const reply = await herald.publish("chat:connect", { n: 2 });
+  assert.equal(reply.offset, 2);
+  assert.equal(reply.epoch, seen.subscribed[0].epoch);
+  await waitFor(() => seen.pubs.length === 2, "two publications");
+  assert.deepEqual(datas(seen), [{ n: 1 }, { n: 2 }]);
+  assert.deepEqual(seen.pubs.map((p) => p.offset), [1, 2]);
+  assert.equal(seen.pubs[0].info, undefined, "the API publishes without client info");
+  assert.equal(seen.pubs[1].info.client, herald.client);
+
+  // Refusals are HeraldErrors with the protocol's codes, and the connection goes on.
+  await assert.rejects(herald.publish("news", 1), (e) => e instanceof HeraldError && e.code === 103);
+  const bad = await subscribe(herald, "nope:x");
+  assert.equal(bad.errors[0].code, 102);
+  assert.equal(herald.subs.has("nope:x"), false);
+  assert.throws(() => herald.subscribe("chat:connect"), (e) => e.code === 105);
+  assert.equal(herald.state, "connected");
+
+  seen.sub.unsubscribe();
+  await herald.publish("chat:connect", { n: 3 }); // replies come in order: the unsubscribe is done
+  await sleep(50);
+  assert.equal(seen.pubs.length, 2, "nothing after unsubscribe");
+  assert.deepEqual(herald.events.filter(([e]) => e === "disconnected"), []);
+});
+
+test("history, presence, presenceStats, join and leave", async () => {
+  const ada = await client({ token: token("ada", 3600, { name: "Ada" }) });
+  const seen = await subscribe(ada, "chat:room");
+  for (const n of range(1, 5)) await ada.publish("chat:room", n);
+
+  const all = await ada.history("chat:room");
+  assert.deepEqual(all.publications.map((p) => p.data), range(1, 5));
+  assert.equal(all.offset, 5);
+  const since = await ada.history("chat:room", { limit: 10, since: { epoch: all.epoch, offset: 3 } });
+  assert.deepEqual(since.publications.map((p) => p.offset), [4, 5]);
+  const reverse = await ada.history("chat:room", { reverse: true });
+  assert.deepEqual(reverse.publications.map((p) => p.offset), [5, 4, 3, 2, 1]);
+
+  const bob = await client({ token: token("bob") });
+  const bobs = await subscribe(bob, "chat:room");
+  // Each user joins once: ada (her own join), then bob.
+  await waitFor(() => seen.joins.length === 2, "bob's join");
+  assert.deepEqual(seen.joins, [{ user: "ada", client: ada.client }, { user: "bob", client: bob.client }]);
+
+  const presence = await bob.presence("chat:room");
+  assert.deepEqual(Object.keys(presence.clients).sort(), [ada.client, bob.client].sort());
+  assert.deepEqual(presence.clients[ada.client].info, { name: "Ada" });
+  assert.deepEqual(await bob.presenceStats("chat:room"), { clients: 2, users: 2 });
+  await assert.rejects(bob.presence("news"), (e) => e.code === 109);
+
+  bobs.sub.unsubscribe();
+  await waitFor(() => seen.leaves.length === 1, "bob's leave");
+  assert.equal(seen.leaves[0].user, "bob");
+  assert.deepEqual(await ada.presenceStats("chat:room"), { clients: 1, users: 1 });
+});
+
+test("dropped connections reconnect and recover: every publication once, in order", async () => {
+  const herald = await client({ token: token("carol") });
+  const seen = await subscribe(herald, "chat:recover");
+  const drops = () => herald.events.filter(([e, c]) => e === "disconnected" && c.code === 4000).length;
+  // A publisher keeps publishing while the server closes the client's connection three times
+  // with a "reconnect and recover" code: publications happen while it is away, while it
+  // resubscribes, and while it is connected.
+  let n = 0;
+  let stop = false;
+  const publisher = (async () => {
+    while (!stop && n < 600) {
+      await server.api("publish", { channel: "chat:recover", data: ++n });
+      await sleep(2);
+    }
+  })();
+  try {
+    for (let round = 1; round <= 3; round++) {
+      const at = n;
+      await waitFor(() => n >= at + 20, "publications before the drop");
+      assert.deepEqual(await server.api("disconnect", { user: "carol", code: 4000, reason: "test" }), { connections: 1 });
+      await waitFor(() => drops() === round && herald.state === "connected", `reconnect ${round}`);
+    }
+    const at = n;
+    await waitFor(() => n >= at + 20, "publications after the last reconnect");
+  } finally {
+    stop = true;
+    await publisher;
+  }
+  await waitFor(() => seen.pubs.length >= n, `${n} publications`);
+  await sleep(100);
+  assert.deepEqual(datas(seen), range(1, n));
+  assert.deepEqual(seen.pubs.map((p) => p.offset), range(1, n));
+  assert.deepEqual(seen.resets, []);
+  assert.equal(seen.subscribed.filter((s) => s.recovered).length, 3, "resubscribed with recovery each time");
+  const gone = herald.events.find(([e, c]) => e === "disconnected" && c.code === 4000)[1];
+  assert.deepEqual(gone, { code: 4000, reason: "test", reconnect: true });
+});
+
+test("a terminal close code (4503) stops reconnecting", async () => {
+  const herald = await client({ token: token("dave") });
+  await server.api("disconnect", { user: "dave" });
+  await waitFor(() => herald.state === "disconnected", "disconnected");
+  const connecting = herald.events.filter(([e]) => e === "connecting").length;
+  await sleep(600); // longer than the largest backoff
+  assert.equal(herald.events.filter(([e]) => e === "connecting").length, connecting);
+  assert.deepEqual(herald.events.at(-1), ["disconnected", { code: 4503, reason: herald.events.at(-1)[1].reason, reconnect: false }]);
+  await assert.rejects(herald.publish("chat:x", 1), (e) => e.code === HeraldError.CLOSED);
+});
+
+test("a refused connect (bad token) is an error and ends connecting", async () => {
+  const forged = token("mallory").replace(/\.[^.]*$/, ".AAAA");
+  const herald = new Herald(server.url, { WebSocket, token: forged, backoffBase: 20, backoffMax: 300 });
+  const events = [];
+  for (const e of ["connecting", "connected", "error", "disconnected"]) herald.on(e, (ctx) => events.push([e, ctx]));
+  herald.connect();
+  await waitFor(() => herald.state === "disconnected", "disconnected");
+  await sleep(400);
+  assert.deepEqual(events.map(([e]) => e), ["connecting", "error", "disconnected"]);
+  assert.equal(events[1][1].code, 101);
+  assert.equal(events[2][1].reconnect, false);
+});
+
+test("disconnect() closes for good; connect() again resubscribes", async () => {
+  const herald = await client();
+  const seen = await subscribe(herald, "chat:again");
+  herald.disconnect();
+  assert.equal(herald.state, "disconnected");
+  await server.api("publish", { channel: "chat:again", data: "while away" });
+  await sleep(300);
+  assert.equal(herald.events.filter(([e]) => e === "connecting").length, 1);
+  herald.connect();
+  await waitFor(() => seen.pubs.length === 1, "the missed publication, recovered");
+  assert.deepEqual(datas(seen), ["while away"]);
+});
+
+test("tokens are refreshed through getToken before they expire", async () => {
+  let calls = 0;
+  const herald = await client({ getToken: async () => (calls++, token("erin", 3)) });
+  const seen = await subscribe(herald, "chat:refresh");
+  // Herald closes a connection whose token expired (4005) at its next ping; 3 s tokens
+  // would be closed within this wait without refreshes.
+  await sleep(7000);
+  await server.api("publish", { channel: "chat:refresh", data: "still here" });
+  await waitFor(() => seen.pubs.length === 1, "the publication");
+  assert.deepEqual(herald.events.filter(([e]) => e === "disconnected" || e === "error"), []);
+  assert.ok(calls >= 3, `getToken called ${calls} times`);
+});
+
+test("after a failed refresh, 4005 reconnects with a fresh token", async () => {
+  let calls = 0;
+  const getToken = async () => {
+    if (++calls === 2) throw new Error("token service down");
+    return token("frank", calls === 1 ? 2 : 3600);
+  };
+  const herald = await client({ getToken });
+  const seen = await subscribe(herald, "chat:expired");
+  await waitFor(() => herald.events.some(([e, c]) => e === "disconnected" && c.code === 4005), "4005", 15000);
+  await waitFor(() => herald.state === "connected", "reconnected");
+  const errors = herald.events.filter(([e]) => e === "error").map(([, err]) => err);
+  assert.equal(errors[0].code, HeraldError.TOKEN);
+  assert.match(errors[0].message, /token service down/);
+  await server.api("publish", { channel: "chat:expired", data: 1 });
+  await waitFor(() => seen.pubs.length === 1, "a publication after the reconnect");
+  assert.equal(calls, 3);
+});
+
+test("a dead link (no ping within ping + margin) is detected and replaced", async () => {
+  const herald = await client({ pingMargin: 300, timeout: 1000 });
+  const seen = await subscribe(herald, "chat:dead");
+  server.proc.kill("SIGSTOP"); // the server stops answering, the TCP connection stays open
+  try {
+    await waitFor(() => herald.events.some(([e, c]) => e === "disconnected" && /nothing from the server/.test(c.reason)), "dead link");
+  } finally {
+    server.proc.kill("SIGCONT");
+  }
+  await waitFor(() => herald.state === "connected", "reconnected");
+  await server.api("publish", { channel: "chat:dead", data: "back" });
+  await waitFor(() => seen.pubs.length === 1, "a publication after the reconnect");
+  assert.deepEqual(seen.resets, []);
+});
+
+test("after a server restart the subscription is reset, then goes on", async () => {
+  const own = await new Server().start();
+  try {
+    const herald = await client({ url: own.url });
+    const seen = await subscribe(herald, "chat:restart");
+    await own.api("publish", { channel: "chat:restart", data: "before" });
+    await waitFor(() => seen.pubs.length === 1, "the first publication");
+    await own.stop();
+    await waitFor(() => herald.events.some(([e, c]) => e === "disconnected" && c.code === 1001), "1001");
+    await own.start();
+    await waitFor(() => seen.resets.length === 1, "onReset", 15000);
+    assert.notEqual(seen.resets[0].epoch, seen.subscribed[0].epoch);
+    assert.deepEqual(seen.subscribed.at(-1), { ...seen.resets[0], recovered: false });
+    await own.api("publish", { channel: "chat:restart", data: "after" });
+    await waitFor(() => seen.pubs.length === 2, "a publication after the restart");
+    assert.deepEqual(datas(seen), ["before", "after"]);
+    herald.disconnect();
+  } finally {
+    await own.stop();
+  }
+});
