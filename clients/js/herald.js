@@ -117,6 +117,7 @@ export class Herald {
     const { getToken, timeout } = this.options;
     // A token that is missing or expires within the timeout is replaced before connecting.
     const exp = this.token && tokenExpiry(this.token);
+    let fresh = false;
     if (getToken && (!this.token || (exp && exp * 1000 - Date.now() < timeout))) {
       let token;
       try {
@@ -128,6 +129,7 @@ export class Herald {
       }
       if (this.stopped || run !== this.run) return;
       this.token = token;
+      fresh = true;
     }
     let ws;
     try {
@@ -145,7 +147,10 @@ export class Herald {
         if (!e) return this._ready(info);
         if (ws !== this.ws || e.code === DISCONNECTED) return; // _lost already handled it
         this._emit("error", e);
-        const retry = e.code === TIMEOUT || e.code === 100 || e.code === 113;
+        // A kept token the server refuses (its key rotated, say) is replaced once from getToken.
+        const stale = e.code === 101 && getToken && !fresh;
+        if (stale) this.token = undefined;
+        const retry = stale || e.code === TIMEOUT || e.code === 100 || e.code === 113;
         this._lost(1006, "connect refused: " + e.message, retry);
       });
     };

@@ -172,6 +172,24 @@ test("a refused connect (bad token) is an error and ends connecting", async () =
   assert.equal(events[2][1].reconnect, false);
 });
 
+test("a kept token the server refuses is replaced once from getToken; a fresh one refused is final", async () => {
+  const forged = token("erin").replace(/\.[^.]*$/, ".AAAA");
+  let calls = 0;
+  const good = new Herald(server.url, { WebSocket, token: forged, getToken: async () => (calls++, token("erin")), backoffBase: 20, backoffMax: 300 });
+  good.connect();
+  await waitFor(() => good.state === "connected", "connected with the fresh token");
+  assert.equal(calls, 1);
+  good.disconnect();
+
+  let tries = 0;
+  const bad = new Herald(server.url, { WebSocket, getToken: async () => (tries++, forged), backoffBase: 20, backoffMax: 300 });
+  bad.connect();
+  await waitFor(() => bad.state === "disconnected", "disconnected");
+  await sleep(400);
+  assert.equal(tries, 1);
+  assert.equal(bad.state, "disconnected");
+});
+
 test("disconnect() closes for good; connect() again resubscribes", async () => {
   const herald = await client();
   const seen = await subscribe(herald, "chat:again");
