@@ -11,7 +11,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, DecodingKeyKind, EncodingKey, Header,
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// Shortest HMAC secret accepted: RFC 7518 §3.2 asks for a key at least as long as the hash
 /// output, and shorter secrets can be brute-forced offline from any one token.

@@ -14,6 +14,7 @@
 //! - `server`: the listener, routes, connection limits and graceful shutdown.
 //! - `metrics`: the Prometheus recorder behind `/metrics`.
 //! - `http_error`: JSON error answers shared by every HTTP endpoint.
+//! - `secret`: `Secret`, a configuration value never printed (a leaf, used by `config` and `auth`).
 
 pub mod api;
 pub mod auth;
@@ -24,6 +25,7 @@ pub mod http_error;
 pub mod hub;
 pub mod metrics;
 pub mod node;
+pub mod secret;
 pub mod server;
 pub mod session;
 pub mod transport;
