@@ -37,11 +37,18 @@ pub enum ErrorCode {
     Unavailable = 113,
     /// The HTTP method is not allowed on this endpoint.
     MethodNotAllowed = 114,
+    /// The subscription token expired (in an `unsubscribe` push: the subscription ended);
+    /// get a new one and subscribe again.
+    SubscriptionExpired = 117,
+    /// `sub_refresh` for a channel this connection is not subscribed to with a token.
+    NotSubscribed = 118,
+    /// The namespace needs a subscription token: `subscribe` with one (then retry the command).
+    TokenRequired = 119,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 17] = [
         Self::Internal,
         Self::Unauthorized,
         Self::InvalidChannel,
@@ -56,6 +63,9 @@ impl ErrorCode {
         Self::TooLarge,
         Self::Unavailable,
         Self::MethodNotAllowed,
+        Self::SubscriptionExpired,
+        Self::NotSubscribed,
+        Self::TokenRequired,
     ];
 
     /// Whether the same request may succeed if retried (with backoff).
@@ -67,10 +77,10 @@ impl ErrorCode {
     pub fn http_status(self) -> u16 {
         match self {
             Self::Internal => 500,
-            Self::Unauthorized => 401,
+            Self::Unauthorized | Self::SubscriptionExpired | Self::TokenRequired => 401,
             Self::PermissionDenied => 403,
             Self::InvalidChannel | Self::BadRequest | Self::AlreadySubscribed | Self::NotConnected => 400,
-            Self::NotAvailable => 409,
+            Self::NotAvailable | Self::NotSubscribed => 409,
             Self::UnknownCommand | Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::TooLarge => 413,
@@ -106,6 +116,9 @@ impl ErrorCode {
             Self::TooLarge => "too large",
             Self::Unavailable => "unavailable",
             Self::MethodNotAllowed => "method not allowed",
+            Self::SubscriptionExpired => "subscription token expired",
+            Self::NotSubscribed => "not subscribed with a token",
+            Self::TokenRequired => "subscription token required",
         }
     }
 }

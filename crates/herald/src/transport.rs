@@ -13,6 +13,7 @@ use bytes::{Bytes, BytesMut};
 use herald_protocol::ErrorCode;
 use http::{header, HeaderMap};
 
+use crate::channel::Access;
 use crate::channel::{ChannelName, NamespaceOptions};
 use crate::engine::StreamPosition;
 use crate::http_error::ApiError;
@@ -28,11 +29,11 @@ pub async fn connect(State(node): State<Arc<Node>>, req: Request) -> Response {
 }
 
 /// Checks that an anonymous client may subscribe to `name` (the raw transports have no
-/// `connect`, so no identity).
+/// `connect`, so no identity and no token: only namespaces open to `"anonymous"`).
 fn anonymous_subscribe<'a>(node: &'a Node, name: &str) -> Result<(ChannelName, &'a NamespaceOptions), ApiError> {
     let (channel, ns) =
         node.config.channels.resolve(name).map_err(|e| ApiError::new(ErrorCode::InvalidChannel, e.to_string()))?;
-    if !ns.subscribe || !channel.allows_user("") {
+    if ns.subscribe.level(Access::Anonymous) != Access::Anonymous || !channel.allows_user("") {
         return Err(ApiError::new(ErrorCode::PermissionDenied, "permission denied"));
     }
     Ok((channel, ns))
