@@ -138,7 +138,9 @@ async fn an_expired_connection_token_ends_the_connection_at_exp_plus_leeway_not_
     let mut c = Config { auth: AuthConfig { leeway: Duration::from_secs(1), ..hs_auth() }, ..Default::default() };
     // Far beyond the expiry: only the session's own timer can close in time.
     c.websocket.ping_interval = Duration::from_secs(120);
+    let leeway = c.auth.leeway.as_secs();
     let server = TestServer::start(c).await;
+    let minted = now();
     let mut expiring = as_user(server.addr, &token("42", 2)).await;
     let mut refreshed = as_user(server.addr, &token("42", 2)).await;
     let r = expiring.request("subscribe", json!({"channel": "news"})).await;
@@ -150,8 +152,11 @@ async fn an_expired_connection_token_ends_the_connection_at_exp_plus_leeway_not_
 
     let started = std::time::Instant::now();
     assert_eq!(close_code(&mut expiring, Duration::from_secs(30)).await, 4005);
-    // Bound, not speed: closed well before the 120 s ping could have noticed.
+    // Bounds, not speed: not before exp + leeway, and well before the 120 s ping could have
+    // noticed.
+    assert!(now() >= minted + 2 + leeway, "closed before exp + leeway");
     assert!(started.elapsed() < Duration::from_secs(60), "closed by the timer, not by a ping");
+    eprintln!("closed {:?} after connecting, token exp = connect + 2 s, leeway 1 s", started.elapsed());
     let r = refreshed.request("subscribe", json!({"channel": "news"})).await;
     assert!(r.get("subscribe").is_some(), "the refreshed connection is still open: {r}");
     assert_eq!(close_code(&mut refreshed, Duration::from_secs(30)).await, 4005, "then its new expiry ends it too");
@@ -313,5 +318,62 @@ async fn the_channels_claim_subscribes_the_connection_on_connect() {
         let r = c.request("connect", json!({"token": hs256(&claims(bad.clone()))})).await;
         assert_eq!(r["error"]["code"], 101, "{bad}: {r}");
     }
+    server.shutdown().await;
+}
+
+/// A fresh Ed25519 key: (signing key, public JWK with `kid`).
+fn ed25519(kid: &str) -> (EncodingKey, Value) {
+    use base64::Engine;
+    use ed25519_dalek::pkcs8::EncodePrivateKey;
+    let signing = ed25519_dalek::SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+    let der = signing.to_pkcs8_der().expect("pkcs8");
+    let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signing.verifying_key().as_bytes());
+    (EncodingKey::from_ed_der(der.as_bytes()), json!({"kty": "OKP", "crv": "Ed25519", "kid": kid, "x": x}))
+}
+
+fn write_jwks(path: &std::path::Path, keys: &[&Value]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, json!({ "keys": keys }).to_string()).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+#[tokio::test]
+async fn a_rotated_jwks_file_is_used_without_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("jwks.json");
+    let (old_key, old_jwk) = ed25519("2026-old");
+    let (new_key, new_jwk) = ed25519("2026-new");
+    write_jwks(&path, &[&old_jwk]);
+    let auth = AuthConfig {
+        algorithm: TokenAlgorithm::EdDSA,
+        jwks_file: path.display().to_string(),
+        jwks_check_interval: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let server = TestServer::start(Config { auth, ..Default::default() }).await;
+    let signed = |key: &EncodingKey, kid: &str| {
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(kid.to_owned());
+        jsonwebtoken::encode(&header, &json!({"sub": "42", "exp": now() + 600}), key).expect("signs")
+    };
+    let try_connect = |token: String| async move {
+        let mut c = Native::open(server.addr).await;
+        c.request("connect", json!({ "token": token })).await
+    };
+    assert!(try_connect(signed(&old_key, "2026-old")).await.get("connect").is_some());
+    assert_eq!(try_connect(signed(&new_key, "2026-new")).await["error"]["code"], 101, "not published yet");
+
+    write_jwks(&path, &[&new_jwk]);
+    let mut tries = 0;
+    while try_connect(signed(&new_key, "2026-new")).await.get("connect").is_none() {
+        tries += 1;
+        assert!(tries < 100, "the new key was never picked up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(try_connect(signed(&old_key, "2026-old")).await["error"]["code"], 101, "the old key is gone");
+    // A broken file keeps the keys in use.
+    std::fs::write(&path, "{\"keys\":").expect("write");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(try_connect(signed(&new_key, "2026-new")).await.get("connect").is_some(), "still the new key");
     server.shutdown().await;
 }

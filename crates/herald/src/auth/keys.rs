@@ -91,6 +91,13 @@ pub(super) fn from_config(config: &AuthConfig) -> Result<Option<Keys>, AuthError
 }
 
 pub(super) fn check_secret(secret: &Secret) -> Result<(), AuthError> {
+    // Anyone may know a public key: as an HMAC secret it lets anyone sign tokens.
+    if secret.expose().contains("-----BEGIN") {
+        return Err(bad_config(
+            "auth.secret",
+            "is a PEM key; an HMAC secret must be secret (for a public key, use an RS/PS/ES/EdDSA algorithm and `auth.public_key`)",
+        ));
+    }
     let len = secret.expose().len();
     if len < MIN_SECRET_LEN {
         return Err(bad_config("auth.secret", format!("is {len} bytes; use at least {MIN_SECRET_LEN}")));

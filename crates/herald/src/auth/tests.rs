@@ -250,6 +250,8 @@ fn config_checks() {
     with_key(TokenAlgorithm::RS256, TEST_RSA_PUBLIC).validate().expect("RSA key");
     with_key(TokenAlgorithm::ES256, TEST_EC_PUBLIC).validate().expect("EC key");
 
+    let public_as_secret = AuthConfig { secret: Secret::new(TEST_RSA_PUBLIC), ..AuthConfig::default() };
+    assert_eq!(invalid_key(public_as_secret), "auth.secret");
     let short = AuthConfig { secret: Secret::new("0123456789abcdef0123456789abcde"), ..AuthConfig::default() };
     assert_eq!(invalid_key(short), "auth.secret");
     let closed = AuthConfig { allow_anonymous: false, ..AuthConfig::default() };
