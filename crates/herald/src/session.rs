@@ -47,9 +47,18 @@ pub struct Session {
     /// When the token expires (Unix seconds); 0 without a token.
     expires_at: u64,
     subscriptions: HashSet<Arc<str>>,
-    /// Subscriptions made with a subscription token, and when each token expires (Unix
-    /// seconds). Empty (no allocation) for most connections.
-    token_subscriptions: HashMap<Arc<str>, u64>,
+    /// Subscriptions made with a subscription token. Empty (no allocation) for most
+    /// connections.
+    token_subscriptions: HashMap<Arc<str>, TokenSubscription>,
+}
+
+/// What a subscription token granted.
+#[derive(Debug, Clone)]
+struct TokenSubscription {
+    /// When the token expires (Unix seconds).
+    expires_at: u64,
+    /// Its `info` claim, as JSON: this connection's presence entry on that channel.
+    info: Option<Bytes>,
 }
 
 impl Session {
@@ -210,9 +219,11 @@ impl Session {
             (true, Some(epoch), Some(offset)) => Some(StreamPosition { epoch: Arc::from(epoch.as_str()), offset }),
             (true, _, _) => return Err(refuse(ErrorCode::BadRequest, "`recover` needs `epoch` and `offset`")),
         };
-        if let Some(at) = expires {
-            self.token_subscriptions.insert(channel.shared().clone(), at);
-        }
+        let expires = expires.map(|granted| {
+            let at = granted.expires_at;
+            self.token_subscriptions.insert(channel.shared().clone(), granted);
+            at
+        });
         let joined = self
             .join(&channel, ns, recover, |result| {
                 Bytes::from(encode_reply(id, "subscribe", &SubscribeResult { expires, ..result }))
@@ -224,8 +235,8 @@ impl Session {
         joined
     }
 
-    /// Checks a subscription token for `channel` and this connection's user; returns its expiry.
-    fn subscription_token(&self, token: &str, channel: &ChannelName) -> Result<u64, Refusal> {
+    /// Checks a subscription token for `channel` and this connection's user.
+    fn subscription_token(&self, token: &str, channel: &ChannelName) -> Result<TokenSubscription, Refusal> {
         let Some(verifier) = &self.node.verifier else {
             return Err(refuse(ErrorCode::Unauthorized, "this server has no key to verify subscription tokens"));
         };
@@ -236,7 +247,7 @@ impl Session {
         if claims.channel != channel.as_str() {
             return Err(refuse(ErrorCode::Unauthorized, "the subscription token is for another channel"));
         }
-        Ok(claims.expires_at)
+        Ok(TokenSubscription { expires_at: claims.expires_at, info: claims.info.map(|v| Bytes::from(v.to_string())) })
     }
 
     /// Whether this client may do what `access` asks on `channel` (beside the channel's own
@@ -306,7 +317,7 @@ impl Session {
     }
 
     async fn presence_add(&self, channel: &ChannelName, join_leave: bool) {
-        let entry = self.presence_entry();
+        let entry = self.presence_entry(channel.as_str());
         let ttl = self.presence_ttl();
         let info = ClientInfo { user: entry.user.clone(), client: entry.client.clone() };
         match self.node.engine.presence_add(channel.as_str(), entry, ttl).await {
@@ -336,12 +347,11 @@ impl Session {
         }
     }
 
-    fn presence_entry(&self) -> PresenceEntry {
-        PresenceEntry {
-            client: self.client.clone().unwrap_or_default(),
-            user: self.user.clone(),
-            info: self.info.clone(),
-        }
+    /// This client's presence entry on `channel`: the subscription token's `info` where one
+    /// gave it, else the connection token's.
+    fn presence_entry(&self, channel: &str) -> PresenceEntry {
+        let info = self.token_subscriptions.get(channel).and_then(|t| t.info.clone()).or_else(|| self.info.clone());
+        PresenceEntry { client: self.client.clone().unwrap_or_default(), user: self.user.clone(), info }
     }
 
     /// Presence lives three ping intervals unless refreshed (each ping refreshes it).
@@ -354,7 +364,8 @@ impl Session {
         for channel in &self.subscriptions {
             let Ok((name, ns)) = self.node.config.channels.resolve(channel) else { continue };
             if ns.presence {
-                let _ = self.node.engine.presence_add(name.as_str(), self.presence_entry(), self.presence_ttl()).await;
+                let entry = self.presence_entry(name.as_str());
+                let _ = self.node.engine.presence_add(name.as_str(), entry, self.presence_ttl()).await;
             }
         }
     }
@@ -411,8 +422,10 @@ impl Session {
         if !self.token_subscriptions.contains_key(channel.as_str()) {
             return Err(refuse(ErrorCode::NotSubscribed, "not subscribed to this channel with a token"));
         }
-        let expires = self.subscription_token(&req.token, &channel)?;
-        self.token_subscriptions.insert(channel.shared().clone(), expires);
+        let granted = self.subscription_token(&req.token, &channel)?;
+        let expires = granted.expires_at;
+        // The new `info` shows in presence from the next refresh (every ping interval).
+        self.token_subscriptions.insert(channel.shared().clone(), granted);
         self.send(encode_reply(id, "sub_refresh", &SubRefreshResult { expires }));
         Ok(())
     }
@@ -430,7 +443,7 @@ impl Session {
     /// the connection's own, or a subscription's.
     pub fn next_expiry(&self) -> Option<u64> {
         let connection = (self.expires_at != 0).then_some(self.expires_at);
-        let subscription = self.token_subscriptions.values().copied().min();
+        let subscription = self.token_subscriptions.values().map(|t| t.expires_at).min();
         connection.into_iter().chain(subscription).min().map(|at| at.saturating_add(self.leeway()))
     }
 
@@ -445,7 +458,7 @@ impl Session {
         let due: Vec<Arc<str>> = self
             .token_subscriptions
             .iter()
-            .filter(|(_, at)| now >= at.saturating_add(leeway))
+            .filter(|(_, t)| now >= t.expires_at.saturating_add(leeway))
             .map(|(channel, _)| channel.clone())
             .collect();
         for channel in due {

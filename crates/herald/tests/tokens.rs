@@ -377,3 +377,26 @@ async fn a_rotated_jwks_file_is_used_without_a_restart() {
     assert!(try_connect(signed(&new_key, "2026-new")).await.get("connect").is_some(), "still the new key");
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_subscription_tokens_info_is_this_connections_presence_on_that_channel() {
+    let server = TestServer::start(rules_config()).await;
+    let connection = herald::auth::mint(&hs_auth(), "42", Duration::from_secs(600), Some(json!({"name": "Ada"})));
+    let mut c = as_user(server.addr, &connection.expect("mint")).await;
+    let seat = json!({"seat": 3});
+    let token =
+        herald::auth::mint_subscription(&hs_auth(), "42", "private:a", Duration::from_secs(60), Some(seat.clone()));
+    let r = c.request("subscribe", json!({"channel": "private:a", "token": token.expect("mint")})).await;
+    assert!(r.get("subscribe").is_some(), "{r}");
+    let r = c.request("subscribe", json!({"channel": "members:a"})).await;
+    assert!(r.get("subscribe").is_some(), "{r}");
+    let infos = |r: &Value, ch: &str| -> Vec<Value> {
+        let clients = r["presence"]["clients"].as_object().unwrap_or_else(|| panic!("{ch}: {r}"));
+        clients.values().map(|e| e["info"].clone()).collect()
+    };
+    let r = c.request("presence", json!({"channel": "private:a"})).await;
+    assert_eq!(infos(&r, "private:a"), [seat]);
+    let r = c.request("presence", json!({"channel": "members:a"})).await;
+    assert_eq!(infos(&r, "members:a"), [json!({"name": "Ada"})]);
+    server.shutdown().await;
+}

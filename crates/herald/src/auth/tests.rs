@@ -554,3 +554,39 @@ fn minting_without_a_secret_says_how_to_set_one() {
     let message = mint(&AuthConfig::default(), "42", Duration::from_secs(60), None).expect_err("no secret").to_string();
     assert!(message.contains("HERALD_AUTH__SECRET=") && message.contains("herald token --user 42"), "{message}");
 }
+
+#[tokio::test]
+async fn sighup_reloads_the_jwks_file_at_once() {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Our own listener first: from now on SIGHUP cannot end the test process.
+    let mut ours = signal(SignalKind::hangup()).expect("a SIGHUP listener");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let alg = TokenAlgorithm::EdDSA;
+    let (_, _, ja) = generated_jwk(alg);
+    let (b, _, jb) = generated_jwk(alg);
+    let path = jwks_file(&dir, &[jwk(&ja, "a")]);
+    let config = AuthConfig {
+        algorithm: alg,
+        jwks_file: path.display().to_string(),
+        // Polling alone would not see the change within this test.
+        jwks_check_interval: Duration::from_secs(3600),
+        ..AuthConfig::default()
+    };
+    let v = verifier(&config);
+    v.watch();
+    // Let the watcher start and register its own listener.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    jwks_file(&dir, &[jwk(&jb, "b")]);
+    let with_b = signed_with_kid(alg, &b, Some("b"), &json!({"sub": "42", "exp": now() + 60}));
+    assert!(v.verify(&with_b).is_err());
+    let status =
+        std::process::Command::new("kill").args(["-HUP", &std::process::id().to_string()]).status().expect("kill runs");
+    assert!(status.success());
+    ours.recv().await;
+    let mut tries = 0;
+    while v.verify(&with_b).is_err() {
+        tries += 1;
+        assert!(tries < 200, "SIGHUP did not reload the file");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
