@@ -2,7 +2,8 @@
 //!
 //! Layout:
 //! - `config`: the typed configuration (file, environment, flags) and its generated docs.
-//! - `auth`: connection tokens (JWT) verified with a pinned algorithm; minting for development.
+//! - `auth`: connection and subscription tokens (JWT) verified with a pinned algorithm; keys from
+//!   PEM or a reloaded JWKS file; minting for development.
 //! - `channel`: channel names, namespaces and what they allow.
 //! - `engine`: where publications, history and presence live (`MemoryEngine`; trait + conformance suite).
 //! - `hub`: channel → subscribers; encode once, fan out, cut off slow consumers.
