@@ -112,7 +112,7 @@ impl std::fmt::Display for ChannelName {
 /// `"anonymous"` (any client), `"authenticated"` (a client that connected with a token),
 /// `"token"` (a client holding a subscription token for the channel), `"none"` (no client;
 /// the HTTP API still can).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum Rule {
     /// `true`: the rule's usual meaning (see each key); `false`: no client.
@@ -144,6 +144,32 @@ impl Rule {
             Self::Flag(false) => Access::None,
             Self::Level(access) => access,
         }
+    }
+}
+
+// By hand rather than `untagged`, so a wrong value says what would be right.
+impl<'de> Deserialize<'de> for Rule {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Rule;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("true, false, \"anonymous\", \"authenticated\", \"token\" or \"none\"")
+            }
+            fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<Rule, E> {
+                Ok(Rule::Flag(b))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Rule, E> {
+                match s {
+                    "anonymous" => Ok(Rule::Level(Access::Anonymous)),
+                    "authenticated" => Ok(Rule::Level(Access::Authenticated)),
+                    "token" => Ok(Rule::Level(Access::Token)),
+                    "none" => Ok(Rule::Level(Access::None)),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(s), &self)),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
     }
 }
 
@@ -328,7 +354,8 @@ mod tests {
         assert_eq!(ns.subscribe.level(Access::Anonymous), Access::None);
         assert_eq!(ns.publish.level(Access::None), Access::Anonymous);
         for bad in ["subscribe = \"everyone\"", "publish = 1", "subscribe = \"True\""] {
-            assert!(toml::from_str::<NamespaceOptions>(bad).is_err(), "{bad}");
+            let err = toml::from_str::<NamespaceOptions>(bad).expect_err(bad).to_string();
+            assert!(err.contains("\"authenticated\""), "says what is accepted: {err}");
         }
         // Defaults serialize as the booleans they were.
         let defaults = serde_json::to_value(NamespaceOptions::default()).expect("json");
