@@ -47,9 +47,41 @@ pub struct Session {
     /// When the token expires (Unix seconds); 0 without a token.
     expires_at: u64,
     subscriptions: HashSet<Arc<str>>,
-    /// Subscriptions made with a subscription token. Empty (no allocation) for most
-    /// connections.
-    token_subscriptions: HashMap<Arc<str>, TokenSubscription>,
+    /// Subscriptions made with a subscription token.
+    token_subscriptions: TokenSubscriptions,
+}
+
+/// Subscriptions made with a token, by channel: one pointer for the many connections that
+/// have none (a bare `HashMap` is 48 bytes in every session).
+#[derive(Debug, Default)]
+#[allow(clippy::box_collection)]
+struct TokenSubscriptions(Option<Box<HashMap<Arc<str>, TokenSubscription>>>);
+
+impl TokenSubscriptions {
+    fn get(&self, channel: &str) -> Option<&TokenSubscription> {
+        self.0.as_ref()?.get(channel)
+    }
+
+    fn contains_key(&self, channel: &str) -> bool {
+        self.get(channel).is_some()
+    }
+
+    fn insert(&mut self, channel: Arc<str>, granted: TokenSubscription) {
+        self.0.get_or_insert_with(Default::default).insert(channel, granted);
+    }
+
+    fn remove(&mut self, channel: &str) {
+        if let Some(map) = &mut self.0 {
+            map.remove(channel);
+            if map.is_empty() {
+                self.0 = None;
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &TokenSubscription)> {
+        self.0.iter().flat_map(|map| map.iter())
+    }
 }
 
 /// What a subscription token granted.
@@ -73,7 +105,7 @@ impl Session {
             info: None,
             expires_at: 0,
             subscriptions: HashSet::new(),
-            token_subscriptions: HashMap::new(),
+            token_subscriptions: TokenSubscriptions::default(),
         }
     }
 
@@ -443,7 +475,7 @@ impl Session {
     /// the connection's own, or a subscription's.
     pub fn next_expiry(&self) -> Option<u64> {
         let connection = (self.expires_at != 0).then_some(self.expires_at);
-        let subscription = self.token_subscriptions.values().map(|t| t.expires_at).min();
+        let subscription = self.token_subscriptions.iter().map(|(_, t)| t.expires_at).min();
         connection.into_iter().chain(subscription).min().map(|at| at.saturating_add(self.leeway()))
     }
 
