@@ -36,8 +36,9 @@ enum Command {
     /// Subscribe to channels over WebSocket and print each publication as one JSON line
     /// (`{"channel":..,"offset":..,"data":..}`), reconnecting when needed. Ctrl-C stops.
     Subscribe(SubscribeArgs),
-    /// Mint a connection token for development, signed with the configured HMAC secret
-    /// (`auth.secret`, e.g. from `HERALD_AUTH__SECRET`). Prints the token.
+    /// Mint a connection token (or, with `--channel`, a subscription token) for development,
+    /// signed with the configured HMAC secret (`auth.secret`, e.g. from `HERALD_AUTH__SECRET`).
+    /// Prints the token.
     Token(TokenArgs),
     /// Load a server and measure it: connect, fanout, idle, roundtrip (see docs/benchmarks.md).
     Bench(bench::BenchArgs),
@@ -54,6 +55,10 @@ struct TokenArgs {
     /// Connection info attached to presence: a JSON object, e.g. '{"name":"Ada"}'.
     #[arg(long)]
     info: Option<String>,
+    /// Mint a subscription token for this channel (for namespaces with `subscribe = "token"`)
+    /// instead of a connection token.
+    #[arg(long)]
+    channel: Option<String>,
     #[command(flatten)]
     config: ServeArgs,
 }
@@ -154,7 +159,10 @@ fn token(args: TokenArgs) -> anyhow::Result<()> {
         .map(serde_json::from_str::<serde_json::Value>)
         .transpose()
         .context("--info must be JSON")?;
-    let token = herald::auth::mint(&config.auth, &args.user, ttl, info)?;
+    let token = match &args.channel {
+        Some(channel) => herald::auth::mint_subscription(&config.auth, &args.user, channel, ttl, info)?,
+        None => herald::auth::mint(&config.auth, &args.user, ttl, info)?,
+    };
     println!("{token}");
     Ok(())
 }

@@ -150,6 +150,24 @@ fn token_mints_with_the_configured_secret_and_refuses_without_one() {
     assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
     let out = herald().args(["token", "--user", "42"]).output().expect("runs");
     assert!(!out.status.success(), "no secret configured");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("HERALD_AUTH__SECRET=") && err.contains("herald token --user 42"), "says how: {err}");
+}
+
+#[test]
+fn token_mints_subscription_tokens_with_channel() {
+    let secret = "a-development-secret-of-32-bytes-or-more";
+    let out = herald()
+        .args(["token", "--user", "42", "--channel", "private:room"])
+        .env("HERALD_AUTH__SECRET", secret)
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let auth = herald::auth::AuthConfig { secret: herald::config::Secret::new(secret), ..Default::default() };
+    let verifier = herald::auth::Verifier::new(&auth).expect("valid").expect("a key");
+    let claims = verifier.verify_subscription(&token).expect("a subscription token");
+    assert_eq!((claims.user.as_str(), claims.channel.as_str()), ("42", "private:room"));
 }
 
 /// A `herald serve` child on `port`, killed when dropped.

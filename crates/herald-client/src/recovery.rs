@@ -26,6 +26,7 @@ impl Tracker {
             recover,
             epoch: recover.then(|| self.epoch.clone()),
             offset: recover.then_some(self.offset),
+            token: None,
         }
     }
 
@@ -92,6 +93,7 @@ mod tests {
             offset,
             recovered,
             publications: pubs.iter().map(|o| publication(*o)).collect(),
+            expires: None,
         }
     }
 

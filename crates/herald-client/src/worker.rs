@@ -264,7 +264,11 @@ impl Worker {
                 tracing::trace!(channel, "ignoring a presence push");
                 Ok(())
             }
-            ServerFrame::Push { channel, body: PushBody::Unsubscribe } => {
+            ServerFrame::Push { channel, body: PushBody::Subscribe(_) } => {
+                tracing::trace!(channel, "ignoring a server-side subscription");
+                Ok(())
+            }
+            ServerFrame::Push { channel, body: PushBody::Unsubscribe(_) } => {
                 // The backend ended this subscription: its stream ends, and it is not renewed.
                 tracing::debug!(channel, "unsubscribed by the server");
                 if let Some(s) = self.subs.remove(&channel) {

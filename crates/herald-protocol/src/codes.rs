@@ -41,11 +41,18 @@ pub enum ErrorCode {
     /// e.g. the server restarted): reload the state and continue from the position in the
     /// error's message or a fresh `subscribe`.
     EpochMismatch = 122,
+    /// The subscription token expired (in an `unsubscribe` push: the subscription ended);
+    /// get a new one and subscribe again.
+    SubscriptionExpired = 117,
+    /// `sub_refresh` for a channel this connection is not subscribed to with a token.
+    NotSubscribed = 118,
+    /// The namespace needs a subscription token: `subscribe` with one (then retry the command).
+    TokenRequired = 119,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 18] = [
         Self::Internal,
         Self::Unauthorized,
         Self::InvalidChannel,
@@ -61,6 +68,9 @@ impl ErrorCode {
         Self::Unavailable,
         Self::MethodNotAllowed,
         Self::EpochMismatch,
+        Self::SubscriptionExpired,
+        Self::NotSubscribed,
+        Self::TokenRequired,
     ];
 
     /// Whether the same request may succeed if retried (with backoff).
@@ -72,10 +82,10 @@ impl ErrorCode {
     pub fn http_status(self) -> u16 {
         match self {
             Self::Internal => 500,
-            Self::Unauthorized => 401,
+            Self::Unauthorized | Self::SubscriptionExpired | Self::TokenRequired => 401,
             Self::PermissionDenied => 403,
             Self::InvalidChannel | Self::BadRequest | Self::AlreadySubscribed | Self::NotConnected => 400,
-            Self::NotAvailable | Self::EpochMismatch => 409,
+            Self::NotAvailable | Self::EpochMismatch | Self::NotSubscribed => 409,
             Self::UnknownCommand | Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::TooLarge => 413,
@@ -112,6 +122,9 @@ impl ErrorCode {
             Self::Unavailable => "unavailable",
             Self::MethodNotAllowed => "method not allowed",
             Self::EpochMismatch => "epoch mismatch: the channel's history was lost",
+            Self::SubscriptionExpired => "subscription token expired",
+            Self::NotSubscribed => "not subscribed with a token",
+            Self::TokenRequired => "subscription token required",
         }
     }
 }

@@ -15,7 +15,8 @@ pub use message::{
     encode_error, encode_pub_push, encode_reply, ChannelRequest, ClientFrame, ClientInfo, Command, ConnectRequest,
     ConnectResult, FrameError, HistoryRequest, HistoryResult, Position, PresenceClient, PresenceResult,
     PresenceStatsResult, Publication, PublishRequest, PublishResult, PushBody, RefreshRequest, RefreshResult,
-    ReplyResult, ServerFrame, SubscribeRequest, SubscribeResult, UnsubscribeRequest,
+    ReplyResult, ServerFrame, SubRefreshRequest, SubRefreshResult, SubscribeRequest, SubscribeResult,
+    UnsubscribeRequest, Unsubscribed,
 };
 
 /// The protocol version, also the WebSocket subprotocol name.

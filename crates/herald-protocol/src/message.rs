@@ -42,6 +42,18 @@ pub struct SubscribeRequest {
     pub epoch: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offset: Option<u64>,
+    /// A subscription token (JWT naming the user and this channel), for namespaces whose
+    /// `subscribe` rule is `"token"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// `sub_refresh`: a new subscription token before the current one expires.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubRefreshRequest {
+    pub channel: String,
+    pub token: String,
 }
 
 /// `unsubscribe`.
@@ -114,6 +126,7 @@ pub enum Command {
     Presence(ChannelRequest),
     PresenceStats(ChannelRequest),
     Refresh(RefreshRequest),
+    SubRefresh(SubRefreshRequest),
 }
 
 impl Command {
@@ -128,6 +141,7 @@ impl Command {
             Self::Presence(_) => "presence",
             Self::PresenceStats(_) => "presence_stats",
             Self::Refresh(_) => "refresh",
+            Self::SubRefresh(_) => "sub_refresh",
         }
     }
 }
@@ -210,6 +224,7 @@ impl ClientFrame {
             "presence" => Command::Presence(body(id, name, raw)?),
             "presence_stats" => Command::PresenceStats(body(id, name, raw)?),
             "refresh" => Command::Refresh(body(id, name, raw)?),
+            "sub_refresh" => Command::SubRefresh(body(id, name, raw)?),
             other => {
                 return Err(FrameError::new(Some(id), ErrorCode::UnknownCommand, format!("unknown command `{other}`")))
             }
@@ -230,6 +245,7 @@ impl ClientFrame {
                     Command::History(c) => serde_json::to_string(c),
                     Command::Presence(c) | Command::PresenceStats(c) => serde_json::to_string(c),
                     Command::Refresh(c) => serde_json::to_string(c),
+                    Command::SubRefresh(c) => serde_json::to_string(c),
                 }
                 .unwrap_or_else(|_| "{}".into());
                 format!("{{\"id\":{id},\"{}\":{body}}}", command.name())
@@ -273,6 +289,10 @@ pub struct ConnectResult {
     pub version: String,
     /// Seconds between the server's pings; answer each with `{}`.
     pub ping: u32,
+    /// Channels the server subscribed this connection to (the token's `channels` claim); a
+    /// `subscribe` push for each follows, then their publications.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subscriptions: Vec<String>,
 }
 
 /// Result of `subscribe`.
@@ -289,6 +309,10 @@ pub struct SubscribeResult {
     pub recovered: Option<bool>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub publications: Vec<Publication>,
+    /// For a subscription made with a token: when it ends (Unix seconds, before the server's
+    /// leeway) unless refreshed with `sub_refresh`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<u64>,
 }
 
 /// Result of `publish`.
@@ -342,6 +366,24 @@ pub struct RefreshResult {
     pub expires: u64,
 }
 
+/// Result of `sub_refresh`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubRefreshResult {
+    /// When the subscription now ends (Unix seconds).
+    pub expires: u64,
+}
+
+/// Why the server ended a subscription (`unsubscribe` push). Both fields are absent when the
+/// backend ended it through the API.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unsubscribed {
+    /// An error code from the table, e.g. 117 when the subscription token expired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<u16>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
 /// The result part of a reply.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ReplyResult {
@@ -353,6 +395,7 @@ pub enum ReplyResult {
     Presence(PresenceResult),
     PresenceStats(PresenceStatsResult),
     Refresh(RefreshResult),
+    SubRefresh(SubRefreshResult),
     Error(ErrorDetail),
 }
 
@@ -362,8 +405,12 @@ pub enum PushBody {
     Pub(Publication),
     Join(ClientInfo),
     Leave(ClientInfo),
-    /// The server ended this subscription (API `unsubscribe`); do not resubscribe by itself.
-    Unsubscribe,
+    /// The server ended this subscription (API `unsubscribe`, or an expired subscription
+    /// token); do not resubscribe by itself.
+    Unsubscribe(Unsubscribed),
+    /// The server subscribed this connection (a channel of the token's `channels` claim): the
+    /// channel's position, before its first publication.
+    Subscribe(SubscribeResult),
 }
 
 /// What a server sends.
@@ -412,14 +459,17 @@ impl ServerFrame {
                 leave: Option<&'a RawValue>,
                 #[serde(borrow)]
                 unsubscribe: Option<&'a RawValue>,
+                #[serde(borrow)]
+                subscribe: Option<&'a RawValue>,
             }
             let p: PushRaw<'_> = de(push)?;
-            let body = match (p.publication, p.join, p.leave, p.unsubscribe) {
-                (Some(raw), None, None, None) => PushBody::Pub(de(raw)?),
-                (None, Some(raw), None, None) => PushBody::Join(de(raw)?),
-                (None, None, Some(raw), None) => PushBody::Leave(de(raw)?),
-                (None, None, None, Some(_)) => PushBody::Unsubscribe,
-                _ => return Err("a push has exactly one of pub, join, leave, unsubscribe".into()),
+            let body = match (p.publication, p.join, p.leave, p.unsubscribe, p.subscribe) {
+                (Some(raw), None, None, None, None) => PushBody::Pub(de(raw)?),
+                (None, Some(raw), None, None, None) => PushBody::Join(de(raw)?),
+                (None, None, Some(raw), None, None) => PushBody::Leave(de(raw)?),
+                (None, None, None, Some(raw), None) => PushBody::Unsubscribe(de(raw)?),
+                (None, None, None, None, Some(raw)) => PushBody::Subscribe(de(raw)?),
+                _ => return Err("a push has exactly one of pub, join, leave, unsubscribe, subscribe".into()),
             };
             return Ok(Self::Push { channel: p.channel, body });
         }
@@ -440,6 +490,7 @@ impl ServerFrame {
             "presence" => ReplyResult::Presence(de(raw)?),
             "presence_stats" => ReplyResult::PresenceStats(de(raw)?),
             "refresh" => ReplyResult::Refresh(de(raw)?),
+            "sub_refresh" => ReplyResult::SubRefresh(de(raw)?),
             "error" => ReplyResult::Error(de(raw)?),
             other => return Err(format!("unknown result `{other}`")),
         };
@@ -461,6 +512,7 @@ impl ServerFrame {
                     ReplyResult::Presence(r) => ("presence", to(r)),
                     ReplyResult::PresenceStats(r) => ("presence_stats", to(r)),
                     ReplyResult::Refresh(r) => ("refresh", to(r)),
+                    ReplyResult::SubRefresh(r) => ("sub_refresh", to(r)),
                     ReplyResult::Error(e) => ("error", to(e)),
                 };
                 format!("{{\"id\":{id},\"{name}\":{body}}}")
@@ -470,7 +522,8 @@ impl ServerFrame {
                     PushBody::Pub(p) => ("pub", to(p)),
                     PushBody::Join(i) => ("join", to(i)),
                     PushBody::Leave(i) => ("leave", to(i)),
-                    PushBody::Unsubscribe => ("unsubscribe", "{}".into()),
+                    PushBody::Unsubscribe(u) => ("unsubscribe", to(u)),
+                    PushBody::Subscribe(r) => ("subscribe", to(r)),
                 };
                 format!("{{\"push\":{{\"channel\":{},\"{name}\":{body}}}}}", to(channel))
             }

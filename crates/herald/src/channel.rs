@@ -108,15 +108,105 @@ impl std::fmt::Display for ChannelName {
     }
 }
 
+/// Who may do something in a namespace: `true` or `false` (as before), or one of
+/// `"anonymous"` (any client), `"authenticated"` (a client that connected with a token),
+/// `"token"` (a client holding a subscription token for the channel), `"none"` (no client;
+/// the HTTP API still can).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
+#[serde(untagged)]
+pub enum Rule {
+    /// `true`: the rule's usual meaning (see each key); `false`: no client.
+    Flag(bool),
+    /// One of the named levels.
+    Level(Access),
+}
+
+/// A named level of [`Rule`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    /// Any client, with or without a connection token.
+    Anonymous,
+    /// A client that connected with a valid token (it has a user id).
+    Authenticated,
+    /// A client holding a valid subscription token for the channel: given in `subscribe`
+    /// (for the subscribe rule), or already subscribed with one (for the other rules).
+    Token,
+    /// No client.
+    None,
+}
+
+impl Rule {
+    /// The level this rule stands for; `true` means `when_true`.
+    pub fn level(self, when_true: Access) -> Access {
+        match self {
+            Self::Flag(true) => when_true,
+            Self::Flag(false) => Access::None,
+            Self::Level(access) => access,
+        }
+    }
+}
+
+// By hand rather than `untagged`, so a wrong value says what would be right.
+impl<'de> Deserialize<'de> for Rule {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Rule;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("true, false, \"anonymous\", \"authenticated\", \"token\" or \"none\"")
+            }
+            fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<Rule, E> {
+                Ok(Rule::Flag(b))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Rule, E> {
+                match s {
+                    "anonymous" => Ok(Rule::Level(Access::Anonymous)),
+                    "authenticated" => Ok(Rule::Level(Access::Authenticated)),
+                    "token" => Ok(Rule::Level(Access::Token)),
+                    "none" => Ok(Rule::Level(Access::None)),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(s), &self)),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl From<bool> for Rule {
+    fn from(b: bool) -> Self {
+        Self::Flag(b)
+    }
+}
+
+impl From<Access> for Rule {
+    fn from(a: Access) -> Self {
+        Self::Level(a)
+    }
+}
+
 /// What a namespace allows (`[channels.default]`, `[channels.namespaces.<name>]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct NamespaceOptions {
-    /// Clients may subscribe to channels of this namespace.
-    pub subscribe: bool,
-    /// Clients may publish to channels of this namespace over their connection. The HTTP API
-    /// can always publish.
-    pub publish: bool,
+    /// Who may subscribe to channels of this namespace: `true` (= `"anonymous"`, any client),
+    /// `"authenticated"`, `"token"` (the `subscribe` command must carry a subscription token
+    /// for the user and channel; the subscription ends when it expires unless refreshed with
+    /// `sub_refresh`), or `false` / `"none"`. A user-limited channel (`name#42`) admits only its
+    /// users in any case.
+    pub subscribe: Rule,
+    /// Who may publish to channels of this namespace over their connection: `true`
+    /// (= `"anonymous"`), `"authenticated"`, `"token"` (the client is subscribed to the channel
+    /// with a subscription token), or `false` / `"none"`. The HTTP API can always publish.
+    pub publish: Rule,
+    /// Who may read a channel's history with the `history` command: `true` (= whoever may
+    /// subscribe, by the `subscribe` rule), `"anonymous"`, `"authenticated"`, `"token"`, or
+    /// `false` / `"none"`. History is kept for recovery either way.
+    pub history_access: Rule,
+    /// Who may ask for presence (`presence`, `presence_stats`) where `presence` is on: `true`
+    /// (= whoever may subscribe), `"anonymous"`, `"authenticated"`, `"token"`, or
+    /// `false` / `"none"`.
+    pub presence_access: Rule,
     /// Publications kept per channel, so that a client that reconnects receives exactly what
     /// it missed. 0 keeps none (recovery then fails whenever something was missed).
     pub history_size: usize,
@@ -134,8 +224,10 @@ pub struct NamespaceOptions {
 impl Default for NamespaceOptions {
     fn default() -> Self {
         Self {
-            subscribe: true,
-            publish: false,
+            subscribe: Rule::Flag(true),
+            publish: Rule::Flag(false),
+            history_access: Rule::Flag(true),
+            presence_access: Rule::Flag(true),
             history_size: 1000,
             history_ttl: std::time::Duration::from_secs(300),
             presence: false,
@@ -242,10 +334,32 @@ mod tests {
     #[test]
     fn namespaces_resolve_to_their_options() {
         let mut cfg = ChannelsConfig::default();
-        cfg.namespaces.insert("chat".into(), NamespaceOptions { publish: true, ..Default::default() });
-        assert!(!cfg.resolve("news").expect("default").1.publish);
-        assert!(cfg.resolve("chat:x").expect("chat").1.publish);
+        cfg.namespaces.insert("chat".into(), NamespaceOptions { publish: true.into(), ..Default::default() });
+        assert_eq!(cfg.resolve("news").expect("default").1.publish, Rule::Flag(false));
+        assert_eq!(cfg.resolve("chat:x").expect("chat").1.publish, Rule::Flag(true));
         assert_eq!(cfg.resolve("nope:x").map(|_| ()), Err(ChannelError::UnknownNamespace("nope".into())));
+    }
+
+    #[test]
+    fn rules_read_as_booleans_or_level_names() {
+        let ns: NamespaceOptions = toml::from_str(
+            "subscribe = \"token\"\npublish = true\nhistory_access = \"authenticated\"\npresence_access = false\n",
+        )
+        .expect("parses");
+        assert_eq!(ns.subscribe.level(Access::Anonymous), Access::Token);
+        assert_eq!(ns.publish.level(Access::Anonymous), Access::Anonymous);
+        assert_eq!(ns.history_access.level(Access::Anonymous), Access::Authenticated);
+        assert_eq!(ns.presence_access.level(Access::Anonymous), Access::None);
+        let ns: NamespaceOptions = toml::from_str("subscribe = \"none\"\npublish = \"anonymous\"\n").expect("parses");
+        assert_eq!(ns.subscribe.level(Access::Anonymous), Access::None);
+        assert_eq!(ns.publish.level(Access::None), Access::Anonymous);
+        for bad in ["subscribe = \"everyone\"", "publish = 1", "subscribe = \"True\""] {
+            let err = toml::from_str::<NamespaceOptions>(bad).expect_err(bad).to_string();
+            assert!(err.contains("\"authenticated\""), "says what is accepted: {err}");
+        }
+        // Defaults serialize as the booleans they were.
+        let defaults = serde_json::to_value(NamespaceOptions::default()).expect("json");
+        assert_eq!((defaults["subscribe"].clone(), defaults["publish"].clone()), (true.into(), false.into()));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! Layout:
 //! - `config`: the typed configuration (file, environment, flags) and its generated docs.
-//! - `auth`: connection tokens (JWT) verified with a pinned algorithm; minting for development.
+//! - `auth`: connection and subscription tokens (JWT) verified with a pinned algorithm; keys from
+//!   PEM or a reloaded JWKS file; minting for development.
 //! - `channel`: channel names, namespaces and what they allow.
 //! - `engine`: where publications, history and presence live (`MemoryEngine`; trait + conformance suite).
 //! - `hub`: channel → subscribers; encode once, fan out, cut off slow consumers.
@@ -15,6 +16,7 @@
 //! - `server`: the listener, routes, connection limits and graceful shutdown.
 //! - `metrics`: the Prometheus recorder behind `/metrics`.
 //! - `http_error`: JSON error answers shared by every HTTP endpoint.
+//! - `secret`: `Secret`, a configuration value never printed (a leaf, used by `config` and `auth`).
 
 pub mod api;
 pub mod auth;
@@ -25,6 +27,7 @@ pub mod http_error;
 pub mod hub;
 pub mod metrics;
 pub mod node;
+pub mod secret;
 pub mod server;
 pub mod session;
 pub mod transport;

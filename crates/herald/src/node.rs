@@ -30,7 +30,7 @@ pub struct Node {
     /// Large limits for the Autobahn echo endpoint.
     pub echo_settings: Arc<ws::Settings>,
     pub(crate) prometheus: Option<PrometheusHandle>,
-    /// Verifies connection tokens; `None` when no key or secret is configured.
+    /// Verifies connection and subscription tokens; `None` when no key is configured.
     pub verifier: Option<crate::auth::Verifier>,
     /// Connected sessions of identified users, for the API's `disconnect` and `unsubscribe`.
     users: std::sync::Mutex<UserSessions>,
@@ -54,6 +54,9 @@ impl Node {
             tracing::error!(error = %e, "connection tokens disabled: invalid [auth] settings");
             None
         });
+        if let Some(v) = &verifier {
+            v.watch();
+        }
         let hub = Arc::new(Hub::new());
         let engine = Arc::new(MemoryEngine::new());
         engine.set_delivery(Arc::new(HubDelivery(hub.clone())));

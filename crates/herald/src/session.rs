@@ -1,20 +1,20 @@
 //! One native-protocol client (`/connect`): decodes commands, enforces what namespaces allow,
 //! keeps its subscriptions, answers on its outbox, and runs app-level pings a browser can see.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use herald_protocol::{
     encode_error, encode_reply, ChannelRequest, ClientFrame, ClientInfo, CloseCode, Command, ConnectRequest,
     ConnectResult, ErrorCode, HistoryRequest, HistoryResult, PresenceClient, PresenceResult, PresenceStatsResult,
-    Publication, PublishRequest, PublishResult, PushBody, RefreshRequest, RefreshResult, ServerFrame, SubscribeRequest,
-    SubscribeResult, UnsubscribeRequest,
+    Publication, PublishRequest, PublishResult, PushBody, RefreshRequest, RefreshResult, ServerFrame,
+    SubRefreshRequest, SubRefreshResult, SubscribeRequest, SubscribeResult, UnsubscribeRequest, Unsubscribed,
 };
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
-use crate::channel::{ChannelError, ChannelName, NamespaceOptions};
+use crate::channel::{Access, ChannelError, ChannelName, NamespaceOptions};
 use crate::engine::{HistoryQuery, PresenceChange, PresenceEntry, PublicationRecord, StreamPosition};
 use crate::hub::{Format, SubscribeError, Subscriber};
 use crate::node::{Control, Node, SubscribeFailure};
@@ -47,6 +47,50 @@ pub struct Session {
     /// When the token expires (Unix seconds); 0 without a token.
     expires_at: u64,
     subscriptions: HashSet<Arc<str>>,
+    /// Subscriptions made with a subscription token.
+    token_subscriptions: TokenSubscriptions,
+}
+
+/// Subscriptions made with a token, by channel: one pointer for the many connections that
+/// have none (a bare `HashMap` is 48 bytes in every session).
+#[derive(Debug, Default)]
+#[allow(clippy::box_collection)]
+struct TokenSubscriptions(Option<Box<HashMap<Arc<str>, TokenSubscription>>>);
+
+impl TokenSubscriptions {
+    fn get(&self, channel: &str) -> Option<&TokenSubscription> {
+        self.0.as_ref()?.get(channel)
+    }
+
+    fn contains_key(&self, channel: &str) -> bool {
+        self.get(channel).is_some()
+    }
+
+    fn insert(&mut self, channel: Arc<str>, granted: TokenSubscription) {
+        self.0.get_or_insert_with(Default::default).insert(channel, granted);
+    }
+
+    fn remove(&mut self, channel: &str) {
+        if let Some(map) = &mut self.0 {
+            map.remove(channel);
+            if map.is_empty() {
+                self.0 = None;
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &TokenSubscription)> {
+        self.0.iter().flat_map(|map| map.iter())
+    }
+}
+
+/// What a subscription token granted.
+#[derive(Debug, Clone)]
+struct TokenSubscription {
+    /// When the token expires (Unix seconds).
+    expires_at: u64,
+    /// Its `info` claim, as JSON: this connection's presence entry on that channel.
+    info: Option<Bytes>,
 }
 
 impl Session {
@@ -61,6 +105,7 @@ impl Session {
             info: None,
             expires_at: 0,
             subscriptions: HashSet::new(),
+            token_subscriptions: TokenSubscriptions::default(),
         }
     }
 
@@ -75,7 +120,7 @@ impl Session {
             Ok(ClientFrame::Request { id, command }) => {
                 let name = command.name();
                 let result = match command {
-                    Command::Connect(c) => self.connect(id, c),
+                    Command::Connect(c) => self.connect(id, c).await,
                     _ if !self.is_connected() => Err(refuse(ErrorCode::NotConnected, "send `connect` first")),
                     Command::Subscribe(s) => self.subscribe(id, s).await,
                     Command::Unsubscribe(u) => self.unsubscribe(id, u).await,
@@ -84,6 +129,7 @@ impl Session {
                     Command::Presence(p) => self.presence(id, p, false).await,
                     Command::PresenceStats(p) => self.presence(id, p, true).await,
                     Command::Refresh(r) => self.refresh(id, r).await,
+                    Command::SubRefresh(r) => self.sub_refresh(id, r),
                 };
                 if let Err((code, message)) = result {
                     tracing::debug!(session = self.id, command = name, code = code.as_u16(), %message, "refused");
@@ -102,36 +148,95 @@ impl Session {
         let _ = self.outbox.send_text(Bytes::from(frame));
     }
 
-    fn connect(&mut self, id: u32, req: ConnectRequest) -> Result<(), Refusal> {
+    async fn connect(&mut self, id: u32, req: ConnectRequest) -> Result<(), Refusal> {
         if self.is_connected() {
             return Err(refuse(ErrorCode::BadRequest, "already connected"));
         }
+        let node = self.node.clone();
+        let mut claimed = Vec::new();
         match req.token.as_deref() {
             Some(token) => {
                 let claims = self.verify(token)?;
+                claimed = self.claimed_channels(&node, &claims.user, &claims.channels)?;
                 self.user = claims.user;
                 self.expires_at = claims.expires_at;
                 self.info = claims.info.map(|v| Bytes::from(v.to_string()));
             }
-            None if !self.node.config.auth.allow_anonymous => {
+            None if !node.config.auth.allow_anonymous => {
                 return Err(refuse(ErrorCode::Unauthorized, "a connection token is required"));
             }
             None => {}
         }
         let client = uuid::Uuid::new_v4().to_string();
-        let ping = self.node.config.websocket.ping_interval.as_secs().clamp(1, u64::from(u32::MAX)) as u32;
-        let reply = ConnectResult { client: client.clone(), version: crate::VERSION.to_owned(), ping };
+        let ping = node.config.websocket.ping_interval.as_secs().clamp(1, u64::from(u32::MAX)) as u32;
+        let subscriptions = claimed.iter().map(|(c, _)| c.to_string()).collect();
+        let reply = ConnectResult { client: client.clone(), version: crate::VERSION.to_owned(), ping, subscriptions };
         tracing::debug!(session = self.id, %client, name = req.name.as_deref().unwrap_or(""), "connected");
         self.client = Some(client);
         self.send(encode_reply(id, "connect", &reply));
+        // Server-side subscriptions: each announced by a `subscribe` push sent under the
+        // channel's lock, so it precedes the channel's first publication.
+        for (channel, ns) in claimed {
+            let name = channel.to_string();
+            let joined = self
+                .join(&channel, ns, None, |result| {
+                    let push = ServerFrame::Push { channel: name, body: PushBody::Subscribe(result) };
+                    Bytes::from(push.encode())
+                })
+                .await;
+            if let Err((_, message)) = joined {
+                tracing::warn!(session = self.id, channel = %channel, %message, "server-side subscription failed");
+            }
+        }
         Ok(())
+    }
+
+    /// The channels of a token's `channels` claim, checked before anything is subscribed: a
+    /// claim naming a bad channel or another user's channel makes the whole token invalid.
+    fn claimed_channels<'n>(
+        &self,
+        node: &'n Node,
+        user: &str,
+        names: &[String],
+    ) -> Result<Vec<(ChannelName, &'n NamespaceOptions)>, Refusal> {
+        let cfg = &node.config.channels;
+        let mut out: Vec<(ChannelName, &NamespaceOptions)> = Vec::new();
+        for name in names {
+            let (channel, ns) = cfg
+                .resolve(name)
+                .map_err(|e| refuse(ErrorCode::Unauthorized, format!("invalid token: `channels` claim: {e}")))?;
+            if !channel.allows_user(user) {
+                return Err(refuse(
+                    ErrorCode::Unauthorized,
+                    "invalid token: `channels` claim names another user's channel",
+                ));
+            }
+            if !out.iter().any(|(c, _)| c == &channel) {
+                out.push((channel, ns));
+            }
+        }
+        if out.len() > cfg.max_subscriptions {
+            let max = cfg.max_subscriptions;
+            return Err(refuse(ErrorCode::LimitExceeded, format!("`channels` claim names more than {max} channels")));
+        }
+        Ok(out)
     }
 
     async fn subscribe(&mut self, id: u32, req: SubscribeRequest) -> Result<(), Refusal> {
         let node = self.node.clone();
         let cfg = &node.config.channels;
         let (channel, ns) = cfg.resolve(&req.channel)?;
-        if !ns.subscribe || !channel.allows_user(&self.user) {
+        let access = ns.subscribe.level(Access::Anonymous);
+        let expires = match req.token.as_deref() {
+            Some(token) if access != Access::None => Some(self.subscription_token(token, &channel)?),
+            None if access == Access::Token => {
+                return Err(refuse(ErrorCode::TokenRequired, "this namespace needs a subscription token"));
+            }
+            _ => None,
+        };
+        if expires.is_none() {
+            self.allowed(access, &channel)?;
+        } else if !channel.allows_user(&self.user) {
             return Err(refuse(ErrorCode::PermissionDenied, "permission denied"));
         }
         if self.subscriptions.contains(channel.as_str()) {
@@ -149,25 +254,87 @@ impl Session {
             (true, None, None) => Some(crate::node::no_position()),
             (true, _, _) => return Err(refuse(ErrorCode::BadRequest, "`recover` needs both `epoch` and `offset`")),
         };
+        let expires = expires.map(|granted| {
+            let at = granted.expires_at;
+            self.token_subscriptions.insert(channel.shared().clone(), granted);
+            at
+        });
+        let joined = self
+            .join(&channel, ns, recover, |result| {
+                Bytes::from(encode_reply(id, "subscribe", &SubscribeResult { expires, ..result }))
+            })
+            .await;
+        if joined.is_err() {
+            self.token_subscriptions.remove(channel.as_str());
+        }
+        joined
+    }
+
+    /// Checks a subscription token for `channel` and this connection's user.
+    fn subscription_token(&self, token: &str, channel: &ChannelName) -> Result<TokenSubscription, Refusal> {
+        let Some(verifier) = &self.node.verifier else {
+            return Err(refuse(ErrorCode::Unauthorized, "this server has no key to verify subscription tokens"));
+        };
+        let claims = verifier.verify_subscription(token).map_err(|e| refuse(e.code(), e.to_string()))?;
+        if claims.user != self.user {
+            return Err(refuse(ErrorCode::Unauthorized, "the subscription token is for another user"));
+        }
+        if claims.channel != channel.as_str() {
+            return Err(refuse(ErrorCode::Unauthorized, "the subscription token is for another channel"));
+        }
+        Ok(TokenSubscription { expires_at: claims.expires_at, info: claims.info.map(|v| Bytes::from(v.to_string())) })
+    }
+
+    /// Whether this client may do what `access` asks on `channel` (beside the channel's own
+    /// user list).
+    fn allowed(&self, access: Access, channel: &ChannelName) -> Result<(), Refusal> {
+        if !channel.allows_user(&self.user) {
+            return Err(refuse(ErrorCode::PermissionDenied, "permission denied"));
+        }
+        match access {
+            Access::Anonymous => Ok(()),
+            Access::Authenticated if !self.user.is_empty() => Ok(()),
+            Access::Authenticated => {
+                Err(refuse(ErrorCode::PermissionDenied, "permission denied: connect with a token"))
+            }
+            Access::Token if self.token_subscriptions.contains_key(channel.as_str()) => Ok(()),
+            Access::Token => Err(refuse(
+                ErrorCode::TokenRequired,
+                "this namespace needs a subscription token: subscribe with one first",
+            )),
+            Access::None => Err(refuse(ErrorCode::PermissionDenied, "permission denied")),
+        }
+    }
+
+    /// Subscribes this connection to `channel`; `frame` makes the first frame the client gets
+    /// for it (a reply or a push) from the channel's position.
+    async fn join(
+        &mut self,
+        channel: &ChannelName,
+        ns: &NamespaceOptions,
+        recover: Option<StreamPosition>,
+        frame: impl FnOnce(SubscribeResult) -> Bytes,
+    ) -> Result<(), Refusal> {
+        let node = self.node.clone();
         let sub = Subscriber { id: self.id, outbox: self.outbox.clone(), format: Format::Native };
         // Recorded before awaiting, so a session cancelled mid-subscribe still leaves the
         // channel when it is dropped.
         self.subscriptions.insert(channel.shared().clone());
         let result = node
-            .subscribe(&channel, ns, sub, recover, |history, recovered| {
-                let reply = SubscribeResult {
+            .subscribe(channel, ns, sub, recover, |history, recovered| {
+                Some(frame(SubscribeResult {
                     epoch: history.position.epoch.to_string(),
                     offset: history.position.offset,
                     recovered,
                     publications: history.publications.iter().map(to_wire).collect(),
-                };
-                Some(Bytes::from(encode_reply(id, "subscribe", &reply)))
+                    expires: None,
+                }))
             })
             .await;
         match result {
             Ok(_) => {
                 if ns.presence {
-                    self.presence_add(&channel, ns.join_leave).await;
+                    self.presence_add(channel, ns.join_leave).await;
                 }
                 Ok(())
             }
@@ -185,7 +352,7 @@ impl Session {
     }
 
     async fn presence_add(&self, channel: &ChannelName, join_leave: bool) {
-        let entry = self.presence_entry();
+        let entry = self.presence_entry(channel.as_str());
         let ttl = self.presence_ttl();
         let info = ClientInfo { user: entry.user.clone(), client: entry.client.clone() };
         match self.node.engine.presence_add(channel.as_str(), entry, ttl).await {
@@ -215,12 +382,11 @@ impl Session {
         }
     }
 
-    fn presence_entry(&self) -> PresenceEntry {
-        PresenceEntry {
-            client: self.client.clone().unwrap_or_default(),
-            user: self.user.clone(),
-            info: self.info.clone(),
-        }
+    /// This client's presence entry on `channel`: the subscription token's `info` where one
+    /// gave it, else the connection token's.
+    fn presence_entry(&self, channel: &str) -> PresenceEntry {
+        let info = self.token_subscriptions.get(channel).and_then(|t| t.info.clone()).or_else(|| self.info.clone());
+        PresenceEntry { client: self.client.clone().unwrap_or_default(), user: self.user.clone(), info }
     }
 
     /// Presence lives three ping intervals unless refreshed (each ping refreshes it).
@@ -233,13 +399,15 @@ impl Session {
         for channel in &self.subscriptions {
             let Ok((name, ns)) = self.node.config.channels.resolve(channel) else { continue };
             if ns.presence {
-                let _ = self.node.engine.presence_add(name.as_str(), self.presence_entry(), self.presence_ttl()).await;
+                let entry = self.presence_entry(name.as_str());
+                let _ = self.node.engine.presence_add(name.as_str(), entry, self.presence_ttl()).await;
             }
         }
     }
 
     async fn unsubscribe(&mut self, id: u32, req: UnsubscribeRequest) -> Result<(), Refusal> {
         let (channel, _) = self.node.config.channels.resolve(&req.channel)?;
+        self.token_subscriptions.remove(channel.as_str());
         if self.subscriptions.remove(channel.as_str()) {
             self.node.hub.unsubscribe(channel.as_str(), self.id);
             self.presence_remove(channel.as_str()).await;
@@ -252,9 +420,7 @@ impl Session {
         let node = self.node.clone();
         let cfg = &node.config.channels;
         let (channel, ns) = cfg.resolve(&req.channel)?;
-        if !ns.publish || !channel.allows_user(&self.user) {
-            return Err(refuse(ErrorCode::PermissionDenied, "permission denied"));
-        }
+        self.allowed(ns.publish.level(Access::Anonymous), &channel)?;
         let data = req.data.get();
         if data.len() > cfg.max_publication_size {
             let max = cfg.max_publication_size;
@@ -286,23 +452,79 @@ impl Session {
         Ok(())
     }
 
-    /// Whether the connection's token has expired (and was not refreshed).
-    pub fn token_expired(&self) -> bool {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        self.expires_at != 0 && now >= self.expires_at
+    fn sub_refresh(&mut self, id: u32, req: SubRefreshRequest) -> Result<(), Refusal> {
+        let (channel, _) = self.node.config.channels.resolve(&req.channel)?;
+        if !self.token_subscriptions.contains_key(channel.as_str()) {
+            return Err(refuse(ErrorCode::NotSubscribed, "not subscribed to this channel with a token"));
+        }
+        let granted = self.subscription_token(&req.token, &channel)?;
+        let expires = granted.expires_at;
+        // The new `info` shows in presence from the next refresh (every ping interval).
+        self.token_subscriptions.insert(channel.shared().clone(), granted);
+        self.send(encode_reply(id, "sub_refresh", &SubRefreshResult { expires }));
+        Ok(())
     }
 
-    /// Checks that this client may read `name` (as it may subscribe to it).
-    fn readable(&self, name: &str) -> Result<(ChannelName, NamespaceOptions), Refusal> {
-        let (channel, ns) = self.node.config.channels.resolve(name)?;
-        if !ns.subscribe || !channel.allows_user(&self.user) {
-            return Err(refuse(ErrorCode::PermissionDenied, "permission denied"));
+    /// Whether the connection's token has expired, leeway included (and was not refreshed).
+    pub fn token_expired(&self) -> bool {
+        self.expires_at != 0 && unix_now() >= self.expires_at.saturating_add(self.leeway())
+    }
+
+    fn leeway(&self) -> u64 {
+        self.node.config.auth.leeway.as_secs()
+    }
+
+    /// The next moment (Unix seconds) a token of this connection runs out, leeway included:
+    /// the connection's own, or a subscription's.
+    pub fn next_expiry(&self) -> Option<u64> {
+        let connection = (self.expires_at != 0).then_some(self.expires_at);
+        let subscription = self.token_subscriptions.iter().map(|(_, t)| t.expires_at).min();
+        connection.into_iter().chain(subscription).min().map(|at| at.saturating_add(self.leeway()))
+    }
+
+    /// Ends what has run out: returns `true` when the connection's token has (the caller
+    /// closes with 4005); otherwise ends each expired subscription with an `unsubscribe` push
+    /// carrying code 117.
+    pub async fn expire(&mut self) -> bool {
+        if self.token_expired() {
+            return true;
         }
+        let (now, leeway) = (unix_now(), self.leeway());
+        let due: Vec<Arc<str>> = self
+            .token_subscriptions
+            .iter()
+            .filter(|(_, t)| now >= t.expires_at.saturating_add(leeway))
+            .map(|(channel, _)| channel.clone())
+            .collect();
+        for channel in due {
+            self.token_subscriptions.remove(&channel);
+            if self.subscriptions.remove(&channel) {
+                self.node.hub.unsubscribe(&channel, self.id);
+                self.presence_remove(&channel).await;
+                let code = ErrorCode::SubscriptionExpired;
+                let body =
+                    PushBody::Unsubscribe(Unsubscribed { code: Some(code.as_u16()), reason: code.message().into() });
+                self.send(ServerFrame::Push { channel: channel.to_string(), body }.encode().into_bytes());
+                tracing::debug!(session = self.id, channel = %channel, "subscription token expired");
+            }
+        }
+        false
+    }
+
+    /// Checks that this client may read `name` by the namespace's `rule` (`true` meaning:
+    /// whoever may subscribe).
+    fn readable(
+        &self,
+        name: &str,
+        rule: impl Fn(&NamespaceOptions) -> crate::channel::Rule,
+    ) -> Result<(ChannelName, NamespaceOptions), Refusal> {
+        let (channel, ns) = self.node.config.channels.resolve(name)?;
+        self.allowed(rule(ns).level(ns.subscribe.level(Access::Anonymous)), &channel)?;
         Ok((channel, ns.clone()))
     }
 
     async fn history(&mut self, id: u32, req: HistoryRequest) -> Result<(), Refusal> {
-        let (channel, ns) = self.readable(&req.channel)?;
+        let (channel, ns) = self.readable(&req.channel, |ns| ns.history_access)?;
         if ns.history_size == 0 {
             return Err(refuse(ErrorCode::NotAvailable, "this namespace keeps no history"));
         }
@@ -331,7 +553,7 @@ impl Session {
     }
 
     async fn presence(&mut self, id: u32, req: ChannelRequest, stats: bool) -> Result<(), Refusal> {
-        let (channel, ns) = self.readable(&req.channel)?;
+        let (channel, ns) = self.readable(&req.channel, |ns| ns.presence_access)?;
         if !ns.presence {
             return Err(refuse(ErrorCode::NotAvailable, "presence is off in this namespace"));
         }
@@ -354,9 +576,11 @@ impl Session {
             Control::Disconnect { code, reason } => Some((code, reason)),
             Control::Unsubscribe { channel } => {
                 if let Some(name) = self.subscriptions.take(channel.as_str()) {
+                    self.token_subscriptions.remove(&name);
                     self.node.hub.unsubscribe(&name, self.id);
                     self.presence_remove(&name).await;
-                    let push = ServerFrame::Push { channel: name.to_string(), body: PushBody::Unsubscribe };
+                    let body = PushBody::Unsubscribe(Unsubscribed::default());
+                    let push = ServerFrame::Push { channel: name.to_string(), body };
                     self.send(push.encode().into_bytes());
                 }
                 None
@@ -372,6 +596,16 @@ impl Session {
             self.presence_remove(&channel).await;
         }
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// When `at` (Unix seconds) comes, on the runtime's clock.
+fn instant_at(at: u64) -> Instant {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    Instant::now() + std::time::Duration::from_secs(at).saturating_sub(now)
 }
 
 /// A presence list as the protocol carries it.
@@ -430,7 +664,14 @@ pub fn run(node: Arc<Node>, mut socket: WebSocket) -> impl std::future::Future<O
         };
         let mut inbox: Option<tokio::sync::mpsc::Receiver<Control>> = None;
         let mut registered = String::new();
+        // When the next token (the connection's or a subscription's) runs out; only
+        // connections with a token pay for the timer.
+        let mut expiry: Option<(u64, std::pin::Pin<Box<tokio::time::Sleep>>)> = None;
         loop {
+            let due = session.next_expiry();
+            if due != expiry.as_ref().map(|(at, _)| *at) {
+                expiry = due.map(|at| (at, Box::pin(tokio::time::sleep_until(instant_at(at)))));
+            }
             if inbox.is_none() && !session.user.is_empty() {
                 registered = session.user.clone();
                 inbox = Some(node.register_user(&registered, session.id));
@@ -469,6 +710,13 @@ pub fn run(node: Arc<Node>, mut socket: WebSocket) -> impl std::future::Future<O
                         Box::pin(session.refresh_presence()).await;
                     }
                 }
+                Some(()) = async { expiry.as_mut()?.1.as_mut().await; Some(()) }, if !closing && expiry.is_some() => {
+                    expiry = None;
+                    if Box::pin(session.expire()).await {
+                        close(&mut socket, CloseCode::TokenExpired);
+                        closing = true;
+                    }
+                }
                 Some(()) = async { connect_by.as_mut()?.await; Some(()) }, if !closing && connect_by.is_some() => {
                     close(&mut socket, CloseCode::ConnectTimeout);
                     closing = true;
@@ -492,7 +740,10 @@ mod tests {
 
     fn node() -> Arc<Node> {
         let mut config = Config::default();
-        config.channels.namespaces.insert("chat".into(), NamespaceOptions { publish: true, ..Default::default() });
+        config
+            .channels
+            .namespaces
+            .insert("chat".into(), NamespaceOptions { publish: true.into(), ..Default::default() });
         let ws = WsContext { shutdown: Default::default(), tracker: Default::default(), metrics: WsMetrics::new() };
         Arc::new(Node::new(Arc::new(config), ws, None))
     }

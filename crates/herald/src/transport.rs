@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use herald_protocol::ErrorCode;
 use http::{header, HeaderMap};
 
-use crate::channel::{ChannelName, NamespaceOptions};
+use crate::channel::{Access, ChannelName, NamespaceOptions};
 use crate::engine::StreamPosition;
 use crate::http_error::ApiError;
 use crate::hub::{sse_event, Format, Subscriber};
@@ -28,11 +28,11 @@ pub async fn connect(State(node): State<Arc<Node>>, req: Request) -> Response {
 }
 
 /// Checks that an anonymous client may subscribe to `name` (the raw transports have no
-/// `connect`, so no identity).
+/// `connect`, so no identity and no token: only namespaces open to `"anonymous"`).
 fn anonymous_subscribe<'a>(node: &'a Node, name: &str) -> Result<(ChannelName, &'a NamespaceOptions), ApiError> {
     let (channel, ns) =
         node.config.channels.resolve(name).map_err(|e| ApiError::new(ErrorCode::InvalidChannel, e.to_string()))?;
-    if !ns.subscribe || !channel.allows_user("") {
+    if ns.subscribe.level(Access::Anonymous) != Access::Anonymous || !channel.allows_user("") {
         return Err(ApiError::new(ErrorCode::PermissionDenied, "permission denied"));
     }
     Ok((channel, ns))
@@ -78,7 +78,8 @@ async fn raw_publish(
     msg: ws::Message,
 ) -> Result<(), (ws::CloseCode, &'static str)> {
     let refused = herald_protocol::CloseCode::PublishNotAllowed;
-    if !ns.publish || !channel.allows_user("") {
+    // A raw client has no identity: only an anonymous publish rule lets it publish.
+    if ns.publish.level(Access::Anonymous) != Access::Anonymous || !channel.allows_user("") {
         return Err((ws::CloseCode(refused.as_u16()), refused.reason()));
     }
     let ws::Message::Text(text) = msg else {

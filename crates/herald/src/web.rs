@@ -246,10 +246,10 @@ mod tests {
     #[test]
     fn demo_setup_adds_namespaces_and_a_secret_without_overriding_the_user() {
         let mut config = Config::default();
-        config.channels.namespaces.insert("chat".into(), NamespaceOptions { publish: false, ..Default::default() });
+        config.channels.namespaces.insert("chat".into(), NamespaceOptions { publish: false.into(), ..Default::default() });
         assert!(apply_demo(&mut config).expect("demo"));
         assert!(config.demo);
-        assert!(!config.channels.namespaces["chat"].publish, "the user's own `chat` namespace is kept");
+        assert_eq!(config.channels.namespaces["chat"].publish, false.into(), "the user's own `chat` namespace is kept");
         assert!(config.channels.resolve(TICKER_CHANNEL).is_ok());
         assert!(config.auth.secret.expose().len() >= 32);
         assert!(config.validate().is_ok());

@@ -20,7 +20,7 @@ fn config() -> Config {
     c.auth.secret = Secret::new(SECRET);
     c.channels.namespaces.insert(
         "room".into(),
-        NamespaceOptions { publish: true, presence: true, join_leave: true, ..Default::default() },
+        NamespaceOptions { publish: true.into(), presence: true, join_leave: true, ..Default::default() },
     );
     c
 }

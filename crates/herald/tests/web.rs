@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 fn config() -> Config {
     let mut c = Config::default();
-    c.channels.namespaces.insert("chat".into(), NamespaceOptions { publish: true, ..Default::default() });
+    c.channels.namespaces.insert("chat".into(), NamespaceOptions { publish: true.into(), ..Default::default() });
     c
 }
 

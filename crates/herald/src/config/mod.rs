@@ -12,6 +12,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 pub use crate::channel::{ChannelsConfig, NamespaceOptions};
+pub use crate::secret::Secret;
 use crate::ws;
 
 /// Herald's configuration.
@@ -123,32 +124,6 @@ pub struct ApiConfig {
 impl Default for ApiConfig {
     fn default() -> Self {
         Self { key: Secret::default(), max_body_size: 1 << 20 }
-    }
-}
-
-/// A value that must never be printed: shown as `<redacted>` in logs, debug output and
-/// `check-config`.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Self(s.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "<redacted>" })
     }
 }
 
