@@ -246,7 +246,10 @@ mod tests {
     #[test]
     fn demo_setup_adds_namespaces_and_a_secret_without_overriding_the_user() {
         let mut config = Config::default();
-        config.channels.namespaces.insert("chat".into(), NamespaceOptions { publish: false.into(), ..Default::default() });
+        config
+            .channels
+            .namespaces
+            .insert("chat".into(), NamespaceOptions { publish: false.into(), ..Default::default() });
         assert!(apply_demo(&mut config).expect("demo"));
         assert!(config.demo);
         assert_eq!(config.channels.namespaces["chat"].publish, false.into(), "the user's own `chat` namespace is kept");
