@@ -508,6 +508,10 @@ pub fn run(node: Arc<Node>, mut socket: WebSocket) -> impl std::future::Future<O
                         if let Some(code) = session.take_close() {
                             close(&mut socket, code);
                             closing = true;
+                        } else if socket.outbox().queued_bytes() > node.config.websocket.max_queue_bytes / 2 {
+                            // Commands already buffered are handled without a pause: let this
+                            // connection's writer drain the replies before the queue overflows.
+                            tokio::task::yield_now().await;
                         }
                     }
                     Ok(Some(Message::Binary(_))) => {
