@@ -140,7 +140,24 @@ async fn survive<F: std::future::Future<Output = ()>>(addr: SocketAddr, attack: 
 /// Writes `commands` on a fresh connection without reading, then reads: the ids answered in
 /// order, the error codes among them, and the close code if the server closed.
 async fn pipeline(addr: SocketAddr, commands: Vec<String>) -> (Vec<u64>, Vec<u64>, Option<u16>) {
-    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/connect")).await.expect("connect");
+    pipeline_with(addr, commands, None, false).await
+}
+
+/// [`pipeline`] with a fixed socket receive buffer (so the kernel holds little for us), and
+/// with `hold`, not reading either until the server counted a slow consumer (bounded wait).
+async fn pipeline_with(
+    addr: SocketAddr,
+    commands: Vec<String>,
+    recv_buffer: Option<u32>,
+    hold: bool,
+) -> (Vec<u64>, Vec<u64>, Option<u16>) {
+    let slow_before = metric(addr, "herald_slow_consumers_total").await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    if let Some(size) = recv_buffer {
+        socket.set_recv_buffer_size(size).expect("SO_RCVBUF");
+    }
+    let stream = socket.connect(addr).await.expect("connect");
+    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/connect"), stream).await.expect("upgrade");
     let (mut tx, mut rx) = ws.split();
     let last = commands.len() as u64 + 1;
     let writer = tokio::spawn(async move {
@@ -155,6 +172,12 @@ async fn pipeline(addr: SocketAddr, commands: Vec<String>) -> (Vec<u64>, Vec<u64
     });
     // Not reading until everything is written.
     let _tx = writer.await.expect("writer");
+    for _ in 0..if hold { 200 } else { 0 } {
+        if metric(addr, "herald_slow_consumers_total").await > slow_before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (mut ids, mut errors) = (Vec::new(), Vec::new());
     loop {
         match tokio::time::timeout(Duration::from_secs(10), rx.next()).await {
@@ -182,7 +205,8 @@ fn in_order_from_1(ids: &[u64]) -> bool {
     ids.iter().enumerate().all(|(i, id)| *id == i as u64 + 1)
 }
 
-#[tokio::test]
+// Two workers, so that the server's writer runs beside the session, as in production.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_does_not_read_gets_every_reply_or_is_closed_as_slow_consumer() {
     let server = TestServer::start(unlimited(config())).await;
     let baseline = baseline(server.addr).await;
@@ -199,6 +223,38 @@ async fn a_client_that_does_not_read_gets_every_reply_or_is_closed_as_slow_consu
     if close == Some(4001) {
         assert!(metric(server.addr, "herald_slow_consumers_total").await > slow_before, "counted");
     }
+    back_to(server.addr, baseline).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_read_large_replies_is_closed_with_4001() {
+    let mut c = unlimited(config());
+    c.websocket.max_queue_bytes = 64 << 10;
+    let server = TestServer::start(c).await;
+    let kb = "x".repeat(1000);
+    for _ in 0..100 {
+        let (status, _) =
+            api(server.addr, "publish", &json!({"channel": "chat:big", "data": kb}).to_string(), None).await;
+        assert_eq!(status, 200);
+    }
+    let baseline = baseline(server.addr).await;
+    let slow_before = metric(server.addr, "herald_slow_consumers_total").await;
+    // Each reply carries 10 KB of history: 10 MB in all, far more than a 64 KiB socket
+    // receive buffer and the queue hold.
+    let n = 1_000u32;
+    let commands =
+        (2..=n + 1).map(|id| format!(r#"{{"id":{id},"history":{{"channel":"chat:big","limit":10}}}}"#)).collect();
+    let mut result = None;
+    survive(server.addr, async { result = Some(pipeline_with(server.addr, commands, Some(64 << 10), true).await) })
+        .await;
+    let (ids, errors, close) = result.expect("ran");
+    eprintln!("pipelined {n} history commands: {} replies, close {close:?}", ids.len());
+    assert!(in_order_from_1(&ids), "replies in order with no gap ({} replies)", ids.len());
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(close, Some(4001), "{} replies", ids.len());
+    assert!((ids.len() as u32) < n + 1);
+    assert!(metric(server.addr, "herald_slow_consumers_total").await > slow_before, "counted");
     back_to(server.addr, baseline).await;
     server.shutdown().await;
 }
