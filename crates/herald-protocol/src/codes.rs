@@ -21,7 +21,8 @@ pub enum ErrorCode {
     UnknownCommand = 104,
     /// The connection is already subscribed to the channel.
     AlreadySubscribed = 105,
-    /// A per-connection limit was reached (subscriptions).
+    /// A limit on this client was reached: subscriptions per connection, or connections per
+    /// user (then the connection is closed with 4501).
     LimitExceeded = 106,
     /// The request is malformed: bad JSON, missing or invalid fields.
     BadRequest = 107,
@@ -37,10 +38,12 @@ pub enum ErrorCode {
     Unavailable = 113,
     /// The HTTP method is not allowed on this endpoint.
     MethodNotAllowed = 114,
-    /// The `since` position names an epoch the channel no longer has (its history was lost,
-    /// e.g. the server restarted): reload the state and continue from the position in the
-    /// error's message or a fresh `subscribe`.
-    EpochMismatch = 122,
+    /// Too many commands or publications per second on this connection: slow down and retry
+    /// after a short wait. A client that keeps going is closed with 4006.
+    RateLimited = 115,
+    /// This node holds as many channels or as many bytes of history as it is configured for
+    /// (`limits.max_channels`, `limits.max_history_bytes`); retry later.
+    NodeLimit = 116,
     /// The subscription token expired (in an `unsubscribe` push: the subscription ended);
     /// get a new one and subscribe again.
     SubscriptionExpired = 117,
@@ -48,11 +51,15 @@ pub enum ErrorCode {
     NotSubscribed = 118,
     /// The namespace needs a subscription token: `subscribe` with one (then retry the command).
     TokenRequired = 119,
+    /// The `since` position names an epoch the channel no longer has (its history was lost,
+    /// e.g. the server restarted): reload the state and continue from the position in the
+    /// error's message or a fresh `subscribe`.
+    EpochMismatch = 122,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 20] = [
         Self::Internal,
         Self::Unauthorized,
         Self::InvalidChannel,
@@ -67,15 +74,17 @@ impl ErrorCode {
         Self::TooLarge,
         Self::Unavailable,
         Self::MethodNotAllowed,
-        Self::EpochMismatch,
+        Self::RateLimited,
+        Self::NodeLimit,
         Self::SubscriptionExpired,
         Self::NotSubscribed,
         Self::TokenRequired,
+        Self::EpochMismatch,
     ];
 
     /// Whether the same request may succeed if retried (with backoff).
     pub fn retryable(self) -> bool {
-        matches!(self, Self::Internal | Self::Unavailable)
+        matches!(self, Self::Internal | Self::Unavailable | Self::RateLimited | Self::NodeLimit)
     }
 
     /// The HTTP status the API answers with for this code.
@@ -89,7 +98,7 @@ impl ErrorCode {
             Self::UnknownCommand | Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::TooLarge => 413,
-            Self::LimitExceeded => 429,
+            Self::LimitExceeded | Self::RateLimited | Self::NodeLimit => 429,
             Self::Unavailable => 503,
         }
     }
@@ -121,10 +130,12 @@ impl ErrorCode {
             Self::TooLarge => "too large",
             Self::Unavailable => "unavailable",
             Self::MethodNotAllowed => "method not allowed",
-            Self::EpochMismatch => "epoch mismatch: the channel's history was lost",
+            Self::RateLimited => "slow down",
+            Self::NodeLimit => "server capacity reached",
             Self::SubscriptionExpired => "subscription token expired",
             Self::NotSubscribed => "not subscribed with a token",
             Self::TokenRequired => "subscription token required",
+            Self::EpochMismatch => "epoch mismatch: the channel's history was lost",
         }
     }
 }
@@ -150,8 +161,14 @@ pub enum CloseCode {
     ServerError = 4004,
     /// The connection token expired and was not refreshed; get a new token and reconnect.
     TokenExpired = 4005,
+    /// The client kept sending after being told to slow down (error 115): too many refused
+    /// commands in a short time. Reconnect with backoff.
+    RateLimited = 4006,
     /// The client broke the protocol repeatedly; fix the client.
     ProtocolViolation = 4500,
+    /// The user already has as many connections as `limits.max_connections_per_user` allows;
+    /// close another one first.
+    TooManyConnections = 4501,
     /// The backend disconnected this client (API `disconnect`).
     ForceDisconnect = 4503,
     /// A WebSocket opened on a path that is not a WebSocket endpoint (e.g. `/`); the reason
@@ -163,13 +180,15 @@ pub enum CloseCode {
 }
 
 impl CloseCode {
-    pub const ALL: [CloseCode; 9] = [
+    pub const ALL: [CloseCode; 11] = [
         Self::SlowConsumer,
         Self::NoPong,
         Self::ConnectTimeout,
         Self::ServerError,
         Self::TokenExpired,
+        Self::RateLimited,
         Self::ProtocolViolation,
+        Self::TooManyConnections,
         Self::ForceDisconnect,
         Self::NotAnEndpoint,
         Self::PublishNotAllowed,
@@ -192,7 +211,9 @@ impl CloseCode {
             Self::ConnectTimeout => "connect timeout",
             Self::ServerError => "server error",
             Self::TokenExpired => "token expired",
+            Self::RateLimited => "rate limit exceeded",
             Self::ProtocolViolation => "protocol violation",
+            Self::TooManyConnections => "too many connections for this user",
             Self::ForceDisconnect => "disconnected by the server",
             Self::NotAnEndpoint => {
                 "not a WebSocket endpoint: use /ws/<channel> (raw data) or /connect (Herald protocol, see /herald.js)"
@@ -223,7 +244,10 @@ mod tests {
             assert!(seen.insert(c.as_u16()), "duplicate {c:?}");
             assert_eq!(ErrorCode::from_u16(c.as_u16()), Some(c));
             assert!((400..600).contains(&c.http_status()));
-            assert_eq!(c.retryable(), c.http_status() >= 500, "{c:?}");
+            // Server trouble (5xx) and "not now" limits (429 with a code of their own) are
+            // retryable; what the client must change first is not.
+            let later = matches!(c, ErrorCode::RateLimited | ErrorCode::NodeLimit);
+            assert_eq!(c.retryable(), c.http_status() >= 500 || later, "{c:?}");
         }
     }
 }

@@ -122,7 +122,8 @@ fn channel<'a>(node: &'a Node, name: &str) -> Result<(ChannelName, &'a Namespace
 }
 
 fn engine_error(e: EngineError) -> ApiError {
-    ApiError::new(ErrorCode::Unavailable, e.to_string())
+    let code = if e.limit().is_some() { ErrorCode::NodeLimit } else { ErrorCode::Unavailable };
+    ApiError::new(code, e.to_string())
 }
 
 fn check_size(node: &Node, data: &RawValue) -> Result<Bytes, ApiError> {
@@ -322,12 +323,20 @@ struct InfoResult {
     version: &'static str,
     uptime_seconds: u64,
     connections: usize,
+    /// Channels with subscribers on this node.
     channels: usize,
     subscriptions: usize,
+    /// Channels the engine keeps a position (and maybe history) for.
+    stored_channels: usize,
+    /// Bytes of publications kept in history.
+    history_bytes: usize,
 }
 
 fn info(node: &Node) -> InfoResult {
+    let stats = node.engine.stats();
     InfoResult {
+        stored_channels: stats.channels,
+        history_bytes: stats.history_bytes,
         version: crate::VERSION,
         uptime_seconds: node.uptime_seconds(),
         connections: node.session_count(),

@@ -354,15 +354,23 @@ impl Hub {
 /// Cuts off a subscriber whose queue overflowed: close 4001 (WebSocket), or the end of the
 /// stream (SSE has no close frame). It reconnects and recovers.
 fn slow_consumer(sub: &Subscriber, channel: &str) {
-    let code = CloseCode::SlowConsumer;
     match sub.format {
-        Format::Sse => sub.outbox.finish(),
-        _ => {
-            sub.outbox.close_now(Some(CloseFrame::new(ws::CloseCode(code.as_u16()), code.reason())));
+        Format::Sse => {
+            sub.outbox.finish();
+            metrics::counter!("herald_slow_consumers_total").increment(1);
         }
+        _ => close_slow_consumer(&sub.outbox),
     }
     tracing::debug!(subscriber = sub.id, channel, "slow consumer disconnected");
-    metrics::counter!("herald_slow_consumers_total").increment(1);
+}
+
+/// Closes a WebSocket whose queue overflowed with 4001, dropping what it had not read, and
+/// counts it. For replies as for publications: a reply is never dropped on an open connection.
+pub(crate) fn close_slow_consumer(outbox: &Outbox) {
+    let code = CloseCode::SlowConsumer;
+    if outbox.close_now(Some(CloseFrame::new(ws::CloseCode(code.as_u16()), code.reason()))) {
+        metrics::counter!("herald_slow_consumers_total").increment(1);
+    }
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //! - `engine`: where publications, history and presence live (`MemoryEngine`; trait + conformance suite).
 //! - `hub`: channel → subscribers; encode once, fan out, cut off slow consumers.
 //! - `node`: this node's shared state (config, hub, counters).
+//! - `limits`: per-connection rate limits (token buckets, refusals that end in a close).
 //! - `session`: one native-protocol client: commands, permissions, subscriptions, pings.
 //! - `transport`: `/connect`, `/ws/<channel>`, `/sse/<channel>`.
 //! - `api`: the HTTP API for backends (`POST /api/<method>`).
@@ -25,6 +26,7 @@ pub mod config;
 pub mod engine;
 pub mod http_error;
 pub mod hub;
+pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod secret;

@@ -53,8 +53,21 @@ fn describe() {
     );
     describe_counter!(
         "herald_slow_consumers_total",
-        "Subscribers disconnected because their outgoing queue overflowed (close 4001)."
+        "Connections closed because their outgoing queue overflowed (close 4001): subscribers that \
+         fall behind, and clients that send commands without reading their replies."
     );
+    describe_counter!(
+        "herald_limit_refusals_total",
+        "Commands, publications and connects refused by a limit (limit: commands_per_second, \
+         publications_per_second, max_connections_per_user, max_channels, max_history_bytes)."
+    );
+    describe_counter!(
+        "herald_limit_disconnects_total",
+        "Connections closed for exceeding a limit (limit: max_refusals, close 4006)."
+    );
+    describe_gauge!("herald_stored_channels", "Channels the engine keeps a position or history for.");
+    describe_gauge!("herald_history_bytes", Unit::Bytes, "Bytes of publications kept in history.");
+    describe_gauge!("herald_subscriptions", "Subscriptions of every connection on this node.");
     describe_counter!(
         "herald_connections_refused_total",
         "TCP connections refused by a limit (reason: max_connections, max_connections_per_ip)."

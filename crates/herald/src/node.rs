@@ -12,7 +12,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use crate::channel::{ChannelName, NamespaceOptions};
 use crate::config::Config;
 use crate::engine::{
-    Delivery, Engine, EngineError, History, HistoryPolicy, HistoryQuery, MemoryEngine, PublicationRecord,
+    Delivery, Engine, EngineError, EngineLimits, History, HistoryPolicy, HistoryQuery, MemoryEngine, PublicationRecord,
     StreamPosition,
 };
 use crate::hub::{Hub, SubscribeError, Subscriber};
@@ -58,7 +58,11 @@ impl Node {
             v.watch();
         }
         let hub = Arc::new(Hub::new());
-        let engine = Arc::new(MemoryEngine::new());
+        let limits = EngineLimits {
+            max_channels: config.limits.max_channels,
+            max_history_bytes: config.limits.max_history_bytes,
+        };
+        let engine = Arc::new(MemoryEngine::with_limits(limits));
         engine.set_delivery(Arc::new(HubDelivery(hub.clone())));
         Self {
             ws_settings: Arc::new(config.websocket.clone()),
@@ -90,8 +94,16 @@ impl Node {
         data: Bytes,
         info: Option<ClientInfo>,
     ) -> Result<StreamPosition, EngineError> {
-        metrics::counter!("herald_publications_total").increment(1);
-        self.engine.publish(channel.as_str(), data, info, policy(ns)).await
+        let result = self.engine.publish(channel.as_str(), data, info, policy(ns)).await;
+        match &result {
+            Ok(_) => metrics::counter!("herald_publications_total").increment(1),
+            Err(e) => {
+                if let Some(limit) = e.limit() {
+                    metrics::counter!("herald_limit_refusals_total", "limit" => limit).increment(1);
+                }
+            }
+        }
+        result
     }
 
     /// Subscribes `sub` to `channel` with no gap and no duplicate between what it is told in
@@ -160,6 +172,19 @@ impl Node {
                 !matches!(tx.try_send(control.clone()), Err(tokio::sync::mpsc::error::TrySendError::Closed(_)))
             })
             .count()
+    }
+
+    /// Connected native-protocol sessions of `user`.
+    pub fn user_connection_count(&self, user: &str) -> usize {
+        self.users_lock().get(user).map_or(0, Vec::len)
+    }
+
+    /// Sets the gauges that describe what this node holds (read when `/metrics` is rendered).
+    pub(crate) fn record_gauges(&self) {
+        let stats = self.engine.stats();
+        metrics::gauge!("herald_stored_channels").set(stats.channels as f64);
+        metrics::gauge!("herald_history_bytes").set(stats.history_bytes as f64);
+        metrics::gauge!("herald_subscriptions").set(self.hub.subscription_count() as f64);
     }
 
     fn users_lock(&self) -> std::sync::MutexGuard<'_, UserSessions> {

@@ -161,6 +161,7 @@ async fn ready(State(node): State<Arc<Node>>) -> Response {
 async fn metrics(State(node): State<Arc<Node>>) -> Response {
     match &node.prometheus {
         Some(handle) => {
+            node.record_gauges();
             handle.run_upkeep();
             ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
         }

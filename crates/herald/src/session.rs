@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use crate::channel::{Access, ChannelError, ChannelName, NamespaceOptions};
 use crate::engine::{HistoryQuery, PresenceChange, PresenceEntry, PublicationRecord, StreamPosition};
 use crate::hub::{Format, SubscribeError, Subscriber};
+use crate::limits::{ConnectionLimiter, Verdict};
 use crate::node::{Control, Node, SubscribeFailure};
 use crate::ws::{self, Message, Outbox, WebSocket};
 
@@ -49,6 +50,10 @@ pub struct Session {
     subscriptions: HashSet<Arc<str>>,
     /// Subscriptions made with a subscription token.
     token_subscriptions: TokenSubscriptions,
+    /// Commands and publications per second.
+    limiter: ConnectionLimiter,
+    /// Set when a command's outcome ends the connection (a limit): the caller closes with it.
+    close_with: Option<CloseCode>,
 }
 
 /// Subscriptions made with a token, by channel: one pointer for the many connections that
@@ -97,6 +102,8 @@ impl Session {
     pub fn new(node: Arc<Node>, outbox: Outbox) -> Self {
         let id = node.next_id();
         Self {
+            limiter: ConnectionLimiter::new(&node.config.limits, Instant::now()),
+            close_with: None,
             node,
             id,
             outbox,
@@ -115,7 +122,18 @@ impl Session {
 
     /// Handles one text frame; errors are answered on the outbox and the connection goes on.
     pub async fn handle(&mut self, bytes: &[u8]) {
-        match ClientFrame::parse(bytes) {
+        let parsed = ClientFrame::parse(bytes);
+        let verdict = self.limiter.command(Instant::now());
+        if let Err((code, message)) = self.rate_limited(verdict) {
+            let id = match &parsed {
+                Ok(ClientFrame::Request { id, .. }) => Some(*id),
+                Ok(ClientFrame::Pong) => return,
+                Err(e) => e.id,
+            };
+            self.send(encode_error(id, code, &message));
+            return;
+        }
+        match parsed {
             Ok(ClientFrame::Pong) => {}
             Ok(ClientFrame::Request { id, command }) => {
                 let name = command.name();
@@ -144,8 +162,54 @@ impl Session {
     }
 
     fn send(&self, frame: Vec<u8>) {
-        // A full or closed outbox means the connection is going away; nothing to answer.
-        let _ = self.outbox.send_text(Bytes::from(frame));
+        // A client that does not read its replies is cut off (4001), never left open with a
+        // reply missing. A closed outbox means the connection is going away already.
+        if self.outbox.send_text(Bytes::from(frame)) == Err(ws::SendError::Full) {
+            crate::hub::close_slow_consumer(&self.outbox);
+        }
+    }
+
+    /// The close code a command's outcome calls for (a limit), once.
+    pub fn take_close(&mut self) -> Option<CloseCode> {
+        self.close_with.take()
+    }
+
+    /// Turns a rate-limit verdict into a refusal (error 115), and into a close (4006) when the
+    /// client was refused too often.
+    fn rate_limited(&mut self, verdict: Verdict) -> Result<(), Refusal> {
+        let limit = match verdict {
+            Verdict::Allow => return Ok(()),
+            Verdict::Refuse(limit) => limit,
+            Verdict::Close(limit) => {
+                if self.close_with.is_none() {
+                    metrics::counter!("herald_limit_disconnects_total", "limit" => "max_refusals").increment(1);
+                }
+                self.close_with = Some(CloseCode::RateLimited);
+                limit
+            }
+        };
+        let l = &self.node.config.limits;
+        let rate = match limit {
+            crate::limits::Limit::Commands => l.commands_per_second,
+            crate::limits::Limit::Publications => l.publications_per_second,
+        };
+        let key = limit.key();
+        Err(refuse(ErrorCode::RateLimited, format!("slow down: at most {rate} a second (limits.{key})")))
+    }
+
+    /// Refuses a user's connection beyond `limits.max_connections_per_user` (error 106, then
+    /// close 4501).
+    fn check_user_connections(&mut self, user: &str) -> Result<(), Refusal> {
+        let max = self.node.config.limits.max_connections_per_user;
+        if user.is_empty() || self.node.user_connection_count(user) < max {
+            return Ok(());
+        }
+        metrics::counter!("herald_limit_refusals_total", "limit" => "max_connections_per_user").increment(1);
+        self.close_with = Some(CloseCode::TooManyConnections);
+        Err(refuse(
+            ErrorCode::LimitExceeded,
+            format!("at most {max} connections per user (limits.max_connections_per_user)"),
+        ))
     }
 
     async fn connect(&mut self, id: u32, req: ConnectRequest) -> Result<(), Refusal> {
@@ -157,6 +221,7 @@ impl Session {
         match req.token.as_deref() {
             Some(token) => {
                 let claims = self.verify(token)?;
+                self.check_user_connections(&claims.user)?;
                 claimed = self.claimed_channels(&node, &claims.user, &claims.channels)?;
                 self.user = claims.user;
                 self.expires_at = claims.expires_at;
@@ -426,11 +491,12 @@ impl Session {
             let max = cfg.max_publication_size;
             return Err(refuse(ErrorCode::TooLarge, format!("publication data is larger than {max} bytes")));
         }
+        let verdict = self.limiter.publication(Instant::now());
+        self.rate_limited(verdict)?;
         let info = self.client.as_ref().map(|c| ClientInfo { user: self.user.clone(), client: c.clone() });
-        let pos = node
-            .publish(&channel, ns, Bytes::copy_from_slice(data.as_bytes()), info)
-            .await
-            .map_err(|e| refuse(ErrorCode::Internal, e.to_string()))?;
+        let pos = node.publish(&channel, ns, Bytes::copy_from_slice(data.as_bytes()), info).await.map_err(|e| {
+            refuse(if e.limit().is_some() { ErrorCode::NodeLimit } else { ErrorCode::Internal }, e.to_string())
+        })?;
         self.send(encode_reply(id, "publish", &PublishResult { epoch: pos.epoch.to_string(), offset: pos.offset }));
         Ok(())
     }
@@ -687,7 +753,17 @@ pub fn run(node: Arc<Node>, mut socket: WebSocket) -> impl std::future::Future<O
                     }
                 }
                 received = socket.recv() => match received {
-                    Ok(Some(Message::Text(bytes))) => Box::pin(session.handle(&bytes)).await,
+                    Ok(Some(Message::Text(bytes))) => {
+                        Box::pin(session.handle(&bytes)).await;
+                        if let Some(code) = session.take_close() {
+                            close(&mut socket, code);
+                            closing = true;
+                        } else if socket.outbox().queued_bytes() > node.config.websocket.max_queue_bytes / 2 {
+                            // Commands already buffered are handled without a pause: let this
+                            // connection's writer drain the replies before the queue overflows.
+                            tokio::task::yield_now().await;
+                        }
+                    }
                     Ok(Some(Message::Binary(_))) => {
                         socket.close(ws::CloseCode::UNSUPPORTED_DATA, "herald.v1 is JSON in text frames");
                         closing = true;
@@ -706,7 +782,7 @@ pub fn run(node: Arc<Node>, mut socket: WebSocket) -> impl std::future::Future<O
                         close(&mut socket, CloseCode::TokenExpired);
                         closing = true;
                     } else if session.is_connected() {
-                        let _ = socket.outbox().send_text(Bytes::from_static(b"{}"));
+                        session.send(b"{}".to_vec());
                         Box::pin(session.refresh_presence()).await;
                     }
                 }

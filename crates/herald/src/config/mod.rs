@@ -30,7 +30,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Logging.
     pub log: LogConfig,
-    /// Limits on connections.
+    /// Limits on what clients can make the server hold: connections, commands, channels,
+    /// history.
     pub limits: LimitsConfig,
     /// Channels: limits, and what each namespace allows.
     pub channels: ChannelsConfig,
@@ -90,7 +91,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// Connection limits (`[limits]`).
+/// Limits (`[limits]`): see `docs/security.md#limits`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
@@ -99,11 +100,47 @@ pub struct LimitsConfig {
     pub max_connections: usize,
     /// Most TCP connections open at once from one IP address.
     pub max_connections_per_ip: usize,
+    /// Most native-protocol connections one user (the `sub` of a connection token) may have
+    /// open at once. A `connect` beyond it gets error 106 and the connection is closed with
+    /// 4501. Anonymous connections are bounded by `max_connections_per_ip` instead.
+    pub max_connections_per_user: usize,
+    /// Commands a connection may send per second, on average (every frame counts, pongs
+    /// included). Beyond it a command gets error 115 ("slow down") and is not carried out.
+    pub commands_per_second: u32,
+    /// Commands a connection may send in a burst above `commands_per_second`.
+    pub commands_burst: u32,
+    /// Publications a connection may make per second, on average (the HTTP API is not
+    /// limited). Beyond it a `publish` gets error 115.
+    pub publications_per_second: u32,
+    /// Publications a connection may make in a burst above `publications_per_second`.
+    pub publications_burst: u32,
+    /// Refused commands (error 115) a connection may collect within 10 seconds; one more and
+    /// it is closed with 4006.
+    pub max_refusals: u32,
+    /// Most channels this node keeps a stream (position and history) for. A publication that
+    /// would start a new channel beyond it is refused with error 116 (HTTP 429); channels
+    /// already known go on. Idle channels are forgotten after their history TTL, freeing room.
+    pub max_channels: usize,
+    /// Most bytes of publication data kept in history on this node, over all channels. A
+    /// publication that would store more is refused with error 116 (HTTP 429) until older
+    /// history expires; channels without history are not affected.
+    pub max_history_bytes: usize,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_connections: 100_000, max_connections_per_ip: 10_000 }
+        Self {
+            max_connections: 100_000,
+            max_connections_per_ip: 10_000,
+            max_connections_per_user: 100,
+            commands_per_second: 100,
+            commands_burst: 200,
+            publications_per_second: 50,
+            publications_burst: 100,
+            max_refusals: 100,
+            max_channels: 100_000,
+            max_history_bytes: 256 << 20,
+        }
     }
 }
 
@@ -254,6 +291,13 @@ impl Config {
         check(self.api.max_body_size >= 1024, "api.max_body_size", "must be at least 1024 bytes")?;
         check(self.limits.max_connections >= 1, "limits.max_connections", "must be at least 1")?;
         check(self.limits.max_connections_per_ip >= 1, "limits.max_connections_per_ip", "must be at least 1")?;
+        let l = &self.limits;
+        check(l.max_connections_per_user >= 1, "limits.max_connections_per_user", "must be at least 1")?;
+        check(l.commands_per_second >= 1, "limits.commands_per_second", "must be at least 1")?;
+        check(l.commands_burst >= 1, "limits.commands_burst", "must be at least 1")?;
+        check(l.publications_per_second >= 1, "limits.publications_per_second", "must be at least 1")?;
+        check(l.publications_burst >= 1, "limits.publications_burst", "must be at least 1")?;
+        check(l.max_channels >= 1, "limits.max_channels", "must be at least 1")?;
         check_log_filter(&self.log.level)
     }
 }

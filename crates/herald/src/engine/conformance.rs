@@ -169,6 +169,57 @@ pub(crate) async fn concurrent_publishers_keep_one_order(engine: impl Engine) {
     assert_eq!(offsets, (1..=1000).collect::<Vec<_>>(), "distinct offsets, delivered in order");
 }
 
+pub(crate) async fn reading_creates_nothing_and_the_first_publication_continues(engine: impl Engine) {
+    let (e, _) = with_recorder(engine);
+    let before = e.stats();
+    let mut read = None;
+    for _ in 0..3 {
+        let h = e.history("ghost", HistoryQuery { limit: 10, ..Default::default() }).await.expect("read");
+        assert_eq!(h.position.offset, 0);
+        assert!(h.publications.is_empty());
+        read = Some(h.position);
+        e.presence("ghost").await.expect("presence");
+        e.presence_stats("ghost").await.expect("stats");
+    }
+    assert_eq!(e.stats(), before, "reads left no state");
+    let read = read.expect("read");
+    let h = e.history("ghost", HistoryQuery { since: Some(read.clone()), limit: 10, ..Default::default() }).await;
+    assert!(h.expect("read").complete, "nothing missed yet");
+    // The first publication continues from the position the readers were told.
+    let pos = e.publish("ghost", data(1), None, KEEP).await.expect("publish");
+    assert_eq!(pos, StreamPosition { epoch: read.epoch.clone(), offset: 1 });
+    let h = e.history("ghost", HistoryQuery { since: Some(read), limit: 10, ..Default::default() }).await;
+    let h = h.expect("read");
+    assert!(h.complete, "a subscriber of the empty channel recovers its first publication");
+    assert_eq!(h.publications.iter().map(|p| p.offset).collect::<Vec<_>>(), [1]);
+    assert_eq!(e.stats().channels, before.channels + 1);
+}
+
+pub(crate) async fn a_recreated_stream_never_recovers_an_old_position(engine: impl Engine) {
+    let (e, _) = with_recorder(engine);
+    let short = HistoryPolicy { size: 10, ttl: Duration::from_millis(50) };
+    let mut old = None;
+    for i in 1..=3 {
+        old = Some(e.publish("again", data(i), None, short).await.expect("publish"));
+    }
+    let old = old.expect("published");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    e.sweep();
+    let empty = e.history("again", HistoryQuery::default()).await.expect("read");
+    let new = e.publish("again", data(9), None, short).await.expect("publish");
+    if new.epoch == old.epoch {
+        // The engine kept the stream: it must simply go on.
+        assert_eq!(new.offset, old.offset + 1);
+    } else {
+        assert_eq!(new, StreamPosition { epoch: empty.position.epoch.clone(), offset: 1 }, "continues the read");
+        for stale in [old.clone(), StreamPosition { epoch: old.epoch.clone(), offset: 0 }] {
+            let q = HistoryQuery { since: Some(stale), limit: 10, ..Default::default() };
+            let h = e.history("again", q).await.expect("read");
+            assert!(!h.complete, "a position of the forgotten stream never recovers");
+        }
+    }
+}
+
 /// Runs the whole suite against an engine expression (evaluated afresh for every test).
 #[macro_export]
 #[doc(hidden)]
@@ -202,6 +253,14 @@ macro_rules! engine_conformance {
             #[tokio::test]
             async fn presence_expires() {
                 suite::presence_expires($make).await;
+            }
+            #[tokio::test]
+            async fn reading_creates_nothing_and_the_first_publication_continues() {
+                suite::reading_creates_nothing_and_the_first_publication_continues($make).await;
+            }
+            #[tokio::test]
+            async fn a_recreated_stream_never_recovers_an_old_position() {
+                suite::a_recreated_stream_never_recovers_an_old_position($make).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn concurrent_publishers_keep_one_order() {

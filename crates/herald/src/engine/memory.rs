@@ -1,9 +1,11 @@
 //! The in-memory engine: one node, nothing to install. Per-channel history bounded by size and
-//! age, a fresh random epoch for every stream it creates (so a restart, or an idle channel
-//! forgotten by the sweeper, never matches an old position), and presence with expiry.
+//! age, node-wide limits on channels and history bytes, epochs that never repeat for a channel
+//! (so a restart, or an idle channel forgotten by the sweeper, never matches an old position),
+//! and presence with expiry. Reading a channel that has no stream creates nothing.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -12,8 +14,8 @@ use futures_util::future::{self, BoxFuture};
 use herald_protocol::ClientInfo;
 
 use super::{
-    Delivery, Engine, EngineError, History, HistoryPolicy, HistoryQuery, PresenceChange, PresenceEntry, PresenceStats,
-    PublicationRecord, StreamPosition,
+    Delivery, Engine, EngineError, EngineLimits, EngineStats, History, HistoryPolicy, HistoryQuery, PresenceChange,
+    PresenceEntry, PresenceStats, PublicationRecord, StreamPosition,
 };
 
 /// How long a channel with no history keeps its position after its last publication or read.
@@ -21,34 +23,89 @@ const IDLE_POSITION_TTL: Duration = Duration::from_secs(300);
 
 const SHARDS: usize = 64;
 
+/// Forgotten channels remembered per shard (a hash and a count each, about 32 bytes). Past
+/// this, the shard takes a new base epoch and starts over: every epoch it hands out from then
+/// on differs from every earlier one.
+const FORGOTTEN_PER_SHARD: usize = 2048;
+
 #[derive(Debug)]
 struct Stored {
     record: PublicationRecord,
     at: Instant,
+    /// What this publication counts against `max_history_bytes`.
+    bytes: usize,
 }
 
 #[derive(Debug)]
 struct Stream {
     epoch: Arc<str>,
+    /// How many streams of this channel (by hash) were forgotten before this one.
+    incarnation: u32,
     offset: u64,
     history: VecDeque<Stored>,
+    /// Sum of `bytes` over `history`.
+    bytes: usize,
     ttl: Duration,
     touched: Instant,
+    /// Cleared when the sweeper removes the stream: a publisher that looked it up just before
+    /// must look again.
+    live: bool,
 }
 
 impl Stream {
-    fn new(now: Instant) -> Self {
-        Self { epoch: new_epoch(), offset: 0, history: VecDeque::new(), ttl: IDLE_POSITION_TTL, touched: now }
+    /// Drops expired publications; returns the bytes freed.
+    fn expire(&mut self, now: Instant) -> usize {
+        let mut freed = 0;
+        while self.history.front().is_some_and(|s| now.duration_since(s.at) >= self.ttl) {
+            freed += self.pop_front();
+        }
+        freed
     }
 
-    fn expire(&mut self, now: Instant) {
-        while self.history.front().is_some_and(|s| now.duration_since(s.at) >= self.ttl) {
-            self.history.pop_front();
-        }
+    fn pop_front(&mut self) -> usize {
+        let freed = self.history.pop_front().map_or(0, |s| s.bytes);
+        self.bytes -= freed;
+        freed
     }
 
     fn position(&self) -> StreamPosition {
         StreamPosition { epoch: self.epoch.clone(), offset: self.offset }
+    }
+}
+
+/// One shard of the channel → stream map, with what it remembers of forgotten streams.
+#[derive(Debug)]
+struct StreamShard {
+    streams: HashMap<Arc<str>, Arc<Mutex<Stream>>>,
+    /// Channel hash → incarnation of the next stream of that channel (absent: 0).
+    forgotten: HashMap<u64, u32>,
+    /// Prefix of every epoch this shard hands out; random, so a restart never matches.
+    base: Arc<str>,
+}
+
+impl StreamShard {
+    fn new() -> Self {
+        Self { streams: HashMap::new(), forgotten: HashMap::new(), base: new_epoch() }
+    }
+
+    /// The epoch and incarnation the channel's next stream will have: what a read of a
+    /// channel without a stream reports, so that its subscribers recover from `(epoch, 0)`.
+    fn next_epoch(&self, key: u64) -> (Arc<str>, u32) {
+        match self.forgotten.get(&key).copied().unwrap_or(0) {
+            0 => (self.base.clone(), 0),
+            n => (Arc::from(format!("{}-{n}", self.base).as_str()), n),
+        }
+    }
+
+    /// Remembers that a stream was forgotten, so its channel's next stream gets a new epoch.
+    fn forget(&mut self, key: u64, incarnation: u32) {
+        if !self.forgotten.contains_key(&key) && self.forgotten.len() >= FORGOTTEN_PER_SHARD {
+            // A new base differs from every epoch handed out so far: nothing old can match.
+            self.base = new_epoch();
+            self.forgotten.clear();
+        }
+        let next = self.forgotten.entry(key).or_insert(0);
+        *next = (*next).max(incarnation.saturating_add(1));
     }
 }
 
@@ -93,25 +150,30 @@ impl ChannelPresence {
     }
 }
 
-type Shards<T> = Box<[Mutex<HashMap<Arc<str>, T>>]>;
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section here leaves its collections consistent at each step, so a poisoned
     // lock (a panic elsewhere while holding it) is still safe to use.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+type PresenceShard = Mutex<HashMap<Arc<str>, ChannelPresence>>;
+
 /// The in-memory engine.
 pub struct MemoryEngine {
-    streams: Shards<Arc<Mutex<Stream>>>,
-    presence: Shards<ChannelPresence>,
+    streams: Box<[Mutex<StreamShard>]>,
+    presence: Box<[PresenceShard]>,
     hasher: std::collections::hash_map::RandomState,
     delivery: OnceLock<Arc<dyn Delivery>>,
+    limits: EngineLimits,
+    /// Streams in `streams`.
+    channels: AtomicUsize,
+    /// Sum of every stream's `bytes`.
+    history_bytes: AtomicUsize,
 }
 
 impl std::fmt::Debug for MemoryEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryEngine").finish_non_exhaustive()
+        f.debug_struct("MemoryEngine").field("limits", &self.limits).finish_non_exhaustive()
     }
 }
 
@@ -121,23 +183,97 @@ impl Default for MemoryEngine {
     }
 }
 
+/// What a publication counts against `max_history_bytes`: its data and its info.
+fn record_bytes(data: &Bytes, info: Option<&ClientInfo>) -> usize {
+    data.len() + info.map_or(0, |i| i.user.len() + i.client.len())
+}
+
 impl MemoryEngine {
+    /// An engine without node-wide limits.
     pub fn new() -> Self {
-        Self { streams: shards(), presence: shards(), hasher: Default::default(), delivery: OnceLock::new() }
+        Self::with_limits(EngineLimits::NONE)
     }
 
-    fn shard<'a, T>(&self, shards: &'a Shards<T>, channel: &str) -> &'a Mutex<HashMap<Arc<str>, T>> {
-        &shards[(self.hasher.hash_one(channel) as usize) % shards.len()]
-    }
-
-    fn stream(&self, channel: &str, now: Instant) -> Arc<Mutex<Stream>> {
-        let mut shard = lock(self.shard(&self.streams, channel));
-        if let Some(s) = shard.get(channel) {
-            return s.clone();
+    pub fn with_limits(limits: EngineLimits) -> Self {
+        Self {
+            streams: (0..SHARDS).map(|_| Mutex::new(StreamShard::new())).collect(),
+            presence: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: Default::default(),
+            delivery: OnceLock::new(),
+            limits,
+            channels: AtomicUsize::new(0),
+            history_bytes: AtomicUsize::new(0),
         }
-        let s = Arc::new(Mutex::new(Stream::new(now)));
-        shard.insert(Arc::from(channel), s.clone());
-        s
+    }
+
+    fn key(&self, channel: &str) -> u64 {
+        self.hasher.hash_one(channel)
+    }
+
+    fn stream_shard(&self, key: u64) -> &Mutex<StreamShard> {
+        &self.streams[(key as usize) % self.streams.len()]
+    }
+
+    fn presence_shard(&self, channel: &str) -> &PresenceShard {
+        &self.presence[(self.key(channel) as usize) % self.presence.len()]
+    }
+
+    /// The channel's stream, created if needed (within `max_channels`); the `bool` says
+    /// whether this call created it.
+    fn stream(&self, channel: &str, now: Instant) -> Result<(Arc<Mutex<Stream>>, bool), EngineError> {
+        let key = self.key(channel);
+        let mut shard = lock(self.stream_shard(key));
+        if let Some(s) = shard.streams.get(channel) {
+            return Ok((s.clone(), false));
+        }
+        let max = self.limits.max_channels;
+        if self.channels.fetch_add(1, Ordering::Relaxed) >= max {
+            self.channels.fetch_sub(1, Ordering::Relaxed);
+            return Err(EngineError::TooManyChannels { max });
+        }
+        let (epoch, incarnation) = shard.next_epoch(key);
+        let stream = Stream {
+            epoch,
+            incarnation,
+            offset: 0,
+            history: VecDeque::new(),
+            bytes: 0,
+            ttl: IDLE_POSITION_TTL,
+            touched: now,
+            live: true,
+        };
+        let s = Arc::new(Mutex::new(stream));
+        shard.streams.insert(Arc::from(channel), s.clone());
+        Ok((s, true))
+    }
+
+    /// Removes a stream this engine created for a publication that was then refused: it
+    /// handed out no position but `(epoch, 0)`, which its next incarnation repeats.
+    fn undo_create(&self, channel: &str, stream: &Arc<Mutex<Stream>>) {
+        let mut shard = lock(self.stream_shard(self.key(channel)));
+        let unused = shard.streams.get(channel).is_some_and(|s| Arc::ptr_eq(s, stream)) && lock(stream).offset == 0;
+        if unused {
+            shard.streams.remove(channel);
+            self.channels.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn release(&self, bytes: usize) {
+        if bytes > 0 {
+            self.history_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Accounts `add` more bytes and `free` fewer, unless the total would pass the limit.
+    fn reserve(&self, add: usize, free: usize) -> Result<(), EngineError> {
+        let max = self.limits.max_history_bytes;
+        self.history_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |cur| {
+                let next = cur.saturating_add(add).saturating_sub(free);
+                (next <= max || add <= free).then_some(next)
+            })
+            .map(|_| ())
+            .map_err(|_| EngineError::HistoryFull { max })
     }
 
     fn publish_now(
@@ -146,37 +282,72 @@ impl MemoryEngine {
         data: Bytes,
         info: Option<ClientInfo>,
         policy: HistoryPolicy,
-    ) -> StreamPosition {
+    ) -> Result<StreamPosition, EngineError> {
         let now = Instant::now();
-        let stream = self.stream(channel, now);
+        let (stream, created) = self.stream(channel, now)?;
         let mut s = lock(&stream);
+        if !s.live {
+            // Forgotten by the sweeper right after we looked it up: look again.
+            drop(s);
+            return self.publish_now(channel, data, info, policy);
+        }
+        s.ttl = policy.ttl.max(if policy.size == 0 { IDLE_POSITION_TTL } else { Duration::ZERO });
+        let freed = s.expire(now);
+        self.release(freed);
+        let size = record_bytes(&data, info.as_ref());
+        // What keeping this publication pushes out of the channel's own history.
+        let drop_n = if policy.size == 0 { s.history.len() } else { (s.history.len() + 1).saturating_sub(policy.size) };
+        let freeing: usize = s.history.iter().take(drop_n).map(|x| x.bytes).sum();
+        let keep = if policy.size > 0 { size } else { 0 };
+        if let Err(e) = self.reserve(keep, freeing) {
+            drop(s);
+            if created {
+                self.undo_create(channel, &stream);
+            }
+            return Err(e);
+        }
+        for _ in 0..drop_n {
+            s.pop_front();
+        }
         s.offset += 1;
         s.touched = now;
-        s.ttl = policy.ttl.max(if policy.size == 0 { IDLE_POSITION_TTL } else { Duration::ZERO });
         let record = PublicationRecord { offset: s.offset, data, info };
         if policy.size > 0 {
-            s.history.push_back(Stored { record: record.clone(), at: now });
-            while s.history.len() > policy.size {
-                s.history.pop_front();
-            }
-        } else {
-            s.history.clear();
+            s.history.push_back(Stored { record: record.clone(), at: now, bytes: size });
+            s.bytes += size;
         }
-        s.expire(now);
         let position = s.position();
         // Delivered under the stream's lock: deliveries of one channel happen in offset order.
         if let Some(d) = self.delivery.get() {
             d.deliver(channel, &position, &record);
         }
-        position
+        Ok(position)
     }
 
     fn history_now(&self, channel: &str, query: HistoryQuery) -> History {
         let now = Instant::now();
-        let stream = self.stream(channel, now);
+        let key = self.key(channel);
+        let stream = {
+            let shard = lock(self.stream_shard(key));
+            match shard.streams.get(channel) {
+                Some(s) => s.clone(),
+                None => {
+                    // No stream: answer the position its first publication will continue from,
+                    // and create nothing.
+                    let (epoch, _) = shard.next_epoch(key);
+                    let complete = query.since.as_ref().is_some_and(|p| p.epoch == epoch && p.offset == 0);
+                    return History {
+                        position: StreamPosition { epoch, offset: 0 },
+                        publications: Vec::new(),
+                        complete,
+                    };
+                }
+            }
+        };
         let mut s = lock(&stream);
         s.touched = now;
-        s.expire(now);
+        let freed = s.expire(now);
+        self.release(freed);
         let position = s.position();
         let limit = query.limit;
         let (publications, complete) = match &query.since {
@@ -205,11 +376,23 @@ impl MemoryEngine {
     fn sweep_now(&self) {
         let now = Instant::now();
         for shard in self.streams.iter() {
-            lock(shard).retain(|_, s| {
+            let mut shard = lock(shard);
+            let mut gone = Vec::new();
+            shard.streams.retain(|name, s| {
                 let mut s = lock(s);
-                s.expire(now);
-                !(s.history.is_empty() && now.duration_since(s.touched) >= s.ttl)
+                let freed = s.expire(now);
+                self.release(freed);
+                let idle = s.history.is_empty() && now.duration_since(s.touched) >= s.ttl;
+                if idle {
+                    s.live = false;
+                    gone.push((self.key(name), s.incarnation));
+                }
+                !idle
             });
+            self.channels.fetch_sub(gone.len(), Ordering::Relaxed);
+            for (key, incarnation) in gone {
+                shard.forget(key, incarnation);
+            }
         }
         for shard in self.presence.iter() {
             lock(shard).retain(|_, p| {
@@ -221,11 +404,11 @@ impl MemoryEngine {
 
     /// Channels with a stream, for tests and diagnostics.
     pub fn stream_count(&self) -> usize {
-        self.streams.iter().map(|s| lock(s).len()).sum()
+        self.channels.load(Ordering::Relaxed)
     }
 
     fn with_presence<R>(&self, channel: &str, f: impl FnOnce(&mut ChannelPresence) -> R) -> R {
-        let mut shard = lock(self.shard(&self.presence, channel));
+        let mut shard = lock(self.presence_shard(channel));
         let p = shard.entry(Arc::from(channel)).or_default();
         p.expire(Instant::now());
         let r = f(p);
@@ -236,13 +419,9 @@ impl MemoryEngine {
     }
 }
 
-fn shards<T>() -> Shards<T> {
-    (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect()
-}
-
 fn new_epoch() -> Arc<str> {
-    let n: u32 = rand::random();
-    Arc::from(format!("{n:08x}").as_str())
+    let n: u64 = rand::random();
+    Arc::from(format!("{n:016x}").as_str())
 }
 
 impl Engine for MemoryEngine {
@@ -261,13 +440,12 @@ impl Engine for MemoryEngine {
         info: Option<ClientInfo>,
         policy: HistoryPolicy,
     ) -> BoxFuture<'a, Result<StreamPosition, EngineError>> {
-        Box::pin(future::ready(Ok(self.publish_now(channel, data, info, policy))))
+        Box::pin(future::ready(self.publish_now(channel, data, info, policy)))
     }
 
     fn history<'a>(&'a self, channel: &'a str, query: HistoryQuery) -> BoxFuture<'a, Result<History, EngineError>> {
         Box::pin(future::ready(Ok(self.history_now(channel, query))))
     }
-
     fn presence_add<'a>(
         &'a self,
         channel: &'a str,
@@ -311,6 +489,13 @@ impl Engine for MemoryEngine {
         let stats = self.with_presence(channel, |p| PresenceStats { clients: p.clients.len(), users: p.users.len() });
         Box::pin(future::ready(Ok(stats)))
     }
+
+    fn stats(&self) -> EngineStats {
+        EngineStats {
+            channels: self.channels.load(Ordering::Relaxed),
+            history_bytes: self.history_bytes.load(Ordering::Relaxed),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -323,13 +508,71 @@ mod tests {
     fn idle_channels_are_forgotten_and_come_back_with_a_new_epoch() {
         let e = MemoryEngine::new();
         let policy = HistoryPolicy { size: 10, ttl: Duration::from_millis(1) };
-        let first = e.publish_now("c", Bytes::from_static(b"1"), None, policy);
+        let first = e.publish_now("c", Bytes::from_static(b"1"), None, policy).expect("publish");
         std::thread::sleep(Duration::from_millis(5));
         // History expired; the stream is still touched recently, then idle past its TTL.
         e.sweep_now();
         assert_eq!(e.stream_count(), 0);
-        let second = e.publish_now("c", Bytes::from_static(b"1"), None, policy);
+        assert_eq!(e.stats().history_bytes, 0);
+        let second = e.publish_now("c", Bytes::from_static(b"1"), None, policy).expect("publish");
         assert_eq!(second.offset, 1);
         assert_ne!(second.epoch, first.epoch);
+    }
+
+    #[test]
+    fn limits_refuse_and_change_nothing() {
+        let limits = EngineLimits { max_channels: 2, max_history_bytes: 10 };
+        let e = MemoryEngine::with_limits(limits);
+        let keep = HistoryPolicy { size: 3, ttl: Duration::from_secs(60) };
+        let four = || Bytes::from_static(b"1234");
+        e.publish_now("a", four(), None, keep).expect("a");
+        e.publish_now("b", four(), None, keep).expect("b");
+        assert_eq!(e.publish_now("c", four(), None, keep), Err(EngineError::TooManyChannels { max: 2 }));
+        assert_eq!(e.stats(), EngineStats { channels: 2, history_bytes: 8 });
+        // 8 + 4 > 10: refused, and channel `a` keeps its position.
+        assert_eq!(e.publish_now("a", four(), None, keep), Err(EngineError::HistoryFull { max: 10 }));
+        let h = e.history_now("a", HistoryQuery { limit: 10, ..Default::default() });
+        assert_eq!((h.position.offset, h.publications.len()), (1, 1));
+        // A channel without history is not limited by bytes.
+        e.publish_now("b", four(), None, HistoryPolicy::NONE).expect("no history");
+        assert_eq!(e.stats(), EngineStats { channels: 2, history_bytes: 4 }, "b's history was dropped");
+        // Room made by a channel's own size bound counts.
+        let one = HistoryPolicy { size: 1, ..keep };
+        for _ in 0..5 {
+            e.publish_now("a", four(), None, one).expect("replaces its own");
+        }
+        assert_eq!(e.stats().history_bytes, 4);
+    }
+
+    #[test]
+    fn a_refused_new_channel_leaves_no_stream() {
+        let e = MemoryEngine::with_limits(EngineLimits { max_channels: 10, max_history_bytes: 3 });
+        let keep = HistoryPolicy { size: 3, ttl: Duration::from_secs(60) };
+        let before = e.history_now("x", HistoryQuery::default()).position;
+        assert!(e.publish_now("x", Bytes::from_static(b"1234"), None, keep).is_err());
+        assert_eq!(e.stats(), EngineStats::default());
+        let pos = e.publish_now("x", Bytes::from_static(b"1"), None, keep).expect("fits");
+        assert_eq!(pos, StreamPosition { epoch: before.epoch, offset: 1 }, "the position read before continues");
+    }
+
+    #[test]
+    fn forgotten_channels_past_the_memory_bound_still_never_repeat_an_epoch() {
+        let mut shard = StreamShard::new();
+        let mut handed_out = std::collections::HashSet::new();
+        // Channel 0 lives and is forgotten three times, then many others are forgotten, past
+        // what the shard remembers; channel 0's next epoch is still new.
+        for _ in 0..3 {
+            let (epoch, incarnation) = shard.next_epoch(0);
+            assert!(handed_out.insert(epoch), "a new epoch each time");
+            shard.forget(0, incarnation);
+        }
+        for key in 1..=FORGOTTEN_PER_SHARD as u64 {
+            let (epoch, incarnation) = shard.next_epoch(key);
+            handed_out.insert(epoch);
+            shard.forget(key, incarnation);
+        }
+        assert!(shard.forgotten.len() <= FORGOTTEN_PER_SHARD, "bounded");
+        let (epoch, _) = shard.next_epoch(0);
+        assert!(!handed_out.contains(&epoch), "{epoch} was handed out before");
     }
 }

@@ -99,11 +99,51 @@ pub struct PresenceStats {
     pub users: usize,
 }
 
-/// An engine failure. Memory engines never fail; networked engines do.
+/// An engine failure. Memory engines fail only on their limits; networked engines also when
+/// the network does.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
     #[error("engine unavailable: {0}")]
     Unavailable(String),
+    /// The publication would start a new channel beyond [`EngineLimits::max_channels`].
+    #[error("this node keeps at most {max} channels (limits.max_channels); try again later")]
+    TooManyChannels { max: usize },
+    /// The publication would store more than [`EngineLimits::max_history_bytes`].
+    #[error("this node keeps at most {max} bytes of history (limits.max_history_bytes); try again later")]
+    HistoryFull { max: usize },
+}
+
+impl EngineError {
+    /// The configuration key of the limit this error comes from, if it is a limit.
+    pub fn limit(&self) -> Option<&'static str> {
+        match self {
+            Self::Unavailable(_) => None,
+            Self::TooManyChannels { .. } => Some("max_channels"),
+            Self::HistoryFull { .. } => Some("max_history_bytes"),
+        }
+    }
+}
+
+/// Node-wide bounds on what publications can make an engine hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineLimits {
+    /// Most channels with a stream (a position, maybe history).
+    pub max_channels: usize,
+    /// Most bytes of publications (data and info) kept in history, over all channels.
+    pub max_history_bytes: usize,
+}
+
+impl EngineLimits {
+    pub const NONE: Self = Self { max_channels: usize::MAX, max_history_bytes: usize::MAX };
+}
+
+/// What an engine holds now, for `/api/info` and `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EngineStats {
+    /// Channels with a stream.
+    pub channels: usize,
+    /// Bytes of publications in history.
+    pub history_bytes: usize,
 }
 
 /// Receives publications from the engine, for local fan-out. Called in offset order per
@@ -125,6 +165,16 @@ pub trait Delivery: Send + Sync + 'static {
 /// - **Failure:** an error means the publication was not stored and not delivered; the
 ///   caller may retry. Reads fail without side effects.
 /// - **Presence** entries expire after their TTL unless refreshed by `presence_add` again.
+/// - **Reading creates nothing.** `history`, `presence` and `presence_stats` of a channel that
+///   has no stream leave no state behind: a hostile client reading random channel names costs
+///   nothing that lingers. Such a read answers the position `(epoch, 0)` that the channel's
+///   first publication will continue from: the stream it creates keeps that epoch, so a
+///   subscriber told `(epoch, 0)` recovers it exactly. A stream that is forgotten and later
+///   recreated never reuses an epoch an earlier stream of that channel handed out, so a stale
+///   position never recovers falsely (`complete` stays false).
+/// - **Limits** ([`EngineLimits`]): a publication that would start a channel beyond
+///   `max_channels`, or store history beyond `max_history_bytes`, fails with
+///   [`EngineError::TooManyChannels`] or [`EngineError::HistoryFull`] and changes nothing.
 pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
     /// Sets where publications go after they are stored. Called once, before the first publish.
     fn set_delivery(&self, delivery: Arc<dyn Delivery>);
@@ -164,4 +214,7 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
 
     /// How many clients and distinct users are present.
     fn presence_stats<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<PresenceStats, EngineError>>;
+
+    /// What this engine holds on this node now.
+    fn stats(&self) -> EngineStats;
 }
