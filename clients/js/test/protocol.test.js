@@ -243,6 +243,36 @@ test("an expired subscription token: resubscribed with a fresh one and recovery,
   herald.disconnect();
 });
 
+test("subscription getToken: a failure is retried with backoff; a refused kept token is replaced once", async () => {
+  const { herald, ws } = await connected({ backoffBase: 20, backoffMax: 40 });
+  ws.receive(fixture("server", "connect"));
+  await tick();
+  let calls = 0;
+  const errors = [];
+  herald.subscribe("private:a", {
+    getToken: async () => {
+      if (++calls === 1) throw new Error("down");
+      return `fresh${calls}`;
+    },
+    onError: (e) => errors.push(e.code),
+  });
+  await new Promise((r) => setTimeout(r, 100));
+  assert.deepEqual(errors, [HeraldError.TOKEN]);
+  assert.deepEqual(JSON.parse(ws.sent.at(-1)).subscribe, { channel: "private:a", token: "fresh2" });
+
+  herald.subscribe("private:b", { token: "kept", getToken: async () => "new", onError: (e) => errors.push(e.code) });
+  const kept = JSON.parse(ws.sent.at(-1));
+  assert.equal(kept.subscribe.token, "kept");
+  ws.receive(`{"id":${kept.id},"error":{"code":101,"message":"unauthorized"}}`);
+  await tick();
+  const fresh = JSON.parse(ws.sent.at(-1));
+  assert.equal(fresh.subscribe.token, "new");
+  ws.receive(`{"id":${fresh.id},"error":{"code":101,"message":"unauthorized"}}`);
+  assert.deepEqual(errors, [HeraldError.TOKEN, 101], "a fresh token refused is final");
+  assert.equal(herald.subs.has("private:b"), false);
+  herald.disconnect();
+});
+
 test("a recovered subscribe reply delivers the missed publications once, in order", async () => {
   const { herald, ws } = await connected();
   ws.receive(fixture("server", "connect"));
