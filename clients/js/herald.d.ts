@@ -22,7 +22,7 @@ export class HeraldError extends Error {
   static readonly CLOSED: 3;
   /** More than `options.maxPending` requests waiting for the connection or for their reply. */
   static readonly QUEUE_FULL: 4;
-  /** `getToken()` threw or rejected (the error's message is kept). */
+  /** `getToken()` (the client's, or a subscription's) threw or rejected (the error's message is kept). */
   static readonly TOKEN: 5;
 }
 
@@ -80,6 +80,11 @@ export interface ConnectedContext {
   version: string;
   /** Seconds between the server's pings. */
   ping: number;
+  /**
+   * The server-side subscriptions (the connection token's `channels` claim): their pushes
+   * arrive as the client's "subscribed", "publication", "join", "leave" and "unsubscribed" events.
+   */
+  subscriptions?: string[];
 }
 
 export interface DisconnectedContext {
@@ -90,11 +95,30 @@ export interface DisconnectedContext {
   reconnect: boolean;
 }
 
+/** Which server-side subscription an event is about. */
+export interface OnChannel {
+  channel: string;
+}
+
 export interface Events {
   connecting: { attempt: number };
   connected: ConnectedContext;
   disconnected: DisconnectedContext;
   error: HeraldError;
+  /**
+   * A server-side subscription started, at this position (once per connection, before its
+   * first publication). These are not recovered after a reconnect: when `epoch` is the one
+   * seen before and `offset` is beyond the last publication received, read the gap with
+   * `history(channel, { since })`.
+   */
+  subscribed: OnChannel & Position;
+  /** A publication of a server-side subscription (each offset once per connection, in order). */
+  publication: OnChannel & Publication;
+  /** A user joined a server-side subscription's channel (namespaces with `join_leave`). */
+  join: OnChannel & ClientInfo;
+  leave: OnChannel & ClientInfo;
+  /** The server ended a server-side subscription (API `unsubscribe`). */
+  unsubscribed: OnChannel & UnsubscribedContext;
 }
 
 export interface ClientInfo {
@@ -120,7 +144,26 @@ export interface SubscribedContext extends Position {
   recovered: boolean;
 }
 
+/** Why the server ended a subscription. */
+export interface UnsubscribedContext {
+  /** 117: the subscription token expired. Absent when the backend ended it (API `unsubscribe`). */
+  code?: number;
+  reason?: string;
+}
+
 export interface SubscriptionHandlers {
+  /**
+   * A subscription token (JWT with `sub` and `channel`), for namespaces whose `subscribe` rule
+   * is `"token"`. Sent with every (re)subscribe.
+   */
+  token?: string;
+  /**
+   * Returns a fresh subscription token for the channel. Called when there is no token or the
+   * kept one expires within `timeout` (at every (re)subscribe), shortly before it expires (then
+   * sent with `sub_refresh`), when the server refuses a kept token (101, once), and when the
+   * subscription ended because its token expired (117: subscribed again, with recovery).
+   */
+  getToken?: (channel: string) => string | Promise<string>;
   /** Each publication once, in offset order, across reconnects. */
   onPublication?(pub: Publication): void;
   /** A user's first connection subscribed (namespaces with `join_leave`). */
@@ -131,10 +174,18 @@ export interface SubscriptionHandlers {
   onReset?(position: Position): void;
   /** After every (re)subscribe. */
   onSubscribed?(ctx: SubscribedContext): void;
-  /** The server refused the subscription: dropped for 102, 103, 106 and the like; kept, and tried again at the next connect, for 100 and 113. */
+  /**
+   * The server refused the subscription: dropped for 101, 102, 103, 106, 119 and the like;
+   * kept, and tried again at the next connect, for 100 and 113. Also `getToken` failing
+   * (code 5; tried again with backoff) and a failed `sub_refresh` (the subscription goes on
+   * until its token expires, and is then renewed through `getToken`).
+   */
   onError?(error: HeraldError): void;
-  /** The backend ended the subscription (API `unsubscribe`); it is not resubscribed. */
-  onUnsubscribed?(ctx: Record<string, never>): void;
+  /**
+   * The server ended the subscription: the backend (API `unsubscribe`, no code), or its token
+   * expired (code 117) and there is no `getToken`. It is not resubscribed.
+   */
+  onUnsubscribed?(ctx: UnsubscribedContext): void;
 }
 
 export interface Subscription {
@@ -174,7 +225,10 @@ export class Herald {
   connect(): void;
   /** Closes the connection for good; pending requests fail; subscriptions stay for a later connect(). */
   disconnect(): void;
-  /** Subscribes (now if connected, else once connected). Throws HeraldError 105 if already subscribed. */
+  /**
+   * Subscribes (now if connected, else once connected). Throws HeraldError 105 if already
+   * subscribed, or subscribed server-side on this connection.
+   */
   subscribe(channel: string, handlers?: SubscriptionHandlers): Subscription;
   /** Publishes where the namespace allows clients to (`publish = true`). */
   publish(channel: string, data: Json): Promise<Position>;

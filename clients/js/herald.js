@@ -1,6 +1,7 @@
 // Herald JS SDK: one ES module, no dependencies, for browsers and Node (inject `WebSocket`).
 // Speaks Herald's native protocol (docs/protocol.md) over one WebSocket: replies matched by
-// id, pushes routed to subscriptions, reconnect with backoff, recovery, token refresh.
+// id, pushes routed to subscriptions, reconnect with backoff, recovery, token refresh (of the
+// connection's token and of subscription tokens), server-side subscriptions.
 
 export const VERSION = "0.1.0";
 
@@ -50,6 +51,25 @@ function call(fn, arg) {
 
 const asError = (e, code) => (e instanceof HeraldError ? e : new HeraldError(code, String((e && e.message) || e)));
 
+// Exponential backoff with full jitter: a uniform random wait below min(max, base * 2^n).
+const backoff = ({ backoffBase, backoffMax }, n) => Math.random() * Math.min(backoffMax, backoffBase * 2 ** Math.min(n, 30));
+
+// Whether a token (kept from before) must be replaced first: missing, or expiring within ms.
+const stale = (token, ms) => {
+  const exp = token && tokenExpiry(token);
+  return !token || (exp && exp * 1000 - Date.now() < ms);
+};
+
+// When to ask for a new token: in the last fifth of its life, at most a minute early; at most
+// once a second, should this clock run far ahead of the token issuer's.
+const refreshIn = (exp) => {
+  const left = exp * 1000 - Date.now();
+  return Math.max(1000, left - Math.min(left / 5, 60000));
+};
+
+// A server push's kind and body: {"channel":..,"pub":{..}} -> ["pub", {..}].
+const kind = (push) => Object.entries(push).find(([k]) => k !== "channel") || [];
+
 export class Herald {
   /**
    * @param {string} url e.g. "ws://localhost:8080/connect"
@@ -72,6 +92,7 @@ export class Herald {
     this.state = "disconnected"; // "connecting" | "connected"
     this.client = undefined; // this connection's id, from the connect reply
     this.subs = new Map(); // channel -> Subscription
+    this.server = new Map(); // server-side subscriptions (the token's channels claim): channel -> last offset
     this.pending = new Map(); // id -> request sent, awaiting its reply
     this.queue = []; // requests waiting for the connection
     this.listeners = {};
@@ -79,7 +100,11 @@ export class Herald {
     this.timers = {};
   }
 
-  /** Listens for "connecting", "connected", "disconnected" or "error"; returns off(). */
+  /**
+   * Listens for "connecting", "connected", "disconnected", "error", and the pushes of
+   * server-side subscriptions: "subscribed", "publication", "join", "leave", "unsubscribed".
+   * Returns off().
+   */
   on(event, fn) {
     const set = (this.listeners[event] ||= new Set());
     set.add(fn);
@@ -92,7 +117,8 @@ export class Herald {
 
   _timer(name, ms, fn) {
     clearTimeout(this.timers[name]);
-    this.timers[name] = ms === undefined ? undefined : setTimeout(fn, Math.min(Math.max(ms, 0), MAX_DELAY));
+    if (ms === undefined) delete this.timers[name];
+    else this.timers[name] = setTimeout(fn, Math.min(Math.max(ms, 0), MAX_DELAY));
   }
 
   /** Opens the connection (and keeps it open until disconnect() or a terminal close). */
@@ -116,9 +142,8 @@ export class Herald {
     this._emit("connecting", { attempt: this.attempt });
     const { getToken, timeout } = this.options;
     // A token that is missing or expires within the timeout is replaced before connecting.
-    const exp = this.token && tokenExpiry(this.token);
     let fresh = false;
-    if (getToken && (!this.token || (exp && exp * 1000 - Date.now() < timeout))) {
+    if (getToken && stale(this.token, timeout)) {
       let token;
       try {
         token = await getToken();
@@ -167,6 +192,7 @@ export class Herald {
     this.pingMs = info.ping * 1000;
     this.seen = Date.now();
     if (this.pingMs > 0) this._watch();
+    this.server = new Map();
     this._scheduleRefresh(tokenExpiry(this.token || ""));
     for (const sub of this.subs.values()) sub._subscribe();
     const queued = this.queue;
@@ -216,12 +242,9 @@ export class Herald {
     if (reconnect) this._retry();
   }
 
-  // Exponential backoff with full jitter: a uniform random wait below min(max, base * 2^n).
   _retry() {
-    const { backoffBase, backoffMax } = this.options;
-    const ceiling = Math.min(backoffMax, backoffBase * 2 ** Math.min(this.attempt++, 30));
     this.state = "connecting";
-    this._timer("retry", Math.random() * ceiling, () => this._open());
+    this._timer("retry", backoff(this.options, this.attempt++), () => this._open());
   }
 
   // Anything from the server proves the link alive; silence for ping + margin means it is
@@ -250,8 +273,11 @@ export class Herald {
       if (msg.error) req.done(new HeraldError(msg.error.code, msg.error.message));
       else req.done(undefined, msg[req.cmd]);
     } else if (msg.push) {
-      const sub = this.subs.get(msg.push.channel);
-      if (sub && sub.active) sub._push(msg.push);
+      const { channel } = msg.push;
+      const sub = this.subs.get(channel);
+      const [key, body] = kind(msg.push);
+      if (sub && sub.active) sub._push(key, body);
+      else if (key === "subscribe" || this.server.has(channel)) this._serverPush(channel, key, body);
     } else if (msg.error) {
       this._emit("error", new HeraldError(msg.error.code, msg.error.message));
     } else if (Object.keys(msg).length === 0) {
@@ -288,14 +314,25 @@ export class Herald {
     this.ws.send(JSON.stringify({ id: req.id, [req.cmd]: req.args }));
   }
 
-  // Asks getToken for a new token shortly before the current one expires (the last fifth of
-  // its life, at most a minute early; at most once a second, should this clock run far ahead
-  // of the token issuer's). On failure the server closes with 4005 at expiry and the client
-  // reconnects with a fresh token.
+  // A push of a server-side subscription, as an event with its channel. The server delivers
+  // each publication once while connected; these are not recovered after a reconnect (the
+  // "subscribed" event gives the position to read history from).
+  _serverPush(channel, key, body) {
+    if (key === "subscribe") this.server.set(channel, body.offset);
+    if (key === "unsubscribe") this.server.delete(channel);
+    if (key === "pub" && body.offset !== undefined) {
+      if (body.offset <= this.server.get(channel)) return;
+      this.server.set(channel, body.offset);
+    }
+    const event = { pub: "publication", subscribe: "subscribed", unsubscribe: "unsubscribed" }[key] || key;
+    this._emit(event, { channel, ...body });
+  }
+
+  // Asks getToken for a new token shortly before the current one expires. On failure the
+  // server closes with 4005 at expiry and the client reconnects with a fresh token.
   _scheduleRefresh(exp) {
     if (!this.options.getToken || !exp) return this._timer("refresh");
-    const left = exp * 1000 - Date.now();
-    this._timer("refresh", Math.max(1000, left - Math.min(left / 5, 60000)), () => this._refresh());
+    this._timer("refresh", refreshIn(exp), () => this._refresh());
   }
 
   async _refresh() {
@@ -315,10 +352,11 @@ export class Herald {
 
   /**
    * Subscribes to a channel; resubscribes (recovering what was missed) after every reconnect.
+   * `handlers` may carry a subscription `token` and `getToken(channel)` (see herald.d.ts).
    * @returns {Subscription}
    */
   subscribe(channel, handlers = {}) {
-    if (this.subs.has(channel)) throw new HeraldError(105, `already subscribed to ${channel}`);
+    if (this.subs.has(channel) || this.server.has(channel)) throw new HeraldError(105, `already subscribed to ${channel}`);
     const sub = new Subscription(this, channel, handlers);
     this.subs.set(channel, sub);
     if (this.state === "connected") sub._subscribe();
@@ -346,32 +384,58 @@ export class Herald {
   }
 }
 
-/** One channel's subscription: its position, for recovery, and the app's handlers. */
+/** One channel's subscription: its position, for recovery, its token, and the app's handlers. */
 class Subscription {
   constructor(herald, channel, handlers) {
     this.herald = herald;
     this.channel = channel;
     this.handlers = handlers;
+    this.token = handlers.token; // the subscription token, replaced through handlers.getToken
     this.epoch = undefined; // set by the first subscribe reply
     this.offset = 0; // the last publication delivered
     this.active = false; // subscribed on the current connection
+    this.tries = 0; // getToken failures in a row
+    this.timer = "s:" + channel; // its refresh or retry timer, among the client's
   }
 
   get _current() {
     return this.herald.subs.get(this.channel) === this;
   }
 
-  _subscribe() {
-    const { herald, channel, epoch, offset } = this;
-    const args = epoch ? { channel, recover: true, epoch, offset } : { channel };
+  // Subscribes on the current connection, with the kept token or a fresh one from getToken when
+  // it has none or the kept one expires soon, and with recovery once it has a position.
+  async _subscribe(fresh) {
+    const { herald, channel, handlers } = this;
+    const { getToken, onError } = handlers;
+    const ws = herald.ws;
+    if (getToken && stale(this.token, herald.options.timeout)) {
+      let token;
+      try {
+        token = await getToken(channel);
+      } catch (e) {
+        if (ws !== herald.ws || !this._current) return;
+        call(onError, asError(e, TOKEN));
+        return herald._timer(this.timer, backoff(herald.options, this.tries++), () => this._subscribe());
+      }
+      if (ws !== herald.ws || !this._current) return; // a reconnect subscribes again
+      this.token = token;
+      fresh = true;
+    }
+    const { epoch, offset, token } = this;
+    const args = epoch ? { channel, recover: true, epoch, offset, token } : { channel, token };
     herald._send("subscribe", args, true, (e, reply) => {
       if (!this._current) return;
       if (!e) return this._subscribed(reply);
       if (e.code === DISCONNECTED) return; // resubscribed after the reconnect
       if (e.code === TIMEOUT) return herald._lost(1006, `no subscribe reply for ${channel}`);
+      // A kept token the server refuses is replaced once from getToken.
+      if (e.code === 101 && getToken && !fresh) {
+        this.token = undefined;
+        return this._subscribe();
+      }
       // 100 and 113 (e.g. the server is shutting down) are tried again at the next connect.
       if (e.code !== 100 && e.code !== 113) herald.subs.delete(channel);
-      call(this.handlers.onError, e);
+      call(onError, e);
     });
   }
 
@@ -385,8 +449,33 @@ class Subscription {
       if (reset) call(h.onReset, { epoch: reply.epoch, offset: reply.offset });
     }
     this.active = true;
+    this.tries = 0;
+    this._scheduleRefresh(reply.expires);
     call(h.onSubscribed, { epoch: reply.epoch, offset: reply.offset, recovered });
     if (recovered) for (const pub of reply.publications || []) this._publication(pub);
+  }
+
+  // Replaces the subscription token with sub_refresh before it expires. On failure the server
+  // ends the subscription at expiry (117), and it is renewed with a fresh token then.
+  _scheduleRefresh(exp) {
+    if (this.handlers.getToken && exp) this.herald._timer(this.timer, refreshIn(exp), () => this._refresh());
+  }
+
+  async _refresh() {
+    const { herald, channel, handlers } = this;
+    const ws = herald.ws;
+    const live = () => ws === herald.ws && this._current && this.active;
+    try {
+      const token = await handlers.getToken(channel);
+      if (!live()) return;
+      this.token = token;
+      herald._send("sub_refresh", { channel, token }, true, (e, reply) => {
+        if (!e) this._scheduleRefresh(reply.expires);
+        else if (e.code !== DISCONNECTED && live()) call(handlers.onError, e);
+      });
+    } catch (e) {
+      if (live()) call(handlers.onError, asError(e, TOKEN));
+    }
   }
 
   // Delivers each offset once and in order: what recovery sent again is skipped.
@@ -398,16 +487,24 @@ class Subscription {
     call(this.handlers.onPublication, pub);
   }
 
-  _push(push) {
+  _push(key, body) {
     const h = this.handlers;
-    if (push.pub) this._publication(push.pub);
-    else if (push.join) call(h.onJoin, push.join);
-    else if (push.leave) call(h.onLeave, push.leave);
-    else if (push.unsubscribe) {
-      // The backend ended this subscription: it is not resubscribed.
-      this.herald.subs.delete(this.channel);
+    if (key === "pub") this._publication(body);
+    else if (key === "join") call(h.onJoin, body);
+    else if (key === "leave") call(h.onLeave, body);
+    else if (key === "unsubscribe") {
       this.active = false;
-      call(h.onUnsubscribed, push.unsubscribe);
+      this.herald._timer(this.timer);
+      if (body.code === 117 && h.getToken) {
+        // The subscription token expired: subscribe again with a fresh one, recovering the gap.
+        this.token = undefined;
+        this._subscribe();
+      } else {
+        // The backend ended this subscription (or its token expired, and there is no getToken):
+        // it is not resubscribed.
+        this.herald.subs.delete(this.channel);
+        call(h.onUnsubscribed, body);
+      }
     }
   }
 
@@ -416,6 +513,7 @@ class Subscription {
     const { herald, channel } = this;
     if (!this._current) return;
     herald.subs.delete(channel);
+    herald._timer(this.timer);
     this.active = false;
     if (herald.state === "connected") herald._send("unsubscribe", { channel }, true, () => {});
   }

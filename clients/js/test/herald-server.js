@@ -12,23 +12,35 @@ const here = fileURLToPath(new URL(".", import.meta.url));
 export const BIN = resolve(here, "..", process.env.HERALD_BIN || "../../target/debug/herald");
 export const SECRET = "js-sdk-tests-secret-0123456789-abcdefghij";
 
-// chat: clients may publish, with presence and join/leave; pings every second so that
-// liveness and token expiry (checked at each ping) act within a test's time.
+// chat: clients may publish, with presence and join/leave; token: subscribing takes a
+// subscription token. Pings every second so that liveness acts within a test's time, and a
+// leeway of one second so that expired tokens do too.
 const CONFIG = `
+[auth]
+leeway = "1s"
+
 [channels.namespaces.chat]
 publish = true
 presence = true
 join_leave = true
 history_size = 1000
 
+[channels.namespaces.token]
+subscribe = "token"
+history_size = 1000
+
 [websocket]
 ping_interval = "1s"
 `;
 
-/** An HS256 token for `user`, valid `ttl` seconds. */
-export function token(user, ttl = 3600, info) {
+/**
+ * An HS256 token for `user`, valid `ttl` seconds; `claims` adds e.g. `channel` (a subscription
+ * token) or `channels` (server-side subscriptions).
+ */
+export function token(user, ttl = 3600, info, claims) {
   const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
-  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64({ sub: user, exp: Math.floor(Date.now() / 1000) + ttl, info })}`;
+  const payload = { sub: user, exp: Math.floor(Date.now() / 1000) + ttl, info, ...claims };
+  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64(payload)}`;
   return `${body}.${createHmac("sha256", SECRET).update(body).digest("base64url")}`;
 }
 

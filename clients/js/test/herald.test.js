@@ -31,15 +31,17 @@ async function client(options = {}) {
 }
 
 // Subscribes and records everything the subscription reports; resolves once subscribed.
-async function subscribe(herald, channel) {
-  const seen = { pubs: [], joins: [], leaves: [], resets: [], subscribed: [], errors: [] };
+async function subscribe(herald, channel, options = {}) {
+  const seen = { pubs: [], joins: [], leaves: [], resets: [], subscribed: [], errors: [], unsubscribed: [] };
   seen.sub = herald.subscribe(channel, {
+    ...options,
     onPublication: (p) => seen.pubs.push(p),
     onJoin: (i) => seen.joins.push(i),
     onLeave: (i) => seen.leaves.push(i),
     onReset: (r) => seen.resets.push(r),
     onSubscribed: (s) => seen.subscribed.push(s),
     onError: (e) => seen.errors.push(e),
+    onUnsubscribed: (u) => seen.unsubscribed.push(u),
   });
   await waitFor(() => seen.subscribed.length > 0 || seen.errors.length > 0, `subscribed to ${channel}`);
   return seen;
@@ -269,4 +271,120 @@ test("after a server restart the subscription is reset, then goes on", async () 
   } finally {
     await own.stop();
   }
+});
+
+// Publishes 1, 2, 3... to `channel` through the API until stop() (returns the count).
+function publisher(channel) {
+  let n = 0;
+  let stop = false;
+  const done = (async () => {
+    while (!stop && n < 2000) {
+      await server.api("publish", { channel, data: ++n });
+      await sleep(10);
+    }
+  })();
+  return {
+    get n() {
+      return n;
+    },
+    stop: async () => ((stop = true), await done, n),
+  };
+}
+
+const subToken = (user, ttl) => (channel) => token(user, ttl, undefined, { channel });
+
+test("a subscription token is refreshed through getToken before it expires: no publication lost", async () => {
+  const herald = await client({ token: token("tina") });
+  const calls = [];
+  const mint = subToken("tina", 3);
+  const seen = await subscribe(herald, "token:refresh", { getToken: async (channel) => (calls.push(channel), mint(channel)) });
+  assert.deepEqual(seen.errors, []);
+  const pub = publisher("token:refresh");
+  // Without sub_refresh the subscription would end (117) within 4 s: 3 s tokens, 1 s leeway.
+  await sleep(8000);
+  const n = await pub.stop();
+  await waitFor(() => seen.pubs.length >= n, `${n} publications`);
+  await sleep(100);
+  assert.deepEqual(datas(seen), range(1, n));
+  assert.equal(seen.subscribed.length, 1, "never subscribed again: refreshed in place");
+  assert.deepEqual([seen.unsubscribed, seen.errors, seen.resets], [[], [], []]);
+  assert.ok(calls.length >= 3, `getToken called ${calls.length} times`);
+  assert.deepEqual(new Set(calls), new Set(["token:refresh"]));
+  assert.deepEqual(herald.events.filter(([e]) => e === "disconnected" || e === "error"), []);
+});
+
+test("an expired subscription token (refresh failed) is replaced and the gap recovered", async () => {
+  const herald = await client({ token: token("uma") });
+  let calls = 0;
+  const getToken = async (channel) => {
+    if (++calls === 2) throw new Error("token service down");
+    return token("uma", calls === 1 ? 2 : 3600, undefined, { channel });
+  };
+  const seen = await subscribe(herald, "token:expire", { getToken });
+  const pub = publisher("token:expire");
+  try {
+    await waitFor(() => seen.subscribed.length === 2, "subscribed again after 117", 15000);
+    const at = pub.n;
+    await waitFor(() => pub.n >= at + 20, "publications after the resubscribe");
+  } finally {
+    await pub.stop();
+  }
+  await waitFor(() => seen.pubs.length >= pub.n, `${pub.n} publications`);
+  await sleep(100);
+  assert.deepEqual(datas(seen), range(1, pub.n));
+  assert.equal(seen.errors.length, 1);
+  assert.equal(seen.errors[0].code, HeraldError.TOKEN);
+  assert.match(seen.errors[0].message, /token service down/);
+  assert.deepEqual(seen.subscribed[1].recovered, true);
+  assert.deepEqual([seen.unsubscribed, seen.resets], [[], []]);
+  assert.equal(calls, 3);
+  assert.equal(herald.state, "connected");
+});
+
+test("without getToken, an expired subscription token ends it with onUnsubscribed 117", async () => {
+  const herald = await client({ token: token("vic") });
+  const none = await subscribe(herald, "token:none");
+  assert.equal(none.errors[0].code, 119, "no token: refused");
+  const other = await subscribe(herald, "token:other", { token: token("vic", 60, undefined, { channel: "token:x" }) });
+  assert.equal(other.errors[0].code, 101, "a token for another channel: refused");
+
+  const seen = await subscribe(herald, "token:ends", { token: subToken("vic", 1)("token:ends") });
+  assert.equal(seen.subscribed.length, 1);
+  await waitFor(() => seen.unsubscribed.length === 1, "onUnsubscribed", 10000);
+  assert.deepEqual(seen.unsubscribed, [{ code: 117, reason: "subscription token expired" }]);
+  assert.equal(herald.subs.has("token:ends"), false, "not resubscribed");
+  await server.api("publish", { channel: "token:ends", data: "after" });
+  await sleep(200);
+  assert.deepEqual(seen.pubs, []);
+  assert.equal(herald.state, "connected", "the connection stays");
+});
+
+test("server-side subscriptions (the token's channels claim) deliver publications as events", async () => {
+  const channels = ["chat:srv-walt", "srv-walt"];
+  const events = [];
+  const herald = new Herald(server.url, { WebSocket, token: token("walt", 3600, undefined, { channels }), backoffBase: 20, backoffMax: 300 });
+  clients.push(herald);
+  for (const e of ["connected", "subscribed", "publication", "disconnected"]) herald.on(e, (ctx) => events.push([e, ctx]));
+  herald.connect();
+  const of = (name) => events.filter(([e]) => e === name).map(([, c]) => c);
+  await waitFor(() => of("subscribed").length === 2, "two subscribe pushes");
+  assert.deepEqual(of("connected")[0].subscriptions, channels);
+  assert.deepEqual(of("subscribed").map((s) => s.channel).sort(), [...channels].sort());
+  assert.throws(() => herald.subscribe("srv-walt"), (e) => e.code === 105);
+
+  await server.api("publish", { channel: "srv-walt", data: "one" });
+  await server.api("publish", { channel: "chat:srv-walt", data: "two" });
+  await waitFor(() => of("publication").length === 2, "two publications");
+  assert.deepEqual(
+    of("publication").map(({ channel, offset, data }) => ({ channel, offset, data })),
+    [{ channel: "srv-walt", offset: 1, data: "one" }, { channel: "chat:srv-walt", offset: 1, data: "two" }],
+  );
+
+  // After a reconnect the server subscribes again, and says from where.
+  await server.api("disconnect", { user: "walt", code: 4000 });
+  await waitFor(() => of("subscribed").length === 4, "subscribed again after the reconnect");
+  assert.deepEqual(of("subscribed").slice(2).find((s) => s.channel === "srv-walt").offset, 1);
+  await server.api("publish", { channel: "srv-walt", data: "three" });
+  await waitFor(() => of("publication").length === 3, "a publication after the reconnect");
+  assert.deepEqual(of("publication")[2].data, "three");
 });

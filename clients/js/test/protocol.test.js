@@ -93,6 +93,14 @@ test("every client command is encoded exactly as its golden fixture", async () =
 
   herald.subscribe("other", {}).unsubscribe();
   sameFrame(ws2.sent.at(-1).replace('"other"', '"chat:lobby"'), "unsubscribe");
+
+  // A subscription token (without exp here, so never stale) on subscribe and on sub_refresh.
+  const sub = herald.subscribe("private:room", { token, getToken: async () => token });
+  sameFrame(ws2.sent.at(-1), "subscribe_token");
+  ws2.receive(fixture("server", "subscribe_token").replace('"id":11', `"id":${JSON.parse(ws2.sent.at(-1)).id}`));
+  sub._refresh();
+  await tick();
+  sameFrame(ws2.sent.at(-1), "sub_refresh");
   herald.disconnect();
 });
 
@@ -167,6 +175,104 @@ test("every server frame is decoded", async () => {
   herald.disconnect();
 });
 
+test("server-side subscriptions: their pushes are events with the channel", async () => {
+  const { herald, ws } = await connected();
+  const events = [];
+  for (const e of ["connected", "subscribed", "publication", "join", "leave", "unsubscribed"])
+    herald.on(e, (ctx) => events.push([e, ctx]));
+  ws.receive(fixture("server", "connect_subscriptions"));
+  const reply = JSON.parse(fixture("server", "connect_subscriptions")).connect;
+  ws.receive(fixture("server", "push_subscribe"));
+  const pub = fixture("server", "push_pub").replace('"chat:lobby"', '"news"');
+  ws.receive(pub);
+  ws.receive(pub); // the same offset again: delivered once
+  ws.receive(fixture("server", "push_join").replace('"chat:lobby"', '"news"'));
+  assert.throws(() => herald.subscribe("news"), (e) => e.code === 105);
+  ws.receive(fixture("server", "push_unsubscribe").replace('"chat:lobby"', '"news"'));
+  ws.receive(pub.replace('"offset":45', '"offset":46')); // after its end: nothing
+  const join = JSON.parse(fixture("server", "push_join")).push.join;
+  assert.deepEqual(events, [
+    ["connected", reply],
+    ["subscribed", { channel: "news", epoch: "k3f9", offset: 44 }],
+    ["publication", { channel: "news", ...JSON.parse(pub).push.pub }],
+    ["join", { channel: "news", ...join }],
+    ["unsubscribed", { channel: "news" }],
+  ]);
+  assert.deepEqual(reply.subscriptions, ["news", "notifications#42"]);
+  herald.disconnect();
+});
+
+test("an expired subscription token: resubscribed with a fresh one and recovery, or reported", async () => {
+  const { herald, ws } = await connected();
+  ws.receive(fixture("server", "connect"));
+  await tick();
+  const calls = [];
+  const subscribed = [];
+  const sub = herald.subscribe("private:room", {
+    getToken: async (channel) => (calls.push(channel), `fresh${calls.length}`),
+    onSubscribed: (s) => subscribed.push(s),
+  });
+  await tick();
+  assert.deepEqual(calls, ["private:room"]);
+  const first = JSON.parse(ws.sent.at(-1));
+  assert.deepEqual(first.subscribe, { channel: "private:room", token: "fresh1" });
+  ws.receive(fixture("server", "subscribe_token").replace('"id":11', `"id":${first.id}`));
+  await tick();
+  assert.deepEqual(subscribed, [{ epoch: "k3f9", offset: 3, recovered: false }]);
+  assert.ok(herald.timers[sub.timer], "sub_refresh is scheduled");
+
+  sub._refresh();
+  await tick();
+  const refresh = JSON.parse(ws.sent.at(-1));
+  assert.deepEqual(refresh.sub_refresh, { channel: "private:room", token: "fresh2" });
+  ws.receive(fixture("server", "sub_refresh").replace('"id":12', `"id":${refresh.id}`));
+
+  ws.receive(fixture("server", "push_unsubscribe_expired"));
+  await tick();
+  const again = JSON.parse(ws.sent.at(-1));
+  assert.deepEqual(again.subscribe, { channel: "private:room", recover: true, epoch: "k3f9", offset: 3, token: "fresh3" });
+  assert.equal(herald.subs.get("private:room"), sub);
+
+  // Without getToken, the app is told, with the code.
+  const ended = [];
+  herald.subscribe("private:other", { token: "t", onUnsubscribed: (u) => ended.push(u) });
+  ws.receive(`{"id":${JSON.parse(ws.sent.at(-1)).id},"subscribe":{"epoch":"e","offset":0,"expires":1790000000}}`);
+  ws.receive(fixture("server", "push_unsubscribe_expired").replace("private:room", "private:other"));
+  assert.deepEqual(ended, [{ code: 117, reason: "subscription token expired" }]);
+  assert.equal(herald.subs.has("private:other"), false);
+  herald.disconnect();
+});
+
+test("subscription getToken: a failure is retried with backoff; a refused kept token is replaced once", async () => {
+  const { herald, ws } = await connected({ backoffBase: 20, backoffMax: 40 });
+  ws.receive(fixture("server", "connect"));
+  await tick();
+  let calls = 0;
+  const errors = [];
+  herald.subscribe("private:a", {
+    getToken: async () => {
+      if (++calls === 1) throw new Error("down");
+      return `fresh${calls}`;
+    },
+    onError: (e) => errors.push(e.code),
+  });
+  await new Promise((r) => setTimeout(r, 100));
+  assert.deepEqual(errors, [HeraldError.TOKEN]);
+  assert.deepEqual(JSON.parse(ws.sent.at(-1)).subscribe, { channel: "private:a", token: "fresh2" });
+
+  herald.subscribe("private:b", { token: "kept", getToken: async () => "new", onError: (e) => errors.push(e.code) });
+  const kept = JSON.parse(ws.sent.at(-1));
+  assert.equal(kept.subscribe.token, "kept");
+  ws.receive(`{"id":${kept.id},"error":{"code":101,"message":"unauthorized"}}`);
+  await tick();
+  const fresh = JSON.parse(ws.sent.at(-1));
+  assert.equal(fresh.subscribe.token, "new");
+  ws.receive(`{"id":${fresh.id},"error":{"code":101,"message":"unauthorized"}}`);
+  assert.deepEqual(errors, [HeraldError.TOKEN, 101], "a fresh token refused is final");
+  assert.equal(herald.subs.has("private:b"), false);
+  herald.disconnect();
+});
+
 test("a recovered subscribe reply delivers the missed publications once, in order", async () => {
   const { herald, ws } = await connected();
   ws.receive(fixture("server", "connect"));
@@ -223,9 +329,16 @@ test("the fixtures this file reads are all the fixtures there are", () => {
   const names = (side) => readdirSync(new URL(`${side}/`, fixtures)).sort();
   assert.deepEqual(names("client"), [
     "connect.json", "history.json", "pong.json", "presence.json", "presence_stats.json", "publish.json",
-    "refresh.json", "subscribe.json", "subscribe_recover.json", "unsubscribe.json",
+    "refresh.json", "sub_refresh.json", "subscribe.json", "subscribe_recover.json", "subscribe_token.json",
+    "unsubscribe.json",
   ]);
-  assert.equal(names("server").length, 16);
+  assert.deepEqual(names("server"), [
+    "connect.json", "connect_subscriptions.json", "error.json", "error_without_id.json", "history.json",
+    "ping.json", "presence.json", "presence_stats.json", "publish.json", "push_join.json", "push_leave.json",
+    "push_pub.json", "push_subscribe.json", "push_unsubscribe.json", "push_unsubscribe_expired.json",
+    "refresh.json", "sub_refresh.json", "subscribe.json", "subscribe_recovered.json", "subscribe_token.json",
+    "unsubscribe.json",
+  ]);
 });
 
 test("a URL the WebSocket refuses ends connecting, with an error", async () => {
