@@ -253,7 +253,7 @@ impl Session {
         match self.node.engine.presence_add(channel.as_str(), entry, ttl).await {
             Ok(PresenceChange::UserJoined) if join_leave => {
                 let push = ServerFrame::Push { channel: channel.to_string(), body: PushBody::Join(info) };
-                self.node.hub.notify(channel.as_str(), Bytes::from(push.encode()));
+                self.node.broadcast(channel.as_str(), Bytes::from(push.encode())).await;
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(channel = %channel, error = %e, "presence not recorded"),
@@ -270,7 +270,7 @@ impl Session {
             Ok((PresenceChange::UserLeft, Some(entry))) if ns.join_leave => {
                 let info = ClientInfo { user: entry.user, client: entry.client };
                 let push = ServerFrame::Push { channel: channel.to_owned(), body: PushBody::Leave(info) };
-                self.node.hub.notify(channel, Bytes::from(push.encode()));
+                self.node.broadcast(channel, Bytes::from(push.encode())).await;
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(channel, error = %e, "presence not removed"),
@@ -303,7 +303,7 @@ impl Session {
     async fn unsubscribe(&mut self, id: u32, req: UnsubscribeRequest) -> Result<(), Refusal> {
         let (channel, _) = self.node.config.channels.resolve(&req.channel)?;
         if self.subscriptions.remove(channel.as_str()) {
-            self.node.hub.unsubscribe(channel.as_str(), self.id);
+            self.node.unsubscribe(channel.as_str(), self.id);
             self.presence_remove(channel.as_str()).await;
         }
         self.send(encode_reply(id, "unsubscribe", &serde_json::json!({})));
@@ -411,7 +411,7 @@ impl Session {
             Control::Disconnect { code, reason } => Some((code, reason)),
             Control::Unsubscribe { channel } => {
                 if let Some(name) = self.subscriptions.take(channel.as_str()) {
-                    self.node.hub.unsubscribe(&name, self.id);
+                    self.node.unsubscribe(&name, self.id);
                     self.presence_remove(&name).await;
                     let push = ServerFrame::Push { channel: name.to_string(), body: PushBody::Unsubscribe };
                     self.send(push.encode().into_bytes());
@@ -425,7 +425,7 @@ impl Session {
     pub async fn end(&mut self) {
         let channels: Vec<Arc<str>> = self.subscriptions.drain().collect();
         for channel in channels {
-            self.node.hub.unsubscribe(&channel, self.id);
+            self.node.unsubscribe(&channel, self.id);
             self.presence_remove(&channel).await;
         }
     }
@@ -457,7 +457,7 @@ impl Drop for Session {
         // `end` normally ran already; this is the safety net for a task that was cancelled
         // (presence then expires by itself).
         for channel in self.subscriptions.drain() {
-            self.node.hub.unsubscribe(&channel, self.id);
+            self.node.unsubscribe(&channel, self.id);
         }
     }
 }
