@@ -138,19 +138,23 @@ async fn a_client_that_reconnects_to_another_node_recovers_exactly_what_it_misse
 async fn presence_and_join_leave_are_the_same_from_every_node() {
     let redis = RedisServer::start().expect("redis-server");
     let n = nodes(&redis, "herald", 3).await;
+    // Each subscriber hears its own join, then those of later subscribers on any node.
+    // (Join pushes are not ordered with subscribes, so each join is awaited before the next.)
+    let joined = |p: Value| p["push"]["join"]["client"].as_str().map(str::to_owned).expect("a join push");
     let mut a = Native::connected(n[0].addr).await;
     a.request("subscribe", json!({"channel": "room:1"})).await;
+    let ja = joined(a.push().await);
     let mut b = Native::connected(n[1].addr).await;
     b.request("subscribe", json!({"channel": "room:1"})).await;
+    let jb = joined(b.push().await);
+    assert_eq!(joined(a.push().await), jb, "A (node 0) hears B (node 1) join");
     let mut c = Native::connected(n[2].addr).await;
     c.request("subscribe", json!({"channel": "room:1"})).await;
-    // Every subscriber hears its own join and those after it, from whichever node.
-    let joined = |p: Value| p["push"]["join"]["client"].as_str().map(str::to_owned).expect("a join push");
-    let heard_a = [joined(a.push().await), joined(a.push().await), joined(a.push().await)];
-    let heard_b = [joined(b.push().await), joined(b.push().await)];
-    let heard_c = joined(c.push().await);
-    assert_eq!(heard_b, heard_a[1..], "B heard what A heard after A's own join");
-    assert_eq!(heard_c, heard_a[2]);
+    let jc = joined(c.push().await);
+    assert_eq!(joined(a.push().await), jc, "A hears C (node 2) join");
+    assert_eq!(joined(b.push().await), jc, "B hears C join");
+    let heard_a = [ja, jb, jc.clone()];
+    let heard_c = jc;
 
     let mut seen = Vec::new();
     for node in &n {
@@ -246,6 +250,32 @@ async fn redis_down_and_back_nodes_survive_answer_503_and_subscribers_recover() 
     let p = publish(n[0].addr, "news", 1).await;
     assert_eq!(p["offset"], 1, "a new stream: {p}");
     assert_eq!(c.push().await["push"]["pub"]["offset"], 1, "live across nodes again");
+    for node in n {
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_pub_sub_link_is_filled_from_history_without_a_gap() {
+    let redis = RedisServer::start().expect("redis-server");
+    let n = nodes(&redis, "herald", 2).await;
+    let mut sub = Native::connected(n[0].addr).await;
+    sub.request("subscribe", json!({"channel": "news"})).await;
+    publish(n[1].addr, "news", 1).await;
+    assert_eq!(sub.push().await["push"]["pub"]["offset"], 1);
+    // Cut every pub/sub connection (the data stays), then publish while the links reconnect.
+    let mut raw =
+        redis::Client::open(redis.url()).expect("client").get_multiplexed_async_connection().await.expect("conn");
+    let killed: i64 =
+        redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut raw).await.expect("client kill");
+    assert_eq!(killed, 1, "the listening node's link cut");
+    for seq in 2..=30 {
+        publish(n[1].addr, "news", seq).await;
+    }
+    for want in 2..=30u64 {
+        let p = sub.push().await;
+        assert_eq!(p["push"]["pub"]["offset"], want, "{p}");
+    }
     for node in n {
         node.shutdown().await;
     }
