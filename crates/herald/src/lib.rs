@@ -4,7 +4,8 @@
 //! - `config`: the typed configuration (file, environment, flags) and its generated docs.
 //! - `auth`: connection tokens (JWT) verified with a pinned algorithm; minting for development.
 //! - `channel`: channel names, namespaces and what they allow.
-//! - `engine`: where publications, history and presence live (`MemoryEngine`; trait + conformance suite).
+//! - `engine`: where publications, history and presence live (`MemoryEngine`, `RedisEngine`; trait +
+//!   conformance suite).
 //! - `hub`: channel → subscribers; encode once, fan out, cut off slow consumers.
 //! - `node`: this node's shared state (config, hub, counters).
 //! - `limits`: per-connection rate limits (token buckets, refusals that end in a close).

@@ -45,6 +45,13 @@ use redis::{IntoConnectionInfo, Script};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+mod scripts;
+#[doc(hidden)]
+pub mod test_server;
+
+use self::scripts::{
+    HISTORY_LUA, PRESENCE_ADD_LUA, PRESENCE_COMMON_LUA, PRESENCE_LUA, PRESENCE_REMOVE_LUA, PUBLISH_LUA,
+};
 use super::{
     Delivery, Engine, EngineError, EngineStats, History, HistoryPolicy, HistoryQuery, PresenceChange, PresenceEntry,
     PresenceStats, PublicationRecord, StreamPosition,
@@ -471,6 +478,8 @@ impl Inner {
 async fn link(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd>, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(50);
     let mut was_up = false;
+    // Warned about the current outage already (one warning per outage, not per retry).
+    let mut warned = false;
     loop {
         let connected = tokio::select! {
             () = stop.cancelled() => return,
@@ -479,7 +488,11 @@ async fn link(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd>, stop: C
         let pubsub = match connected {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => {
-                tracing::debug!(error = %e, "redis pub/sub link: cannot connect");
+                if std::mem::replace(&mut warned, true) {
+                    tracing::debug!(error = %e, "redis pub/sub link: cannot connect");
+                } else {
+                    tracing::warn!(error = %e, "redis pub/sub link: cannot connect; retrying");
+                }
                 tokio::select! {
                     () = stop.cancelled() => return,
                     () = tokio::time::sleep(backoff) => {}
@@ -497,6 +510,7 @@ async fn link(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd>, stop: C
             }
         };
         backoff = Duration::from_millis(50);
+        warned = false;
         let (mut sink, mut stream) = pubsub.split();
         // A restarted or flushed Redis may have a new epoch base.
         let _ = inner.bounded(inner.base(true)).await;
@@ -765,212 +779,6 @@ impl Engine for RedisEngine {
     /// Redis holds everything; this node holds nothing to count.
     fn stats(&self) -> EngineStats {
         EngineStats::default()
-    }
-}
-
-/// KEYS: meta, stream. ARGV: base, window (s), size, history TTL (ms), least meta TTL (ms),
-/// body, pub/sub channel. Returns `{epoch, offset}`.
-const PUBLISH_LUA: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local epoch = redis.call('HGET', KEYS[1], 'e')
-if not epoch then
-  epoch = ARGV[1] .. '-' .. string.format('%d', math.floor(tonumber(t[1]) / tonumber(ARGV[2])))
-  redis.call('HSET', KEYS[1], 'e', epoch)
-end
-local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
-local size = tonumber(ARGV[3])
-local life = tonumber(ARGV[4])
-redis.call('HSET', KEYS[1], 'l', ARGV[4])
-if size > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', size, string.format('0-%d', offset), 'b', ARGV[6], 't', now)
-  local old = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 32)
-  for _, e in ipairs(old) do
-    if tonumber(e[2][4]) + life > now then break end
-    redis.call('XDEL', KEYS[2], e[1])
-  end
-  redis.call('PEXPIRE', KEYS[2], life)
-else
-  redis.call('DEL', KEYS[2])
-end
-redis.call('PEXPIRE', KEYS[1], math.max(tonumber(ARGV[5]), life))
-redis.call('PUBLISH', ARGV[7], 'p' .. string.format('%d', offset) .. '\n' .. epoch .. '\n' .. ARGV[6])
-return {epoch, offset}
-"#;
-
-/// KEYS: meta, stream. ARGV: base, window (s), since epoch, since offset (-1: none), limit.
-/// Writes nothing. Returns `{epoch, offset, complete, {{offset, body}...}}`.
-const HISTORY_LUA: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local since_e, since_o, limit = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-local m = redis.call('HMGET', KEYS[1], 'e', 'o', 'l')
-if not m[1] then
-  local epoch = ARGV[1] .. '-' .. string.format('%d', math.floor(tonumber(t[1]) / tonumber(ARGV[2])))
-  local complete = 0
-  if since_o == 0 and since_e == epoch then complete = 1 end
-  return {epoch, 0, complete, {}}
-end
-local epoch, top, life = m[1], tonumber(m[2] or '0'), tonumber(m[3] or '0')
-local function id(n) return string.format('0-%d', n) end
-local function off(e) return tonumber(string.sub(e[1], 3)) end
-local first = top + 1
-local cursor = '-'
-while true do
-  local batch = redis.call('XRANGE', KEYS[2], cursor, '+', 'COUNT', 64)
-  local found = false
-  for _, e in ipairs(batch) do
-    if tonumber(e[2][4]) + life > now then first = off(e); found = true; break end
-  end
-  if found or #batch < 64 then break end
-  cursor = '(' .. batch[#batch][1]
-end
-local out = {}
-local complete = 0
-if since_o >= 0 then
-  if since_e == epoch and since_o <= top then
-    local start = math.max(since_o + 1, first)
-    if start <= top and limit > 0 then
-      for _, e in ipairs(redis.call('XRANGE', KEYS[2], id(start), '+', 'COUNT', limit)) do
-        out[#out + 1] = {off(e), e[2][2]}
-      end
-    end
-    if since_o + 1 >= first and top - since_o <= limit then complete = 1 end
-  end
-elseif limit > 0 and first <= top then
-  local got = redis.call('XREVRANGE', KEYS[2], '+', id(first), 'COUNT', limit)
-  for i = #got, 1, -1 do out[#out + 1] = {off(got[i]), got[i][2][2]} end
-end
-return {epoch, top, complete, out}
-"#;
-
-/// Shared by the presence scripts that write. KEYS: entries, expiries, users.
-const PRESENCE_COMMON_LUA: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local function userkey(client, v)
-  local c = string.find(v, ':', 1, true)
-  local n = tonumber(string.sub(v, 1, c - 1))
-  if n == 0 then return 'a:' .. client end
-  return 'u:' .. string.sub(v, c + 1, c + n)
-end
-local function drop(client)
-  local v = redis.call('HGET', KEYS[1], client)
-  redis.call('ZREM', KEYS[2], client)
-  if not v then return nil, 0 end
-  redis.call('HDEL', KEYS[1], client)
-  local uk = userkey(client, v)
-  if redis.call('HINCRBY', KEYS[3], uk, -1) <= 0 then
-    redis.call('HDEL', KEYS[3], uk)
-    return v, 1
-  end
-  return v, 0
-end
-for _, c in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do drop(c) end
-"#;
-
-/// ARGV: client, entry, TTL (ms). Returns 1 when the user joined.
-const PRESENCE_ADD_LUA: &str = r#"
-local client, v, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
-redis.call('ZADD', KEYS[2], now + ttl, client)
-local joined = 0
-if redis.call('HSETNX', KEYS[1], client, v) == 1 then
-  if redis.call('HINCRBY', KEYS[3], userkey(client, v), 1) == 1 then joined = 1 end
-end
-for i = 1, 3 do
-  if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
-end
-return joined
-"#;
-
-/// ARGV: client. Returns `{found, left, entry}`.
-const PRESENCE_REMOVE_LUA: &str = r#"
-local v, left = drop(ARGV[1])
-if not v then return {0, 0, ''} end
-return {1, left, v}
-"#;
-
-/// KEYS: entries, expiries, users. Writes nothing. Returns `{{client, entry}...}` of the
-/// entries not expired.
-const PRESENCE_LUA: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local out = {}
-for _, c in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. string.format('%d', now), '+inf')) do
-  local v = redis.call('HGET', KEYS[1], c)
-  if v then out[#out + 1] = {c, v} end
-end
-return out
-"#;
-
-/// A throwaway `redis-server` for tests: a free port on 127.0.0.1, its own data directory,
-/// no persistence; killed (and its directory removed) when dropped.
-#[doc(hidden)]
-pub mod test_server {
-    use std::path::PathBuf;
-    use std::process::{Child, Command, Stdio};
-    use std::time::{Duration, Instant};
-
-    #[derive(Debug)]
-    pub struct RedisServer {
-        pub port: u16,
-        dir: PathBuf,
-        child: Option<Child>,
-    }
-
-    impl RedisServer {
-        /// Starts one; fails when `redis-server` is not installed (`apt-get install -y
-        /// redis-server`) or does not come up within 10 s.
-        pub fn start() -> std::io::Result<Self> {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-            let dir = std::env::temp_dir().join(format!("herald-redis-{}-{port}", std::process::id()));
-            std::fs::create_dir_all(&dir)?;
-            let mut s = Self { port, dir, child: None };
-            s.resume()?;
-            Ok(s)
-        }
-
-        pub fn url(&self) -> String {
-            format!("redis://127.0.0.1:{}", self.port)
-        }
-
-        /// Kills the server (as a crash would).
-        pub fn kill(&mut self) {
-            if let Some(mut c) = self.child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-
-        /// Starts the server again on the same port, empty.
-        pub fn resume(&mut self) -> std::io::Result<()> {
-            let child = Command::new("redis-server")
-                .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(&self.dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .map_err(|e| {
-                    std::io::Error::new(e.kind(), format!("redis-server: {e} (apt-get install -y redis-server)"))
-                })?;
-            self.child = Some(child);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                    return Ok(());
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "redis-server did not start"))
-        }
-    }
-
-    impl Drop for RedisServer {
-        fn drop(&mut self) {
-            self.kill();
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
     }
 }
 
