@@ -17,9 +17,10 @@ local life = tonumber(ARGV[4])
 redis.call('HSET', KEYS[1], 'l', ARGV[4])
 if size > 0 then
   redis.call('XADD', KEYS[2], 'MAXLEN', size, string.format('0-%d', offset), 'b', ARGV[6], 't', now)
-  local old = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 32)
-  for _, e in ipairs(old) do
-    if tonumber(e[2][4]) + life > now then break end
+  -- Drop expired entries from the front (at most 32 per publication; usually none).
+  for _ = 1, 32 do
+    local e = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
+    if not e or tonumber(e[2][4]) + life > now then break end
     redis.call('XDEL', KEYS[2], e[1])
   end
   redis.call('PEXPIRE', KEYS[2], life)
