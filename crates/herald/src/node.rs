@@ -160,6 +160,35 @@ impl Node {
         }
     }
 
+    /// Announces the `leave` of users whose presence expired without a goodbye (their node
+    /// died), on the channels this node has subscribers of. Called by the sweeper.
+    pub async fn expire_presence(&self) {
+        for (channel, _) in self.hub.channels(|_| true) {
+            let Ok((_, ns)) = self.config.channels.resolve(&channel) else { continue };
+            if !ns.presence {
+                continue;
+            }
+            let left = match self.engine.presence_expire(&channel).await {
+                Ok(left) => left,
+                Err(e) => {
+                    tracing::debug!(channel = %channel, error = %e, "expired presence not swept");
+                    continue;
+                }
+            };
+            if !ns.join_leave {
+                continue;
+            }
+            for entry in left {
+                let info = ClientInfo { user: entry.user, client: entry.client };
+                let push = herald_protocol::ServerFrame::Push {
+                    channel: channel.to_string(),
+                    body: herald_protocol::PushBody::Leave(info),
+                };
+                self.broadcast(&channel, Bytes::from(push.encode())).await;
+            }
+        }
+    }
+
     /// Registers a session of `user` so the API can reach it; returns its control inbox.
     pub(crate) fn register_user(&self, user: &str, session: u64) -> tokio::sync::mpsc::Receiver<Control> {
         let (tx, rx) = tokio::sync::mpsc::channel(16);

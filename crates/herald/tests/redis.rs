@@ -280,3 +280,44 @@ async fn a_broken_pub_sub_link_is_filled_from_history_without_a_gap() {
         node.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_of_a_node_that_dies_leave_when_their_presence_expires() {
+    let redis = RedisServer::start().expect("redis-server");
+    let mut fast = config(&redis, "herald");
+    // Presence lives three ping intervals: 3 s here.
+    fast.websocket.ping_interval = Duration::from_secs(1);
+    let a = TestServer::start(fast.clone()).await;
+    let mut watcher = Native::connected(a.addr).await;
+    watcher.request("subscribe", json!({"channel": "room:1"})).await;
+    watcher.push().await; // its own join
+
+    // Node B runs on its own runtime, which is then dropped: it dies without a goodbye.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    std_listener.set_nonblocking(true).expect("nonblocking");
+    let b_addr = std_listener.local_addr().expect("addr");
+    {
+        let _in_rt = rt.enter();
+        let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+        let mut c = fast.clone();
+        c.listen = b_addr;
+        rt.spawn(herald::server::run(c, listener, std::future::pending::<()>()));
+    }
+    let mut doomed = Native::connected(b_addr).await;
+    doomed.request("subscribe", json!({"channel": "room:1"})).await;
+    let joined = watcher.push().await;
+    let client = joined["push"]["join"]["client"].as_str().expect("join").to_owned();
+    rt.shutdown_background();
+    drop(doomed);
+
+    let started = Instant::now();
+    let left = watcher.push().await;
+    assert_eq!(left["push"]["leave"]["client"].as_str(), Some(client.as_str()), "{left}");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(1), "announced by expiry, not by a goodbye: {waited:?}");
+    assert!(waited < Duration::from_secs(8), "within the TTL and a sweep: {waited:?}");
+    let (_, stats) = api(a.addr, "presence_stats", &json!({"channel": "room:1"}).to_string(), None).await;
+    assert_eq!(stats["clients"], 1, "{stats}");
+    a.shutdown().await;
+}

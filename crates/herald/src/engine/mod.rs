@@ -185,6 +185,8 @@ pub trait Delivery: Send + Sync + 'static {
 /// - **Failure:** an error means the publication was not stored and not delivered; the
 ///   caller may retry. Reads fail without side effects.
 /// - **Presence** entries expire after their TTL unless refreshed by `presence_add` again.
+///   Reads never show an expired entry; [`Engine::presence_expire`] removes them and reports
+///   the users who left with them.
 /// - **Reading creates nothing.** `history`, `presence` and `presence_stats` of a channel that
 ///   has no stream leave no state behind: a hostile client reading random channel names costs
 ///   nothing that lingers. Such a read answers the position `(epoch, 0)` that the channel's
@@ -256,6 +258,14 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
         channel: &'a str,
         client: &'a str,
     ) -> BoxFuture<'a, Result<(PresenceChange, Option<PresenceEntry>), EngineError>>;
+
+    /// Removes `channel`'s expired presence entries (clients of a node that died, which
+    /// nobody removed) and returns those whose user left with them, for `leave` pushes. Each
+    /// expired entry is returned once, to one caller, whichever node calls. An engine whose
+    /// presence cannot outlive its node's sessions returns nothing.
+    fn presence_expire<'a>(&'a self, _channel: &'a str) -> BoxFuture<'a, Result<Vec<PresenceEntry>, EngineError>> {
+        Box::pin(futures_util::future::ready(Ok(Vec::new())))
+    }
 
     /// Everyone present on `channel`.
     fn presence<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Vec<PresenceEntry>, EngineError>>;

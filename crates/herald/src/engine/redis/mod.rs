@@ -50,7 +50,8 @@ mod scripts;
 pub mod test_server;
 
 use self::scripts::{
-    HISTORY_LUA, PRESENCE_ADD_LUA, PRESENCE_COMMON_LUA, PRESENCE_LUA, PRESENCE_REMOVE_LUA, PUBLISH_LUA,
+    HISTORY_LUA, PRESENCE_ADD_LUA, PRESENCE_COMMON_LUA, PRESENCE_EXPIRE_LUA, PRESENCE_LUA, PRESENCE_REMOVE_LUA,
+    PUBLISH_LUA,
 };
 use super::{
     Delivery, Engine, EngineError, EngineStats, History, HistoryPolicy, HistoryQuery, PresenceChange, PresenceEntry,
@@ -154,6 +155,7 @@ struct Scripts {
     history: Script,
     presence_add: Script,
     presence_remove: Script,
+    presence_expire: Script,
     presence: Script,
 }
 
@@ -205,6 +207,7 @@ impl RedisEngine {
                 history: Script::new(HISTORY_LUA),
                 presence_add: Script::new(&format!("{PRESENCE_COMMON_LUA}{PRESENCE_ADD_LUA}")),
                 presence_remove: Script::new(&format!("{PRESENCE_COMMON_LUA}{PRESENCE_REMOVE_LUA}")),
+                presence_expire: Script::new(&format!("{PRESENCE_COMMON_LUA}{PRESENCE_EXPIRE_LUA}")),
                 presence: Script::new(PRESENCE_LUA),
             },
         });
@@ -760,6 +763,19 @@ impl Engine for RedisEngine {
         }))
     }
 
+    fn presence_expire<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Vec<PresenceEntry>, EngineError>> {
+        let inner = &self.inner;
+        Box::pin(inner.bounded(async move {
+            let mut conn = inner.conn().await?;
+            let raw: Vec<(String, Vec<u8>)> = inner
+                .presence_keys(&inner.scripts.presence_expire, channel)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(raw.into_iter().filter_map(|(c, v)| decode_presence(c, &v)).collect())
+        }))
+    }
+
     fn presence<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Vec<PresenceEntry>, EngineError>> {
         Box::pin(self.inner.bounded(self.inner.presence(channel)))
     }
@@ -860,6 +876,29 @@ mod tests {
         let seen = rec.wait_for(3).await;
         let got: Vec<(u64, Bytes)> = seen.iter().map(|(_, _, r)| (r.offset, r.data.clone())).collect();
         assert_eq!(got, [(1, Bytes::from_static(b"1")), (2, Bytes::from_static(b"2")), (3, Bytes::from_static(b"3"))]);
+    }
+
+    #[tokio::test]
+    async fn expired_presence_is_reported_once_per_user_that_left() {
+        let e = engine();
+        let entry = |client: &str, user: &str| PresenceEntry { client: client.into(), user: user.into(), info: None };
+        let short = Duration::from_millis(100);
+        e.presence_add("p", entry("c1", "u1"), short).await.expect("add");
+        e.presence_add("p", entry("c2", "u1"), short).await.expect("add");
+        e.presence_add("p", entry("c3", "u2"), short).await.expect("add");
+        e.presence_add("p", entry("c4", "u2"), Duration::from_secs(60)).await.expect("add");
+        assert_eq!(e.presence_expire("p").await, Ok(vec![]), "nothing expired yet");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(e.presence_stats("p").await, Ok(PresenceStats { clients: 1, users: 1 }), "reads skip expired");
+        let left = e.presence_expire("p").await.expect("expire");
+        assert_eq!(left.len(), 1, "u1 left with its last connection; u2 is still here: {left:?}");
+        assert_eq!(left[0].user, "u1");
+        assert_eq!(e.presence_expire("p").await, Ok(vec![]), "reported once");
+        assert_eq!(
+            e.presence_add("p", entry("c5", "u1"), short).await,
+            Ok(PresenceChange::UserJoined),
+            "u1 counts as gone"
+        );
     }
 
     #[test]

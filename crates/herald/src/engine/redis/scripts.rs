@@ -78,7 +78,8 @@ end
 return {epoch, top, complete, out}
 "#;
 
-/// Shared by the presence scripts that write. KEYS: entries, expiries, users.
+/// Shared by the presence scripts that write. KEYS: entries, expiries, users. Expired entries
+/// are removed only by `PRESENCE_EXPIRE_LUA`, which reports who left; reads skip them.
 pub(super) const PRESENCE_COMMON_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -100,7 +101,17 @@ local function drop(client)
   end
   return v, 0
 end
-for _, c in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do drop(c) end
+"#;
+
+/// ARGV: none. Removes the expired entries; returns `{{client, entry}...}` of those whose
+/// user left with them.
+pub(super) const PRESENCE_EXPIRE_LUA: &str = r#"
+local out = {}
+for _, c in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
+  local v, left = drop(c)
+  if v and left == 1 then out[#out + 1] = {c, v} end
+end
+return out
 "#;
 
 /// ARGV: client, entry, TTL (ms). Returns 1 when the user joined.
