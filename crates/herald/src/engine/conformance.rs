@@ -13,6 +13,7 @@ use super::*;
 pub(crate) struct Recorder {
     pub(crate) seen: Mutex<Vec<(String, StreamPosition, PublicationRecord)>>,
     pub(crate) notes: Mutex<Vec<(String, Bytes)>>,
+    pub(crate) lost: Mutex<Vec<String>>,
 }
 
 impl Delivery for Recorder {
@@ -26,6 +27,10 @@ impl Delivery for Recorder {
 
     fn notify(&self, channel: &str, text: Bytes) {
         self.notes.lock().unwrap_or_else(|e| e.into_inner()).push((channel.into(), text));
+    }
+
+    fn lost(&self, channel: &str) {
+        self.lost.lock().unwrap_or_else(|e| e.into_inner()).push(channel.into());
     }
 }
 

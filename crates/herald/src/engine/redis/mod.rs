@@ -27,7 +27,9 @@
 //! Redis's clock. A read of a channel without a stream writes nothing and reports the epoch a
 //! stream created now would get. A stream's metadata outlives its last publication by at
 //! least one window, so a stream that is forgotten and recreated lands in a later window: its
-//! epoch is new, and stale positions never match it.
+//! epoch is new, and stale positions never match it. The price: a client that subscribed to
+//! an empty channel in one window and got its first publication in a later one holds the
+//! older epoch, so its next recovery says `recovered: false` (never a false recovery).
 //!
 //! Every call is bounded by `timeout`; failures are [`EngineError::Unavailable`]. A publish
 //! that timed out may still have been stored (Redis may have run it): the caller cannot know.
@@ -438,8 +440,12 @@ impl Inner {
                             Next::CatchUp
                         }
                     }
-                    // A new stream: it continues nothing we delivered, unless it just began.
-                    Some(_) if position.offset == 1 => Next::Deliver,
+                    // A new stream (Redis forgot the old one). Only subscribers that had nothing
+                    // yet can simply go on; the others hold offsets of the old epoch and must
+                    // recover, or they would skip the new stream's first offsets.
+                    Some(Listening { last: Some(last), .. }) if last.offset == 0 && position.offset == 1 => {
+                        Next::Deliver
+                    }
                     Some(_) => Next::Lost,
                 };
                 match next {
@@ -899,6 +905,33 @@ mod tests {
             Ok(PresenceChange::UserJoined),
             "u1 counts as gone"
         );
+    }
+
+    #[tokio::test]
+    async fn a_forgotten_stream_makes_its_subscribers_recover() {
+        let e = engine();
+        let rec = Arc::new(crate::engine::conformance::Recorder::default());
+        e.set_delivery(rec.clone());
+        let keep = HistoryPolicy { size: 10, ttl: Duration::from_secs(60) };
+        e.listen("f").await.expect("listen");
+        for i in 1..=2 {
+            e.publish("f", Bytes::from(i.to_string()), None, keep).await.expect("publish");
+        }
+        assert_eq!(rec.wait_for(2).await.len(), 2);
+        // Redis forgets the channel (as when its keys expire), and a new base makes the next
+        // stream's epoch differ: its offset 1 must not look like old offset 1.
+        let mut raw = raw(&e).await;
+        let _: () = redis::cmd("FLUSHALL").query_async(&mut raw).await.expect("flush");
+        let fresh = e.inner.base(true).await.expect("base");
+        let pos = e.publish("f", Bytes::from_static(b"9"), None, keep).await.expect("publish");
+        assert!(pos.epoch.starts_with(&*fresh) && pos.offset == 1, "{pos:?}");
+        for _ in 0..500 {
+            if !rec.lost.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(*rec.lost.lock().unwrap_or_else(|e| e.into_inner()), ["f"], "subscribers told to recover");
     }
 
     #[test]
