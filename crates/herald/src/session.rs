@@ -240,7 +240,7 @@ impl Session {
                         Err(refuse(ErrorCode::AlreadySubscribed, "already subscribed"))
                     }
                     SubscribeFailure::Hub(SubscribeError::Closed) => Ok(()),
-                    SubscribeFailure::Engine(e) => Err(refuse(ErrorCode::Internal, e.to_string())),
+                    SubscribeFailure::Engine(e) => Err(refuse(ErrorCode::Unavailable, e.to_string())),
                 }
             }
         }
@@ -326,7 +326,7 @@ impl Session {
         self.rate_limited(verdict)?;
         let info = self.client.as_ref().map(|c| ClientInfo { user: self.user.clone(), client: c.clone() });
         let pos = node.publish(&channel, ns, Bytes::copy_from_slice(data.as_bytes()), info).await.map_err(|e| {
-            refuse(if e.limit().is_some() { ErrorCode::NodeLimit } else { ErrorCode::Internal }, e.to_string())
+            refuse(if e.limit().is_some() { ErrorCode::NodeLimit } else { ErrorCode::Unavailable }, e.to_string())
         })?;
         self.send(encode_reply(id, "publish", &PublishResult { epoch: pos.epoch.to_string(), offset: pos.offset }));
         Ok(())
@@ -377,7 +377,7 @@ impl Session {
             .engine
             .history(channel.as_str(), query)
             .await
-            .map_err(|e| refuse(ErrorCode::Internal, e.to_string()))?;
+            .map_err(|e| refuse(ErrorCode::Unavailable, e.to_string()))?;
         let result = HistoryResult {
             epoch: h.position.epoch.to_string(),
             offset: h.position.offset,
@@ -393,7 +393,7 @@ impl Session {
             return Err(refuse(ErrorCode::NotAvailable, "presence is off in this namespace"));
         }
         let engine = &self.node.engine;
-        let internal = |e: crate::engine::EngineError| refuse(ErrorCode::Internal, e.to_string());
+        let internal = |e: crate::engine::EngineError| refuse(ErrorCode::Unavailable, e.to_string());
         if stats {
             let s = engine.presence_stats(channel.as_str()).await.map_err(internal)?;
             let result = PresenceStatsResult { clients: s.clients as u64, users: s.users as u64 };

@@ -227,9 +227,13 @@ async fn redis_down_and_back_nodes_survive_answer_503_and_subscribers_recover() 
         let (status, _) = api(node.addr, "history", &json!({"channel": "news"}).to_string(), None).await;
         assert_eq!(status, 503);
     }
-    // The WebSocket stays open and answers meanwhile.
-    let r = sub.request("presence", json!({"channel": "news"})).await;
-    assert!(r.get("error").is_some(), "{r}");
+    // The WebSocket stays open and answers meanwhile: error 113, unavailable.
+    let r = sub.request("history", json!({"channel": "news"})).await;
+    assert_eq!(r["error"]["code"], 113, "{r}");
+    let r = sub.request("subscribe", json!({"channel": "other"})).await;
+    assert_eq!(r["error"]["code"], 113, "{r}");
+    let (status, _) = http(n[1].addr, "GET /sse/other HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(status, 503, "an event stream that cannot start says why");
 
     // Redis comes back empty: the history is gone, so the subscriber is told to reconnect
     // (4004) and its recovery says `recovered: false`.
