@@ -224,9 +224,9 @@ pub struct RedisConfig {
     /// `HERALD_ENGINE__REDIS__PASSWORD` rather than in a file.
     #[schemars(with = "String")]
     pub password: Secret,
-    /// Prefix of every Redis key and pub/sub channel Herald uses. Herald clusters with
-    /// different prefixes share one Redis without seeing each other's channels, history or
-    /// presence; every node of one cluster must use the same prefix.
+    /// Prefix of every Redis key and pub/sub channel Herald uses (letters, digits, `_ - . :`).
+    /// Herald clusters with different prefixes share one Redis without seeing each other's
+    /// channels, history or presence; every node of one cluster must use the same prefix.
     pub prefix: String,
     /// Longest wait for any one Redis call. Past it, the API answers 503 (error 113) and a
     /// client's command gets an error; nothing waits forever for Redis.
@@ -392,7 +392,9 @@ impl Config {
             let r = &self.engine.redis;
             check(cfg!(feature = "redis"), "engine.kind", "this build has no Redis engine (cargo feature `redis`)")?;
             check(!r.timeout.is_zero(), "engine.redis.timeout", "must be greater than zero")?;
-            check(!r.prefix.is_empty(), "engine.redis.prefix", "must not be empty")?;
+            let ok = !r.prefix.is_empty()
+                && r.prefix.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'));
+            check(ok, "engine.redis.prefix", "must be letters, digits, _ - . or : (it goes inside Redis hash tags)")?;
             check(
                 r.url.starts_with("redis://"),
                 "engine.redis.url",

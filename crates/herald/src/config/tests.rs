@@ -129,5 +129,7 @@ fn redis_settings_are_checked_and_the_password_never_shows() {
     assert_eq!(key(with(&|r| r.url = "rediss://10.0.0.5".into())).0, "engine.redis.url");
     assert_eq!(key(with(&|r| r.url = "redis://".into())).0, "engine.redis.url");
     assert_eq!(key(with(&|r| r.prefix = String::new())).0, "engine.redis.prefix");
+    assert_eq!(key(with(&|r| r.prefix = "a}b".into())).0, "engine.redis.prefix");
+    with(&|r| r.prefix = "app-1.staging".into()).expect("a plain prefix");
     assert_eq!(key(with(&|r| r.timeout = Duration::ZERO)).0, "engine.redis.timeout");
 }
