@@ -163,6 +163,12 @@ impl Node {
     /// Announces the `leave` of users whose presence expired without a goodbye (their node
     /// died), on the channels this node has subscribers of. Called by the sweeper.
     pub async fn expire_presence(&self) {
+        // Only a shared engine keeps presence that outlives its sessions' node.
+        let shared = self.config.engine.kind != crate::config::EngineKind::Memory;
+        let namespaces = &self.config.channels;
+        if !shared || !(namespaces.default.presence || namespaces.namespaces.values().any(|ns| ns.presence)) {
+            return;
+        }
         for (channel, _) in self.hub.channels(|_| true) {
             let Ok((_, ns)) = self.config.channels.resolve(&channel) else { continue };
             if !ns.presence {
