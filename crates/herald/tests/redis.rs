@@ -325,3 +325,67 @@ async fn the_clients_of_a_node_that_dies_leave_when_their_presence_expires() {
     assert_eq!(stats["clients"], 1, "{stats}");
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishers_on_every_node_give_every_subscriber_one_order() {
+    let redis = RedisServer::start().expect("redis-server");
+    let n = nodes(&redis, "herald", 3).await;
+    let channels = ["a", "b", "c"];
+    // 20 subscribers per node, each on every channel.
+    let mut subs = Vec::new();
+    for node in &n {
+        for _ in 0..20 {
+            let mut c = Native::connected(node.addr).await;
+            for ch in channels {
+                c.request("subscribe", json!({"channel": ch})).await;
+            }
+            subs.push(c);
+        }
+    }
+    // Three publishers, one per node, each publishing 40 times to every channel, at once.
+    let publishers: Vec<_> = n
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            let addr = node.addr;
+            tokio::spawn(async move {
+                for k in 0..40u64 {
+                    for ch in ["a", "b", "c"] {
+                        publish(addr, ch, i as u64 * 1000 + k).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for p in publishers {
+        p.await.expect("publisher");
+    }
+    // Every subscriber: 120 publications per channel, offsets 1..=120 in order, and the same
+    // sequence of data as every other subscriber.
+    let mut reference: Option<Vec<(String, u64, u64)>> = None;
+    for (i, c) in subs.iter_mut().enumerate() {
+        let mut got = Vec::new();
+        for _ in 0..360 {
+            let p = c.push().await;
+            let pubv = &p["push"]["pub"];
+            got.push((
+                p["push"]["channel"].as_str().unwrap_or("").to_owned(),
+                pubv["offset"].as_u64().unwrap_or(0),
+                pubv["data"]["seq"].as_u64().unwrap_or(u64::MAX),
+            ));
+        }
+        for ch in channels {
+            let offsets: Vec<u64> = got.iter().filter(|g| g.0 == ch).map(|g| g.1).collect();
+            assert_eq!(offsets, (1..=120).collect::<Vec<_>>(), "subscriber {i}, channel {ch}");
+        }
+        let mut per_channel = got.clone();
+        per_channel.sort_by(|x, y| (&x.0, x.1).cmp(&(&y.0, y.1)));
+        match &reference {
+            None => reference = Some(per_channel),
+            Some(r) => assert_eq!(&per_channel, r, "subscriber {i} saw another order"),
+        }
+    }
+    for node in n {
+        node.shutdown().await;
+    }
+}
