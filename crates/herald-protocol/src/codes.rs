@@ -34,7 +34,8 @@ pub enum ErrorCode {
     NotFound = 111,
     /// The request body or publication is larger than the configured limit.
     TooLarge = 112,
-    /// The server is shutting down or not ready; retry elsewhere or later.
+    /// The server is shutting down or not ready, or its engine (Redis) does not answer; retry
+    /// elsewhere or later.
     Unavailable = 113,
     /// The HTTP method is not allowed on this endpoint.
     MethodNotAllowed = 114,

@@ -328,6 +328,42 @@ impl Hub {
         }
     }
 
+    /// Whether `channel` has subscribers on this node (waiting or live).
+    pub fn has_channel(&self, channel: &str) -> bool {
+        lock(self.shard(channel)).contains_key(channel)
+    }
+
+    /// Cuts off every subscriber of `channel` because the engine lost publications it cannot
+    /// hand over: WebSockets are closed with 4004 (the client reconnects and recovers, or is
+    /// told `recovered: false`), event streams end. Returns how many were cut off.
+    pub fn lost(&self, channel: &str) -> usize {
+        let Some(state) = lock(self.shard(channel)).get(channel).cloned() else { return 0 };
+        let members: Vec<Subscriber> = {
+            let mut inner = lock(&state.inner);
+            let subs: Vec<Subscriber> = inner.members.iter().map(|m| m.sub.clone()).collect();
+            for s in &subs {
+                if inner.remove(s.id) {
+                    self.subscriptions.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            subs
+        };
+        self.drop_if_empty(channel);
+        for sub in &members {
+            match sub.format {
+                Format::Sse => sub.outbox.finish(),
+                _ => {
+                    let code = CloseCode::ServerError;
+                    let frame =
+                        CloseFrame::new(ws::CloseCode(code.as_u16()), "missed publications; reconnect and recover");
+                    sub.outbox.close_now(Some(frame));
+                }
+            }
+        }
+        metrics::counter!("herald_lost_streams_total").increment(1);
+        members.len()
+    }
+
     /// Active channels matching `filter`, with their subscriber counts.
     pub fn channels(&self, filter: impl Fn(&str) -> bool) -> Vec<(Arc<str>, usize)> {
         let mut out = Vec::new();

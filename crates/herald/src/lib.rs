@@ -5,7 +5,8 @@
 //! - `auth`: connection and subscription tokens (JWT) verified with a pinned algorithm; keys from
 //!   PEM or a reloaded JWKS file; minting for development.
 //! - `channel`: channel names, namespaces and what they allow.
-//! - `engine`: where publications, history and presence live (`MemoryEngine`; trait + conformance suite).
+//! - `engine`: where publications, history and presence live (`MemoryEngine`, `RedisEngine`; trait +
+//!   conformance suite).
 //! - `hub`: channel → subscribers; encode once, fan out, cut off slow consumers.
 //! - `node`: this node's shared state (config, hub, counters).
 //! - `limits`: per-connection rate limits (token buckets, refusals that end in a close).

@@ -62,7 +62,7 @@ impl Node {
             max_channels: config.limits.max_channels,
             max_history_bytes: config.limits.max_history_bytes,
         };
-        let engine = Arc::new(MemoryEngine::with_limits(limits));
+        let engine = make_engine(&config, limits);
         engine.set_delivery(Arc::new(HubDelivery(hub.clone())));
         Self {
             ws_settings: Arc::new(config.websocket.clone()),
@@ -123,12 +123,17 @@ impl Node {
     ) -> Result<History, SubscribeFailure> {
         let id = sub.id;
         self.hub.subscribe(channel.shared(), sub).map_err(SubscribeFailure::Hub)?;
+        // Listening first: whatever is published after the position read below reaches us.
+        if let Err(e) = self.engine.listen(channel.as_str()).await {
+            self.unsubscribe(channel.as_str(), id);
+            return Err(SubscribeFailure::Engine(e));
+        }
         let asked = recover.is_some();
         let query = HistoryQuery { since: recover, limit: if asked { ns.history_size } else { 0 }, reverse: false };
         let mut history = match self.engine.history(channel.as_str(), query).await {
             Ok(h) => h,
             Err(e) => {
-                self.hub.unsubscribe(channel.as_str(), id);
+                self.unsubscribe(channel.as_str(), id);
                 return Err(SubscribeFailure::Engine(e));
             }
         };
@@ -143,6 +148,58 @@ impl Node {
         let text = reply(&history, asked.then_some(history.complete));
         self.hub.activate(channel.as_str(), id, text, history.position.offset).map_err(SubscribeFailure::Hub)?;
         Ok(history)
+    }
+
+    /// Removes subscriber `id` from `channel`; the engine stops listening to the channel when
+    /// it was the node's last subscriber.
+    pub fn unsubscribe(&self, channel: &str, id: u64) -> bool {
+        let removed = self.hub.unsubscribe(channel, id);
+        if !self.hub.has_channel(channel) {
+            self.engine.release(channel);
+        }
+        removed
+    }
+
+    /// Sends a join or leave push to `channel`'s subscribers on every node.
+    pub async fn broadcast(&self, channel: &str, text: Bytes) {
+        if let Err(e) = self.engine.broadcast(channel, text).await {
+            tracing::warn!(channel, error = %e, "join/leave push not sent");
+        }
+    }
+
+    /// Announces the `leave` of users whose presence expired without a goodbye (their node
+    /// died), on the channels this node has subscribers of. Called by the sweeper.
+    pub async fn expire_presence(&self) {
+        // Only a shared engine keeps presence that outlives its sessions' node.
+        let shared = self.config.engine.kind != crate::config::EngineKind::Memory;
+        let namespaces = &self.config.channels;
+        if !shared || !(namespaces.default.presence || namespaces.namespaces.values().any(|ns| ns.presence)) {
+            return;
+        }
+        for (channel, _) in self.hub.channels(|_| true) {
+            let Ok((_, ns)) = self.config.channels.resolve(&channel) else { continue };
+            if !ns.presence {
+                continue;
+            }
+            let left = match self.engine.presence_expire(&channel).await {
+                Ok(left) => left,
+                Err(e) => {
+                    tracing::debug!(channel = %channel, error = %e, "expired presence not swept");
+                    continue;
+                }
+            };
+            if !ns.join_leave {
+                continue;
+            }
+            for entry in left {
+                let info = ClientInfo { user: entry.user, client: entry.client };
+                let push = herald_protocol::ServerFrame::Push {
+                    channel: channel.to_string(),
+                    body: herald_protocol::PushBody::Leave(info),
+                };
+                self.broadcast(&channel, Bytes::from(push.encode())).await;
+            }
+        }
     }
 
     /// Registers a session of `user` so the API can reach it; returns its control inbox.
@@ -249,6 +306,41 @@ impl Delivery for HubDelivery {
     fn deliver(&self, channel: &str, position: &StreamPosition, publication: &PublicationRecord) {
         self.0.deliver(channel, position, publication);
     }
+
+    fn notify(&self, channel: &str, text: Bytes) {
+        self.0.notify(channel, text);
+    }
+
+    fn has_subscribers(&self, channel: &str) -> bool {
+        self.0.has_channel(channel)
+    }
+
+    fn lost(&self, channel: &str) {
+        let n = self.0.lost(channel);
+        tracing::warn!(
+            channel,
+            subscribers = n,
+            "publications missed while the engine link was down; subscribers told to recover"
+        );
+    }
+}
+
+/// The engine `[engine]` asks for. `Config::validate` checks the Redis settings first; a
+/// config built in code with bad ones falls back to memory, loudly.
+fn make_engine(config: &Config, limits: EngineLimits) -> Arc<dyn Engine> {
+    match config.engine.kind {
+        crate::config::EngineKind::Memory => Arc::new(MemoryEngine::with_limits(limits)),
+        #[cfg(feature = "redis")]
+        crate::config::EngineKind::Redis => {
+            match crate::engine::RedisEngine::new(crate::engine::RedisSettings::from(&config.engine.redis)) {
+                Ok(e) => Arc::new(e),
+                Err(e) => {
+                    tracing::error!(error = %e, "invalid [engine.redis] settings: using the memory engine");
+                    Arc::new(MemoryEngine::with_limits(limits))
+                }
+            }
+        }
+    }
 }
 
 /// Decrements the session count when a session ends.
@@ -271,7 +363,7 @@ pub(crate) struct SubscriptionGuard {
 
 impl Drop for SubscriptionGuard {
     fn drop(&mut self) {
-        self.node.hub.unsubscribe(&self.channel, self.id);
+        self.node.unsubscribe(&self.channel, self.id);
     }
 }
 

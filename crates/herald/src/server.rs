@@ -38,12 +38,17 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     let app = router(node.clone());
     tokio::spawn({
         // Forget idle channels and expired presence, until shutdown.
-        let (node, stop) = (node.clone(), stop.clone());
+        let (node, stop, config) = (node.clone(), stop.clone(), config.clone());
         async move {
-            let mut every = tokio::time::interval(Duration::from_secs(10));
+            // Often enough that a dead node's presence leaves soon after it expires.
+            let period = config.websocket.ping_interval.clamp(Duration::from_millis(100), Duration::from_secs(10));
+            let mut every = tokio::time::interval(period);
             loop {
                 tokio::select! {
-                    _ = every.tick() => node.engine.sweep(),
+                    _ = every.tick() => {
+                        node.engine.sweep();
+                        node.expire_presence().await;
+                    }
                     () = stop.cancelled() => break,
                 }
             }

@@ -410,7 +410,7 @@ impl Session {
                         Err(refuse(ErrorCode::AlreadySubscribed, "already subscribed"))
                     }
                     SubscribeFailure::Hub(SubscribeError::Closed) => Ok(()),
-                    SubscribeFailure::Engine(e) => Err(refuse(ErrorCode::Internal, e.to_string())),
+                    SubscribeFailure::Engine(e) => Err(refuse(ErrorCode::Unavailable, e.to_string())),
                 }
             }
         }
@@ -423,7 +423,7 @@ impl Session {
         match self.node.engine.presence_add(channel.as_str(), entry, ttl).await {
             Ok(PresenceChange::UserJoined) if join_leave => {
                 let push = ServerFrame::Push { channel: channel.to_string(), body: PushBody::Join(info) };
-                self.node.hub.notify(channel.as_str(), Bytes::from(push.encode()));
+                self.node.broadcast(channel.as_str(), Bytes::from(push.encode())).await;
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(channel = %channel, error = %e, "presence not recorded"),
@@ -440,7 +440,7 @@ impl Session {
             Ok((PresenceChange::UserLeft, Some(entry))) if ns.join_leave => {
                 let info = ClientInfo { user: entry.user, client: entry.client };
                 let push = ServerFrame::Push { channel: channel.to_owned(), body: PushBody::Leave(info) };
-                self.node.hub.notify(channel, Bytes::from(push.encode()));
+                self.node.broadcast(channel, Bytes::from(push.encode())).await;
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(channel, error = %e, "presence not removed"),
@@ -474,7 +474,7 @@ impl Session {
         let (channel, _) = self.node.config.channels.resolve(&req.channel)?;
         self.token_subscriptions.remove(channel.as_str());
         if self.subscriptions.remove(channel.as_str()) {
-            self.node.hub.unsubscribe(channel.as_str(), self.id);
+            self.node.unsubscribe(channel.as_str(), self.id);
             self.presence_remove(channel.as_str()).await;
         }
         self.send(encode_reply(id, "unsubscribe", &serde_json::json!({})));
@@ -495,7 +495,7 @@ impl Session {
         self.rate_limited(verdict)?;
         let info = self.client.as_ref().map(|c| ClientInfo { user: self.user.clone(), client: c.clone() });
         let pos = node.publish(&channel, ns, Bytes::copy_from_slice(data.as_bytes()), info).await.map_err(|e| {
-            refuse(if e.limit().is_some() { ErrorCode::NodeLimit } else { ErrorCode::Internal }, e.to_string())
+            refuse(if e.limit().is_some() { ErrorCode::NodeLimit } else { ErrorCode::Unavailable }, e.to_string())
         })?;
         self.send(encode_reply(id, "publish", &PublishResult { epoch: pos.epoch.to_string(), offset: pos.offset }));
         Ok(())
@@ -603,7 +603,7 @@ impl Session {
             .engine
             .history(channel.as_str(), query)
             .await
-            .map_err(|e| refuse(ErrorCode::Internal, e.to_string()))?;
+            .map_err(|e| refuse(ErrorCode::Unavailable, e.to_string()))?;
         if let Some(epoch) = asked_epoch {
             if let Some(message) = crate::node::epoch_mismatch(&epoch, &h.position) {
                 return Err(refuse(ErrorCode::EpochMismatch, message));
@@ -624,7 +624,7 @@ impl Session {
             return Err(refuse(ErrorCode::NotAvailable, "presence is off in this namespace"));
         }
         let engine = &self.node.engine;
-        let internal = |e: crate::engine::EngineError| refuse(ErrorCode::Internal, e.to_string());
+        let internal = |e: crate::engine::EngineError| refuse(ErrorCode::Unavailable, e.to_string());
         if stats {
             let s = engine.presence_stats(channel.as_str()).await.map_err(internal)?;
             let result = PresenceStatsResult { clients: s.clients as u64, users: s.users as u64 };
@@ -643,7 +643,7 @@ impl Session {
             Control::Unsubscribe { channel } => {
                 if let Some(name) = self.subscriptions.take(channel.as_str()) {
                     self.token_subscriptions.remove(&name);
-                    self.node.hub.unsubscribe(&name, self.id);
+                    self.node.unsubscribe(&name, self.id);
                     self.presence_remove(&name).await;
                     let body = PushBody::Unsubscribe(Unsubscribed::default());
                     let push = ServerFrame::Push { channel: name.to_string(), body };
@@ -658,7 +658,7 @@ impl Session {
     pub async fn end(&mut self) {
         let channels: Vec<Arc<str>> = self.subscriptions.drain().collect();
         for channel in channels {
-            self.node.hub.unsubscribe(&channel, self.id);
+            self.node.unsubscribe(&channel, self.id);
             self.presence_remove(&channel).await;
         }
     }
@@ -700,7 +700,7 @@ impl Drop for Session {
         // `end` normally ran already; this is the safety net for a task that was cancelled
         // (presence then expires by itself).
         for channel in self.subscriptions.drain() {
-            self.node.hub.unsubscribe(&channel, self.id);
+            self.node.unsubscribe(&channel, self.id);
         }
     }
 }

@@ -143,8 +143,12 @@ pub async fn sse(State(node): State<Arc<Node>>, Path(name): Path<String>, header
             Some(out.freeze())
         })
         .await;
-    if subscribed.is_err() {
-        return ApiError::new(ErrorCode::Internal, "subscription failed").into_response();
+    match subscribed {
+        Ok(_) => {}
+        Err(crate::node::SubscribeFailure::Engine(e)) => {
+            return ApiError::new(ErrorCode::Unavailable, e.to_string()).into_response();
+        }
+        Err(_) => return ApiError::new(ErrorCode::Internal, "subscription failed").into_response(),
     }
     metrics::gauge!("herald_connections", "transport" => "sse").increment(1.0);
     let state = SseStream {

@@ -41,6 +41,9 @@ pub struct Config {
     pub api: ApiConfig,
     /// WebSocket limits, timings and compression.
     pub websocket: ws::Settings,
+    /// Where channels, history and presence live: this node's memory, or a Redis shared by
+    /// several nodes.
+    pub engine: EngineConfig,
     /// Endpoints for testing Herald itself. Keep them off in production.
     pub testing: TestingConfig,
     /// Set by `herald serve --demo` only (never from a file or the environment): serve
@@ -60,6 +63,7 @@ impl Default for Config {
             auth: crate::auth::AuthConfig::default(),
             api: ApiConfig::default(),
             websocket: ws::Settings::default(),
+            engine: EngineConfig::default(),
             testing: TestingConfig::default(),
             demo: false,
         }
@@ -165,7 +169,73 @@ impl Default for ApiConfig {
 }
 
 /// Keys whose values `check-config` must not print.
-const SECRET_KEYS: &[&str] = &["api.key", "auth.secret"];
+const SECRET_KEYS: &[&str] = &["api.key", "auth.secret", "engine.redis.password"];
+
+/// The engine (`[engine]`): see `docs/operations.md#running-several-nodes-with-redis`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// `memory`: one node keeps everything in its own memory (lost on restart). `redis`:
+    /// several nodes share publications, history and presence through the Redis at
+    /// `engine.redis.url`, so a client may connect to any of them.
+    pub kind: EngineKind,
+    /// The Redis engine's settings (used when `kind = "redis"`).
+    pub redis: RedisConfig,
+}
+
+/// Which engine a node uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    #[default]
+    Memory,
+    Redis,
+}
+
+/// `[engine.redis]`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Redis to connect to: `redis://host:port/db` (a user name may go before `@`). Put the
+    /// password in `engine.redis.password`, never in the URL. `rediss://` (TLS) is not
+    /// supported yet.
+    pub url: String,
+    /// The Redis password (`AUTH`), if Redis asks for one. Prefer setting it through
+    /// `HERALD_ENGINE__REDIS__PASSWORD` rather than in a file.
+    #[schemars(with = "String")]
+    pub password: Secret,
+    /// Prefix of every Redis key and pub/sub channel Herald uses (letters, digits, `_ - . :`).
+    /// Herald clusters with different prefixes share one Redis without seeing each other's
+    /// channels, history or presence; every node of one cluster must use the same prefix.
+    pub prefix: String,
+    /// Longest wait for any one Redis call. Past it, the API answers 503 (error 113) and a
+    /// client's command gets an error; nothing waits forever for Redis.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub timeout: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            password: Secret::default(),
+            prefix: "herald".into(),
+            timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &self.url)
+            .field("password", &self.password)
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
 
 /// Test endpoints (`[testing]`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -298,6 +368,29 @@ impl Config {
         check(l.publications_per_second >= 1, "limits.publications_per_second", "must be at least 1")?;
         check(l.publications_burst >= 1, "limits.publications_burst", "must be at least 1")?;
         check(l.max_channels >= 1, "limits.max_channels", "must be at least 1")?;
+        if self.engine.kind == EngineKind::Redis {
+            let r = &self.engine.redis;
+            check(cfg!(feature = "redis"), "engine.kind", "this build has no Redis engine (cargo feature `redis`)")?;
+            check(!r.timeout.is_zero(), "engine.redis.timeout", "must be greater than zero")?;
+            let ok = !r.prefix.is_empty()
+                && r.prefix.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'));
+            check(ok, "engine.redis.prefix", "must be letters, digits, _ - . or : (it goes inside Redis hash tags)")?;
+            check(
+                r.url.starts_with("redis://"),
+                "engine.redis.url",
+                "must start with redis:// (rediss:// is not supported yet)",
+            )?;
+            let userinfo = r.url["redis://".len()..].split(['/', '?']).next().unwrap_or("").rsplit_once('@');
+            check(
+                !userinfo.is_some_and(|(u, _)| u.contains(':')),
+                "engine.redis.url",
+                "has a password: put it in engine.redis.password (HERALD_ENGINE__REDIS__PASSWORD) instead",
+            )?;
+            #[cfg(feature = "redis")]
+            if let Err(e) = crate::engine::RedisSettings::from(r).client() {
+                return Err(ConfigError::Invalid { key: "engine.redis.url", message: e.to_string() });
+            }
+        }
         check_log_filter(&self.log.level)
     }
 }

@@ -97,3 +97,39 @@ fn example_file_and_reference_are_generated_from_the_source() {
     let parsed: Config = Figment::from(Toml::string(example)).extract().expect("example parses");
     assert_eq!(parsed, Config::default());
 }
+
+#[test]
+fn redis_settings_are_checked_and_the_password_never_shows() {
+    Jail::expect_with(|jail| {
+        jail.set_env("HERALD_ENGINE__KIND", "redis");
+        jail.set_env("HERALD_ENGINE__REDIS__PASSWORD", "hunter2-redis");
+        let loaded = load(None, &Overrides::default()).expect("loads");
+        assert_eq!(loaded.config.engine.kind, EngineKind::Redis);
+        let explained = loaded.explain();
+        assert!(explained.contains("engine.redis.password = \"<redacted>\""), "{explained}");
+        assert!(!explained.contains("hunter2"), "{explained}");
+        assert!(!format!("{:?}", loaded.config).contains("hunter2"));
+        Ok(())
+    });
+    let with = |f: &dyn Fn(&mut RedisConfig)| {
+        let mut c = Config::default();
+        c.engine.kind = EngineKind::Redis;
+        f(&mut c.engine.redis);
+        c.validate()
+    };
+    with(&|_| {}).expect("defaults validate");
+    with(&|r| r.url = "redis://user@10.0.0.5:6380/2".into()).expect("a user name is fine");
+    let key = |e: Result<(), ConfigError>| match e {
+        Err(ConfigError::Invalid { key, message }) => (key, message),
+        other => panic!("{other:?}"),
+    };
+    let (k, m) = key(with(&|r| r.url = "redis://:hunter2@10.0.0.5".into()));
+    assert_eq!(k, "engine.redis.url");
+    assert!(m.contains("engine.redis.password") && !m.contains("hunter2"), "{m}");
+    assert_eq!(key(with(&|r| r.url = "rediss://10.0.0.5".into())).0, "engine.redis.url");
+    assert_eq!(key(with(&|r| r.url = "redis://".into())).0, "engine.redis.url");
+    assert_eq!(key(with(&|r| r.prefix = String::new())).0, "engine.redis.prefix");
+    assert_eq!(key(with(&|r| r.prefix = "a}b".into())).0, "engine.redis.prefix");
+    with(&|r| r.prefix = "app-1.staging".into()).expect("a plain prefix");
+    assert_eq!(key(with(&|r| r.timeout = Duration::ZERO)).0, "engine.redis.timeout");
+}

@@ -446,6 +446,13 @@ impl Engine for MemoryEngine {
     fn history<'a>(&'a self, channel: &'a str, query: HistoryQuery) -> BoxFuture<'a, Result<History, EngineError>> {
         Box::pin(future::ready(Ok(self.history_now(channel, query))))
     }
+
+    fn broadcast<'a>(&'a self, channel: &'a str, text: Bytes) -> BoxFuture<'a, Result<(), EngineError>> {
+        if let Some(d) = self.delivery.get() {
+            d.notify(channel, text);
+        }
+        Box::pin(future::ready(Ok(())))
+    }
     fn presence_add<'a>(
         &'a self,
         channel: &'a str,
@@ -517,6 +524,15 @@ mod tests {
         let second = e.publish_now("c", Bytes::from_static(b"1"), None, policy).expect("publish");
         assert_eq!(second.offset, 1);
         assert_ne!(second.epoch, first.epoch);
+    }
+
+    #[tokio::test]
+    async fn a_publication_creates_one_stream() {
+        let e = MemoryEngine::new();
+        e.history("s", HistoryQuery::default()).await.expect("read");
+        assert_eq!(e.stats().channels, 0, "reading creates nothing");
+        e.publish("s", Bytes::from_static(b"1"), None, HistoryPolicy::NONE).await.expect("publish");
+        assert_eq!(e.stats().channels, 1);
     }
 
     #[test]

@@ -1,10 +1,14 @@
 //! Engines: where publications, history and presence live. `MemoryEngine` for one node;
-//! a Redis engine (later) for many. Both pass the same conformance suite (`conformance`).
+//! `RedisEngine` (cargo feature `redis`) for many nodes sharing one Redis. Both pass the same
+//! conformance suite (`conformance`).
 //!
 //! The engine never knows the hub: it hands publications upward through a [`Delivery`]
-//! handler, in the channel's offset order.
+//! handler, in the channel's offset order, and asks it whether the node still has local
+//! subscribers of a channel.
 
 pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 #[cfg(test)]
 pub(crate) mod conformance;
@@ -16,6 +20,8 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use herald_protocol::ClientInfo;
 
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisEngine, RedisSettings};
 pub use memory::MemoryEngine;
 
 /// A channel's position: the offset of its last publication within an epoch. The epoch
@@ -150,6 +156,20 @@ pub struct EngineStats {
 /// channel, never twice for one publication.
 pub trait Delivery: Send + Sync + 'static {
     fn deliver(&self, channel: &str, position: &StreamPosition, publication: &PublicationRecord);
+
+    /// A frame that is not a publication (a join or leave push) for the channel's local
+    /// subscribers; see [`Engine::broadcast`].
+    fn notify(&self, _channel: &str, _text: Bytes) {}
+
+    /// Whether this node still has local subscribers of `channel`; see [`Engine::release`].
+    fn has_subscribers(&self, _channel: &str) -> bool {
+        true
+    }
+
+    /// The engine missed publications of `channel` that it cannot hand over any more (its
+    /// link was down longer than the history keeps them): the local subscribers must
+    /// reconnect and recover, which tells them `recovered: false`. Never a silent gap.
+    fn lost(&self, _channel: &str) {}
 }
 
 /// The engine contract.
@@ -165,6 +185,8 @@ pub trait Delivery: Send + Sync + 'static {
 /// - **Failure:** an error means the publication was not stored and not delivered; the
 ///   caller may retry. Reads fail without side effects.
 /// - **Presence** entries expire after their TTL unless refreshed by `presence_add` again.
+///   Reads never show an expired entry; [`Engine::presence_expire`] removes them and reports
+///   the users who left with them.
 /// - **Reading creates nothing.** `history`, `presence` and `presence_stats` of a channel that
 ///   has no stream leave no state behind: a hostile client reading random channel names costs
 ///   nothing that lingers. Such a read answers the position `(epoch, 0)` that the channel's
@@ -175,6 +197,21 @@ pub trait Delivery: Send + Sync + 'static {
 /// - **Limits** ([`EngineLimits`]): a publication that would start a channel beyond
 ///   `max_channels`, or store history beyond `max_history_bytes`, fails with
 ///   [`EngineError::TooManyChannels`] or [`EngineError::HistoryFull`] and changes nothing.
+///   (Node-local memory limits: a shared engine such as Redis is bounded by Redis itself.)
+/// - **Listening (the broker part):** an engine shared by several nodes delivers a channel's
+///   publications to a node only while that node listens to it. The node calls
+///   [`Engine::listen`] for every local subscription *before* reading the position it
+///   subscribes at; once `listen` resolves, every later publication reaches the delivery
+///   handler. After a local unsubscribe the node calls [`Engine::release`]; the engine stops
+///   listening once [`Delivery::has_subscribers`] says no one is left (so one listener per
+///   channel per node, not per client). Publications a listening engine missed (a broken
+///   link) are recovered from history in order, or reported with [`Delivery::lost`].
+/// - **Broadcasts** ([`Engine::broadcast`]: join and leave pushes) reach the listening nodes
+///   best effort: not stored, not numbered, not ordered with publications.
+///
+/// The trait has a broker part (publish, history, listen, release, broadcast) and a
+/// presence part (the `presence_*` methods). Both engines implement both on one store, so
+/// they stay one trait; a presence-only backend would be the reason to split it.
 pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
     /// Sets where publications go after they are stored. Called once, before the first publish.
     fn set_delivery(&self, delivery: Arc<dyn Delivery>);
@@ -190,6 +227,19 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
         info: Option<ClientInfo>,
         policy: HistoryPolicy,
     ) -> BoxFuture<'a, Result<StreamPosition, EngineError>>;
+
+    /// Makes sure this node receives `channel`'s publications; resolves once it does (see the
+    /// trait's contract). Idempotent; a single-node engine always does.
+    fn listen<'a>(&'a self, _channel: &'a str) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(futures_util::future::ready(Ok(())))
+    }
+
+    /// The node may have lost its last local subscriber of `channel`.
+    fn release(&self, _channel: &str) {}
+
+    /// Sends `text` (a join or leave push) to `channel`'s subscribers on every node through
+    /// [`Delivery::notify`].
+    fn broadcast<'a>(&'a self, channel: &'a str, text: Bytes) -> BoxFuture<'a, Result<(), EngineError>>;
 
     /// Reads history (see [`HistoryQuery`]).
     fn history<'a>(&'a self, channel: &'a str, query: HistoryQuery) -> BoxFuture<'a, Result<History, EngineError>>;
@@ -208,6 +258,14 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
         channel: &'a str,
         client: &'a str,
     ) -> BoxFuture<'a, Result<(PresenceChange, Option<PresenceEntry>), EngineError>>;
+
+    /// Removes `channel`'s expired presence entries (clients of a node that died, which
+    /// nobody removed) and returns those whose user left with them, for `leave` pushes. Each
+    /// expired entry is returned once, to one caller, whichever node calls. An engine whose
+    /// presence cannot outlive its node's sessions returns nothing.
+    fn presence_expire<'a>(&'a self, _channel: &'a str) -> BoxFuture<'a, Result<Vec<PresenceEntry>, EngineError>> {
+        Box::pin(futures_util::future::ready(Ok(Vec::new())))
+    }
 
     /// Everyone present on `channel`.
     fn presence<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Vec<PresenceEntry>, EngineError>>;

@@ -1,0 +1,149 @@
+//! The Lua scripts of the Redis engine: each runs atomically in Redis, touches only keys of
+//! one channel (one hash tag, so one Redis Cluster slot), and reads the time from Redis.
+
+/// KEYS: meta, stream. ARGV: base, window (s), size, history TTL (ms), least meta TTL (ms),
+/// body, pub/sub channel. Returns `{epoch, offset}`.
+pub(super) const PUBLISH_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then
+  epoch = ARGV[1] .. '-' .. string.format('%d', math.floor(tonumber(t[1]) / tonumber(ARGV[2])))
+  redis.call('HSET', KEYS[1], 'e', epoch)
+end
+local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
+local size = tonumber(ARGV[3])
+local life = tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], 'l', ARGV[4])
+if size > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', size, string.format('0-%d', offset), 'b', ARGV[6], 't', now)
+  -- Drop expired entries from the front (at most 32 per publication; usually none).
+  for _ = 1, 32 do
+    local e = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
+    if not e or tonumber(e[2][4]) + life > now then break end
+    redis.call('XDEL', KEYS[2], e[1])
+  end
+  redis.call('PEXPIRE', KEYS[2], life)
+else
+  redis.call('DEL', KEYS[2])
+end
+redis.call('PEXPIRE', KEYS[1], math.max(tonumber(ARGV[5]), life))
+redis.call('PUBLISH', ARGV[7], 'p' .. string.format('%d', offset) .. '\n' .. epoch .. '\n' .. ARGV[6])
+return {epoch, offset}
+"#;
+
+/// KEYS: meta, stream. ARGV: base, window (s), since epoch, since offset (-1: none), limit.
+/// Writes nothing. Returns `{epoch, offset, complete, {{offset, body}...}}`.
+pub(super) const HISTORY_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local since_e, since_o, limit = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local m = redis.call('HMGET', KEYS[1], 'e', 'o', 'l')
+if not m[1] then
+  local epoch = ARGV[1] .. '-' .. string.format('%d', math.floor(tonumber(t[1]) / tonumber(ARGV[2])))
+  local complete = 0
+  if since_o == 0 and since_e == epoch then complete = 1 end
+  return {epoch, 0, complete, {}}
+end
+local epoch, top, life = m[1], tonumber(m[2] or '0'), tonumber(m[3] or '0')
+local function id(n) return string.format('0-%d', n) end
+local function off(e) return tonumber(string.sub(e[1], 3)) end
+local first = top + 1
+local cursor = '-'
+while true do
+  local batch = redis.call('XRANGE', KEYS[2], cursor, '+', 'COUNT', 64)
+  local found = false
+  for _, e in ipairs(batch) do
+    if tonumber(e[2][4]) + life > now then first = off(e); found = true; break end
+  end
+  if found or #batch < 64 then break end
+  cursor = '(' .. batch[#batch][1]
+end
+local out = {}
+local complete = 0
+if since_o >= 0 then
+  if since_e == epoch and since_o <= top then
+    local start = math.max(since_o + 1, first)
+    if start <= top and limit > 0 then
+      for _, e in ipairs(redis.call('XRANGE', KEYS[2], id(start), '+', 'COUNT', limit)) do
+        out[#out + 1] = {off(e), e[2][2]}
+      end
+    end
+    if since_o + 1 >= first and top - since_o <= limit then complete = 1 end
+  end
+elseif limit > 0 and first <= top then
+  local got = redis.call('XREVRANGE', KEYS[2], '+', id(first), 'COUNT', limit)
+  for i = #got, 1, -1 do out[#out + 1] = {off(got[i]), got[i][2][2]} end
+end
+return {epoch, top, complete, out}
+"#;
+
+/// Shared by the presence scripts that write. KEYS: entries, expiries, users. Expired entries
+/// are removed only by `PRESENCE_EXPIRE_LUA`, which reports who left; reads skip them.
+pub(super) const PRESENCE_COMMON_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function userkey(client, v)
+  local c = string.find(v, ':', 1, true)
+  local n = tonumber(string.sub(v, 1, c - 1))
+  if n == 0 then return 'a:' .. client end
+  return 'u:' .. string.sub(v, c + 1, c + n)
+end
+local function drop(client)
+  local v = redis.call('HGET', KEYS[1], client)
+  redis.call('ZREM', KEYS[2], client)
+  if not v then return nil, 0 end
+  redis.call('HDEL', KEYS[1], client)
+  local uk = userkey(client, v)
+  if redis.call('HINCRBY', KEYS[3], uk, -1) <= 0 then
+    redis.call('HDEL', KEYS[3], uk)
+    return v, 1
+  end
+  return v, 0
+end
+"#;
+
+/// ARGV: none. Removes the expired entries; returns `{{client, entry}...}` of those whose
+/// user left with them.
+pub(super) const PRESENCE_EXPIRE_LUA: &str = r#"
+local out = {}
+for _, c in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
+  local v, left = drop(c)
+  if v and left == 1 then out[#out + 1] = {c, v} end
+end
+return out
+"#;
+
+/// ARGV: client, entry, TTL (ms). Returns 1 when the user joined.
+pub(super) const PRESENCE_ADD_LUA: &str = r#"
+local client, v, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+redis.call('ZADD', KEYS[2], now + ttl, client)
+local joined = 0
+if redis.call('HSETNX', KEYS[1], client, v) == 1 then
+  if redis.call('HINCRBY', KEYS[3], userkey(client, v), 1) == 1 then joined = 1 end
+end
+for i = 1, 3 do
+  if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+end
+return joined
+"#;
+
+/// ARGV: client. Returns `{found, left, entry}`.
+pub(super) const PRESENCE_REMOVE_LUA: &str = r#"
+local v, left = drop(ARGV[1])
+if not v then return {0, 0, ''} end
+return {1, left, v}
+"#;
+
+/// KEYS: entries, expiries, users. Writes nothing. Returns `{{client, entry}...}` of the
+/// entries not expired.
+pub(super) const PRESENCE_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+for _, c in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. string.format('%d', now), '+inf')) do
+  local v = redis.call('HGET', KEYS[1], c)
+  if v then out[#out + 1] = {c, v} end
+end
+return out
+"#;

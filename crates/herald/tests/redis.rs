@@ -1,0 +1,391 @@
+//! Several Herald nodes sharing one real `redis-server` (`[engine] kind = "redis"`): every
+//! subscriber on every node gets each publication once and in order, a client recovers on
+//! another node, presence is the same everywhere, prefixes are isolated, and a Redis that
+//! dies and comes back leaves the nodes running, answering 503 meanwhile, and makes
+//! subscribers recover.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt;
+use herald::config::{EngineKind, NamespaceOptions};
+use herald::engine::redis::test_server::RedisServer;
+use herald::Config;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+fn config(redis: &RedisServer, prefix: &str) -> Config {
+    let mut c = Config::default();
+    c.engine.kind = EngineKind::Redis;
+    c.engine.redis.url = redis.url();
+    c.engine.redis.prefix = prefix.into();
+    c.engine.redis.timeout = Duration::from_millis(500);
+    c.channels.namespaces.insert("tiny".into(), NamespaceOptions { history_size: 5, ..Default::default() });
+    c.channels
+        .namespaces
+        .insert("room".into(), NamespaceOptions { presence: true, join_leave: true, ..Default::default() });
+    c
+}
+
+async fn nodes(redis: &RedisServer, prefix: &str, n: usize) -> Vec<TestServer> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(TestServer::start(config(redis, prefix)).await);
+    }
+    out
+}
+
+async fn publish(addr: SocketAddr, channel: &str, seq: u64) -> Value {
+    let (status, body) =
+        api(addr, "publish", &json!({"channel": channel, "data": {"seq": seq}}).to_string(), None).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+fn offsets(list: &Value) -> Vec<u64> {
+    list.as_array().expect("list").iter().map(|p| p["offset"].as_u64().unwrap_or(0)).collect()
+}
+
+/// Reads frames until the server closes; returns the close code.
+async fn close_code(c: &mut Native, within: Duration) -> Option<u16> {
+    let deadline = Instant::now() + within;
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(deadline.into(), c.ws.next()).await {
+        if let Message::Close(f) = msg {
+            return f.map(|f| u16::from(f.code));
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_through_one_node_reaches_every_subscriber_on_every_node_once_and_in_order() {
+    let redis = RedisServer::start().expect("redis-server");
+    let n = nodes(&redis, "herald", 3).await;
+    let mut subs = Vec::new();
+    for node in &n {
+        for _ in 0..2 {
+            let mut c = Native::connected(node.addr).await;
+            let r = c.request("subscribe", json!({"channel": "news"})).await;
+            assert_eq!(r["subscribe"]["offset"], 0, "{r}");
+            subs.push(c);
+        }
+    }
+    for seq in 1..=50 {
+        publish(n[0].addr, "news", seq).await;
+    }
+    // The sentinel right after 50 proves nothing arrived twice in between.
+    publish(n[0].addr, "news", 51).await;
+    for (i, c) in subs.iter_mut().enumerate() {
+        for want in 1..=51u64 {
+            let p = c.push().await;
+            assert_eq!(p["push"]["pub"]["offset"], want, "subscriber {i}: {p}");
+            assert_eq!(p["push"]["pub"]["data"]["seq"], want);
+        }
+    }
+    for node in n {
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reconnects_to_another_node_recovers_exactly_what_it_missed() {
+    let redis = RedisServer::start().expect("redis-server");
+    let n = nodes(&redis, "herald", 3).await;
+    let mut c = Native::connected(n[0].addr).await;
+    let r = c.request("subscribe", json!({"channel": "news"})).await;
+    let epoch = r["subscribe"]["epoch"].as_str().expect("epoch").to_owned();
+    for seq in 1..=3 {
+        publish(n[1].addr, "news", seq).await;
+    }
+    let mut last = 0;
+    for _ in 0..3 {
+        last = c.push().await["push"]["pub"]["offset"].as_u64().expect("offset");
+    }
+    drop(c);
+    for seq in 4..=10 {
+        publish(n[1].addr, "news", seq).await;
+    }
+    let mut c = Native::connected(n[2].addr).await;
+    let r = c.request("subscribe", json!({"channel": "news", "recover": true, "epoch": epoch, "offset": last})).await;
+    let s = &r["subscribe"];
+    assert_eq!(s["recovered"], true, "{r}");
+    assert_eq!((s["epoch"].as_str(), s["offset"].as_u64()), (Some(epoch.as_str()), Some(10)));
+    assert_eq!(offsets(&s["publications"]), (4..=10).collect::<Vec<_>>(), "exactly the 7 missed");
+    publish(n[0].addr, "news", 11).await;
+    assert_eq!(c.push().await["push"]["pub"]["offset"], 11, "then live, no gap");
+
+    // Past the history window (5 kept): told it cannot recover, never a silent gap.
+    let mut c = Native::connected(n[0].addr).await;
+    let r = c.request("subscribe", json!({"channel": "tiny:t"})).await;
+    let epoch = r["subscribe"]["epoch"].as_str().expect("epoch").to_owned();
+    drop(c);
+    for seq in 1..=8 {
+        publish(n[1].addr, "tiny:t", seq).await;
+    }
+    let mut c = Native::connected(n[2].addr).await;
+    let r = c.request("subscribe", json!({"channel": "tiny:t", "recover": true, "epoch": epoch, "offset": 0})).await;
+    assert_eq!(r["subscribe"]["recovered"], false, "{r}");
+    assert_eq!(r["subscribe"]["offset"], 8);
+    for node in n {
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_and_join_leave_are_the_same_from_every_node() {
+    let redis = RedisServer::start().expect("redis-server");
+    let n = nodes(&redis, "herald", 3).await;
+    // Each subscriber hears its own join, then those of later subscribers on any node.
+    // (Join pushes are not ordered with subscribes, so each join is awaited before the next.)
+    let joined = |p: Value| p["push"]["join"]["client"].as_str().map(str::to_owned).expect("a join push");
+    let mut a = Native::connected(n[0].addr).await;
+    a.request("subscribe", json!({"channel": "room:1"})).await;
+    let ja = joined(a.push().await);
+    let mut b = Native::connected(n[1].addr).await;
+    b.request("subscribe", json!({"channel": "room:1"})).await;
+    let jb = joined(b.push().await);
+    assert_eq!(joined(a.push().await), jb, "A (node 0) hears B (node 1) join");
+    let mut c = Native::connected(n[2].addr).await;
+    c.request("subscribe", json!({"channel": "room:1"})).await;
+    let jc = joined(c.push().await);
+    assert_eq!(joined(a.push().await), jc, "A hears C (node 2) join");
+    assert_eq!(joined(b.push().await), jc, "B hears C join");
+    let heard_a = [ja, jb, jc.clone()];
+    let heard_c = jc;
+
+    let mut seen = Vec::new();
+    for node in &n {
+        let (status, body) = api(node.addr, "presence", &json!({"channel": "room:1"}).to_string(), None).await;
+        assert_eq!(status, 200, "{body}");
+        let (status, stats) = api(node.addr, "presence_stats", &json!({"channel": "room:1"}).to_string(), None).await;
+        assert_eq!((status, stats["clients"].as_u64()), (200, Some(3)), "{stats}");
+        seen.push(body);
+    }
+    assert!(seen.iter().all(|s| *s == seen[0]), "{seen:?}");
+    for client in &heard_a {
+        assert!(seen[0].to_string().contains(client.as_str()), "{client} in {}", seen[0]);
+    }
+
+    drop(c);
+    let left = a.push().await;
+    assert_eq!(left["push"]["leave"]["client"].as_str(), Some(heard_c.as_str()), "A hears C leave: {left}");
+    let (_, stats) = api(n[1].addr, "presence_stats", &json!({"channel": "room:1"}).to_string(), None).await;
+    assert_eq!(stats["clients"], 2, "{stats}");
+    for node in n {
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_prefixes_on_one_redis_never_see_each_other() {
+    let redis = RedisServer::start().expect("redis-server");
+    let x = TestServer::start(config(&redis, "x")).await;
+    let y = TestServer::start(config(&redis, "y")).await;
+    let mut on_y = Native::connected(y.addr).await;
+    on_y.request("subscribe", json!({"channel": "news"})).await;
+    for seq in 1..=3 {
+        publish(x.addr, "news", seq).await;
+    }
+    let p = publish(y.addr, "news", 100).await;
+    assert_eq!(p["offset"], 1, "y's channel has its own stream: {p}");
+    let push = on_y.push().await;
+    assert_eq!(
+        (push["push"]["pub"]["offset"].as_u64(), push["push"]["pub"]["data"]["seq"].as_u64()),
+        (Some(1), Some(100))
+    );
+    let (_, h) = api(y.addr, "history", &json!({"channel": "news", "limit": 10}).to_string(), None).await;
+    assert_eq!(offsets(&h["publications"]), [1], "{h}");
+    let (_, h) = api(x.addr, "history", &json!({"channel": "news", "limit": 10}).to_string(), None).await;
+    assert_eq!(offsets(&h["publications"]), [1, 2, 3], "{h}");
+    x.shutdown().await;
+    y.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_and_back_nodes_survive_answer_503_and_subscribers_recover() {
+    let mut redis = RedisServer::start().expect("redis-server");
+    let n = nodes(&redis, "herald", 2).await;
+    let mut sub = Native::connected(n[0].addr).await;
+    let r = sub.request("subscribe", json!({"channel": "news"})).await;
+    let epoch = r["subscribe"]["epoch"].as_str().expect("epoch").to_owned();
+    for seq in 1..=3 {
+        publish(n[1].addr, "news", seq).await;
+    }
+    for want in 1..=3 {
+        assert_eq!(sub.push().await["push"]["pub"]["offset"], want);
+    }
+
+    redis.kill();
+    for node in &n {
+        let started = Instant::now();
+        let (status, body) = api(node.addr, "publish", &json!({"channel": "news", "data": 1}).to_string(), None).await;
+        assert_eq!((status, body["error"]["code"].as_u64()), (503, Some(113)), "{body}");
+        assert!(started.elapsed() < Duration::from_secs(5), "bounded: {:?}", started.elapsed());
+        let (status, _) = api(node.addr, "history", &json!({"channel": "news"}).to_string(), None).await;
+        assert_eq!(status, 503);
+    }
+    // The WebSocket stays open and answers meanwhile: error 113, unavailable.
+    let r = sub.request("history", json!({"channel": "news"})).await;
+    assert_eq!(r["error"]["code"], 113, "{r}");
+    let r = sub.request("subscribe", json!({"channel": "other"})).await;
+    assert_eq!(r["error"]["code"], 113, "{r}");
+    let (status, _) = http(n[1].addr, "GET /sse/other HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(status, 503, "an event stream that cannot start says why");
+
+    // Redis comes back empty: the history is gone, so the subscriber is told to reconnect
+    // (4004) and its recovery says `recovered: false`.
+    redis.resume().expect("redis back");
+    assert_eq!(close_code(&mut sub, Duration::from_secs(15)).await, Some(4004));
+    let mut again = None;
+    for _ in 0..50 {
+        let mut c = Native::connected(n[1].addr).await;
+        let r = c.request("subscribe", json!({"channel": "news", "recover": true, "epoch": epoch, "offset": 3})).await;
+        if r.get("subscribe").is_some() {
+            assert_eq!(r["subscribe"]["recovered"], false, "{r}");
+            again = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut c = again.expect("subscribed again after Redis came back");
+    let p = publish(n[0].addr, "news", 1).await;
+    assert_eq!(p["offset"], 1, "a new stream: {p}");
+    assert_eq!(c.push().await["push"]["pub"]["offset"], 1, "live across nodes again");
+    for node in n {
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_pub_sub_link_is_filled_from_history_without_a_gap() {
+    let redis = RedisServer::start().expect("redis-server");
+    let n = nodes(&redis, "herald", 2).await;
+    let mut sub = Native::connected(n[0].addr).await;
+    sub.request("subscribe", json!({"channel": "news"})).await;
+    publish(n[1].addr, "news", 1).await;
+    assert_eq!(sub.push().await["push"]["pub"]["offset"], 1);
+    // Cut every pub/sub connection (the data stays), then publish while the links reconnect.
+    let mut raw =
+        redis::Client::open(redis.url()).expect("client").get_multiplexed_async_connection().await.expect("conn");
+    let killed: i64 =
+        redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut raw).await.expect("client kill");
+    assert_eq!(killed, 1, "the listening node's link cut");
+    for seq in 2..=30 {
+        publish(n[1].addr, "news", seq).await;
+    }
+    for want in 2..=30u64 {
+        let p = sub.push().await;
+        assert_eq!(p["push"]["pub"]["offset"], want, "{p}");
+    }
+    for node in n {
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_of_a_node_that_dies_leave_when_their_presence_expires() {
+    let redis = RedisServer::start().expect("redis-server");
+    let mut fast = config(&redis, "herald");
+    // Presence lives three ping intervals: 3 s here.
+    fast.websocket.ping_interval = Duration::from_secs(1);
+    let a = TestServer::start(fast.clone()).await;
+    let mut watcher = Native::connected(a.addr).await;
+    watcher.request("subscribe", json!({"channel": "room:1"})).await;
+    watcher.push().await; // its own join
+
+    // Node B runs on its own runtime, which is then dropped: it dies without a goodbye.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    std_listener.set_nonblocking(true).expect("nonblocking");
+    let b_addr = std_listener.local_addr().expect("addr");
+    {
+        let _in_rt = rt.enter();
+        let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+        let mut c = fast.clone();
+        c.listen = b_addr;
+        rt.spawn(herald::server::run(c, listener, std::future::pending::<()>()));
+    }
+    let mut doomed = Native::connected(b_addr).await;
+    doomed.request("subscribe", json!({"channel": "room:1"})).await;
+    let joined = watcher.push().await;
+    let client = joined["push"]["join"]["client"].as_str().expect("join").to_owned();
+    rt.shutdown_background();
+    drop(doomed);
+
+    let started = Instant::now();
+    let left = watcher.push().await;
+    assert_eq!(left["push"]["leave"]["client"].as_str(), Some(client.as_str()), "{left}");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(1), "announced by expiry, not by a goodbye: {waited:?}");
+    assert!(waited < Duration::from_secs(8), "within the TTL and a sweep: {waited:?}");
+    let (_, stats) = api(a.addr, "presence_stats", &json!({"channel": "room:1"}).to_string(), None).await;
+    assert_eq!(stats["clients"], 1, "{stats}");
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishers_on_every_node_give_every_subscriber_one_order() {
+    let redis = RedisServer::start().expect("redis-server");
+    let n = nodes(&redis, "herald", 3).await;
+    let channels = ["a", "b", "c"];
+    // 20 subscribers per node, each on every channel.
+    let mut subs = Vec::new();
+    for node in &n {
+        for _ in 0..20 {
+            let mut c = Native::connected(node.addr).await;
+            for ch in channels {
+                c.request("subscribe", json!({"channel": ch})).await;
+            }
+            subs.push(c);
+        }
+    }
+    // Three publishers, one per node, each publishing 40 times to every channel, at once.
+    let publishers: Vec<_> = n
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            let addr = node.addr;
+            tokio::spawn(async move {
+                for k in 0..40u64 {
+                    for ch in ["a", "b", "c"] {
+                        publish(addr, ch, i as u64 * 1000 + k).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for p in publishers {
+        p.await.expect("publisher");
+    }
+    // Every subscriber: 120 publications per channel, offsets 1..=120 in order, and the same
+    // sequence of data as every other subscriber.
+    let mut reference: Option<Vec<(String, u64, u64)>> = None;
+    for (i, c) in subs.iter_mut().enumerate() {
+        let mut got = Vec::new();
+        for _ in 0..360 {
+            let p = c.push().await;
+            let pubv = &p["push"]["pub"];
+            got.push((
+                p["push"]["channel"].as_str().unwrap_or("").to_owned(),
+                pubv["offset"].as_u64().unwrap_or(0),
+                pubv["data"]["seq"].as_u64().unwrap_or(u64::MAX),
+            ));
+        }
+        for ch in channels {
+            let offsets: Vec<u64> = got.iter().filter(|g| g.0 == ch).map(|g| g.1).collect();
+            assert_eq!(offsets, (1..=120).collect::<Vec<_>>(), "subscriber {i}, channel {ch}");
+        }
+        let mut per_channel = got.clone();
+        per_channel.sort_by(|x, y| (&x.0, x.1).cmp(&(&y.0, y.1)));
+        match &reference {
+            None => reference = Some(per_channel),
+            Some(r) => assert_eq!(&per_channel, r, "subscriber {i} saw another order"),
+        }
+    }
+    for node in n {
+        node.shutdown().await;
+    }
+}
