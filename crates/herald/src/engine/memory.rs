@@ -375,6 +375,10 @@ impl MemoryEngine {
     /// expired presence.
     fn sweep_now(&self) {
         let now = Instant::now();
+        // A stream that someone on this node listens to is kept: forgetting it would start a
+        // new epoch at offset 1 under live subscribers, whose next offsets would look old (a
+        // silent gap). Its history still expires; only the position stays.
+        let listened = |name: &str| self.delivery.get().is_some_and(|d| d.has_subscribers(name));
         for shard in self.streams.iter() {
             let mut shard = lock(shard);
             let mut gone = Vec::new();
@@ -382,7 +386,7 @@ impl MemoryEngine {
                 let mut s = lock(s);
                 let freed = s.expire(now);
                 self.release(freed);
-                let idle = s.history.is_empty() && now.duration_since(s.touched) >= s.ttl;
+                let idle = s.history.is_empty() && now.duration_since(s.touched) >= s.ttl && !listened(name);
                 if idle {
                     s.live = false;
                     gone.push((self.key(name), s.incarnation));
@@ -524,6 +528,32 @@ mod tests {
         let second = e.publish_now("c", Bytes::from_static(b"1"), None, policy).expect("publish");
         assert_eq!(second.offset, 1);
         assert_ne!(second.epoch, first.epoch);
+    }
+
+    /// Says every channel but `quiet` has subscribers.
+    struct Listening;
+
+    impl Delivery for Listening {
+        fn deliver(&self, _: &str, _: &StreamPosition, _: &PublicationRecord) {}
+
+        fn has_subscribers(&self, channel: &str) -> bool {
+            channel != "quiet"
+        }
+    }
+
+    #[test]
+    fn a_stream_with_subscribers_keeps_its_position_when_its_history_expires() {
+        let e = MemoryEngine::new();
+        e.set_delivery(Arc::new(Listening));
+        let policy = HistoryPolicy { size: 10, ttl: Duration::from_millis(1) };
+        let first = e.publish_now("c", Bytes::from_static(b"1"), None, policy).expect("publish");
+        e.publish_now("quiet", Bytes::from_static(b"1"), None, policy).expect("publish");
+        std::thread::sleep(Duration::from_millis(5));
+        e.sweep_now();
+        assert_eq!(e.stats().history_bytes, 0, "history expires all the same");
+        assert_eq!(e.stream_count(), 1, "only the stream nobody listens to is forgotten");
+        let second = e.publish_now("c", Bytes::from_static(b"2"), None, policy).expect("publish");
+        assert_eq!((second.epoch, second.offset), (first.epoch, 2), "live subscribers see no new epoch");
     }
 
     #[tokio::test]
