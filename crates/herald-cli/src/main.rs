@@ -91,9 +91,15 @@ struct ServeArgs {
     /// TOML configuration file (see config/herald.example.toml).
     #[arg(long, short = 'c', value_name = "FILE", global = true)]
     config: Option<PathBuf>,
-    /// Address to listen on, e.g. 0.0.0.0:8080 (overrides `listen`).
-    #[arg(long, value_name = "ADDR", global = true)]
-    listen: Option<std::net::SocketAddr>,
+    /// Address to listen on, e.g. 0.0.0.0:8080 or localhost:8080 (overrides `listen`).
+    #[arg(long, value_name = "HOST:PORT", global = true)]
+    listen: Option<String>,
+    /// PEM certificate chain: serve wss:// and https:// (overrides `tls.cert`; needs --tls-key).
+    #[arg(long, value_name = "FILE", global = true)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (overrides `tls.key`).
+    #[arg(long, value_name = "FILE", global = true)]
+    tls_key: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -121,11 +127,17 @@ fn main() -> ExitCode {
 }
 
 fn merge(outer: ServeArgs, inner: ServeArgs) -> ServeArgs {
-    ServeArgs { config: inner.config.or(outer.config), listen: inner.listen.or(outer.listen) }
+    ServeArgs {
+        config: inner.config.or(outer.config),
+        listen: inner.listen.or(outer.listen),
+        tls_cert: inner.tls_cert.or(outer.tls_cert),
+        tls_key: inner.tls_key.or(outer.tls_key),
+    }
 }
 
 fn load(args: &ServeArgs) -> anyhow::Result<config::Loaded> {
-    let overrides = Overrides { listen: args.listen };
+    let overrides =
+        Overrides { listen: args.listen.clone(), tls_cert: args.tls_cert.clone(), tls_key: args.tls_key.clone() };
     Ok(config::load(args.config.as_deref(), &overrides)?)
 }
 
@@ -146,6 +158,18 @@ fn token(args: TokenArgs) -> anyhow::Result<()> {
 fn check_config(args: ServeArgs) -> anyhow::Result<()> {
     let loaded = load(&args)?;
     print!("{}", loaded.explain());
+    let config = &loaded.config;
+    herald::tls::Tls::load(&config.tls)?;
+    // Resolve `listen` as `serve` would, and warn about every address beyond loopback.
+    let addrs: Vec<std::net::SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(config.listen.as_str())
+        .with_context(|| format!("cannot resolve listen address `{}`", config.listen))?
+        .collect();
+    let mut warnings: Vec<String> =
+        addrs.iter().flat_map(|a| herald::server::exposure_warnings(config, a.ip())).collect();
+    warnings.dedup();
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
     Ok(())
 }
 
@@ -156,7 +180,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     raise_open_file_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(config.listen)
+        // A host name is resolved here; the first of its addresses that binds is used.
+        let listener = tokio::net::TcpListener::bind(config.listen.as_str())
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         if config.testing.echo {

@@ -37,11 +37,16 @@ pub enum ErrorCode {
     Unavailable = 113,
     /// The HTTP method is not allowed on this endpoint.
     MethodNotAllowed = 114,
+    /// A browser request from a web origin that `http.allowed_origins` does not allow (HTTP
+    /// 403, on WebSocket handshakes, SSE and the API).
+    OriginNotAllowed = 120,
+    /// The request body did not arrive within `api.body_timeout` (HTTP 408).
+    RequestTimeout = 121,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 16] = [
         Self::Internal,
         Self::Unauthorized,
         Self::InvalidChannel,
@@ -56,6 +61,8 @@ impl ErrorCode {
         Self::TooLarge,
         Self::Unavailable,
         Self::MethodNotAllowed,
+        Self::OriginNotAllowed,
+        Self::RequestTimeout,
     ];
 
     /// Whether the same request may succeed if retried (with backoff).
@@ -68,7 +75,8 @@ impl ErrorCode {
         match self {
             Self::Internal => 500,
             Self::Unauthorized => 401,
-            Self::PermissionDenied => 403,
+            Self::PermissionDenied | Self::OriginNotAllowed => 403,
+            Self::RequestTimeout => 408,
             Self::InvalidChannel | Self::BadRequest | Self::AlreadySubscribed | Self::NotConnected => 400,
             Self::NotAvailable => 409,
             Self::UnknownCommand | Self::NotFound => 404,
@@ -106,6 +114,8 @@ impl ErrorCode {
             Self::TooLarge => "too large",
             Self::Unavailable => "unavailable",
             Self::MethodNotAllowed => "method not allowed",
+            Self::OriginNotAllowed => "origin not allowed",
+            Self::RequestTimeout => "request timeout",
         }
     }
 }

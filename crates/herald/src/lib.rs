@@ -11,7 +11,9 @@
 //! - `transport`: `/connect`, `/ws/<channel>`, `/sse/<channel>`.
 //! - `api`: the HTTP API for backends (`POST /api/<method>`).
 //! - `ws`: our WebSocket layer (RFC 6455 framing, RFC 7692 deflate, prepared frames).
-//! - `server`: the listener, routes, connection limits and graceful shutdown.
+//! - `server`: the listener (TCP or TLS), routes, connection and request limits, graceful shutdown.
+//! - `tls`: certificates from PEM files (rustls), reloaded on SIGHUP.
+//! - `origin`: `http.allowed_origins` for WebSocket, SSE and CORS; the API's CSRF rule.
 //! - `metrics`: the Prometheus recorder behind `/metrics`.
 //! - `http_error`: JSON error answers shared by every HTTP endpoint.
 
@@ -24,8 +26,10 @@ pub mod http_error;
 pub mod hub;
 pub mod metrics;
 pub mod node;
+pub mod origin;
 pub mod server;
 pub mod session;
+pub mod tls;
 pub mod transport;
 pub mod ws;
 

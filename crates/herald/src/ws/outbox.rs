@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
 use super::close::CloseFrame;
 use super::deflate::{self, Negotiated};
 use super::frame::{self, OpCode};
+use super::io::WriteHalf;
 use super::WsMetrics;
 
 /// How one connection wants its data frames: compressed or not.
@@ -279,7 +279,7 @@ impl Outbox {
     #[allow(clippy::manual_async_fn)]
     pub(crate) fn write_loop(
         self,
-        mut io: OwnedWriteHalf,
+        mut io: WriteHalf,
         delay: Duration,
         metrics: WsMetrics,
     ) -> impl std::future::Future<Output = ()> + Send {
@@ -294,6 +294,10 @@ impl Outbox {
                 match write_all(&mut io, &mut batch).await {
                     Ok((bytes, writes)) => metrics.sent(frames, writes, bytes as u64),
                     Err(_) => break,
+                }
+                // A no-op on TCP; TLS may hold the end of a record until flushed.
+                if io.flush().await.is_err() {
+                    break;
                 }
                 if self.writer_done() {
                     // The close frame was in this batch.
@@ -316,7 +320,7 @@ const MAX_SLICES: usize = 64;
 /// Writes every frame in `batch`, up to [`MAX_SLICES`] per `writev`; returns the bytes written
 /// and the number of writes. A lone frame (the usual case at moderate rates) is written
 /// without building a slice list.
-async fn write_all(io: &mut OwnedWriteHalf, batch: &mut VecDeque<Bytes>) -> std::io::Result<(usize, u64)> {
+async fn write_all(io: &mut WriteHalf, batch: &mut VecDeque<Bytes>) -> std::io::Result<(usize, u64)> {
     let mut total = 0;
     let mut writes = 0;
     while let Some(front) = batch.front() {
@@ -394,7 +398,7 @@ mod tests {
         let (server, _) = listener.accept().await.expect("accept");
         let (_read, write) = server.into_split();
         let outbox = Outbox::new(1 << 20, SendMode::PLAIN);
-        let writer = tokio::spawn(outbox.clone().write_loop(write, delay, metrics));
+        let writer = tokio::spawn(outbox.clone().write_loop(WriteHalf::Tcp(write), delay, metrics));
         outbox.send_text(Bytes::from_static(b"1")).expect("queue");
         while outbox.queued_bytes() > 0 {
             tokio::task::yield_now().await;
