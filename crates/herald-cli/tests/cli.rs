@@ -151,3 +151,83 @@ fn token_mints_with_the_configured_secret_and_refuses_without_one() {
     let out = herald().args(["token", "--user", "42"]).output().expect("runs");
     assert!(!out.status.success(), "no secret configured");
 }
+
+#[test]
+fn check_config_warns_when_exposed_and_never_prints_keys() {
+    let out = herald()
+        .args(["check-config", "--listen", "0.0.0.0:8080"])
+        .env_remove("HERALD_API__KEY")
+        .output()
+        .expect("runs");
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("SECURITY") && err.contains("allowed_origins"), "{err}");
+    assert!(err.contains("no API key"), "{err}");
+
+    let out = herald()
+        .args(["check-config", "--listen", "0.0.0.0:8080"])
+        .env("HERALD_API__KEY", "first-s3cret-value")
+        .env("HERALD_API__KEYS", r#"["second-s3cret-value"]"#)
+        .env("HERALD_HTTP__ALLOWED_ORIGINS", r#"["https://app.example.com"]"#)
+        .output()
+        .expect("runs");
+    let (text, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}{err}");
+    assert!(!text.contains("s3cret") && !err.contains("s3cret"), "{text}{err}");
+    assert!(text.contains("api.key = \"<redacted>\""), "{text}");
+    assert!(text.contains("api.keys = [\"<redacted>\"]"), "{text}");
+    assert!(text.contains("http.allowed_origins = [\"https://app.example.com\"]"), "{text}");
+    assert!(!err.contains("SECURITY"), "configured: no warning\n{err}");
+
+    // Loopback: no warning even with the open defaults.
+    let out = herald().args(["check-config", "--listen", "localhost:8080"]).output().expect("runs");
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("SECURITY"));
+}
+
+#[test]
+fn serve_accepts_a_host_name_and_names_a_bad_tls_file() {
+    let mut child = herald()
+        .args(["serve", "--listen", "localhost:0"])
+        .env("HERALD_LOG__FORMAT", "text")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("runs");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut listening = None;
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) {
+        if line.contains("listening") {
+            listening = Some(line);
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = listening.expect("serve starts on localhost:0");
+    assert!(line.contains("127.0.0.1:") || line.contains("[::1]:"), "{line}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").expect("write");
+    let missing = dir.path().join("missing-cert.pem");
+    let out = herald()
+        .args(["serve", "--listen", "127.0.0.1:0", "--tls-cert"])
+        .arg(&missing)
+        .arg("--tls-key")
+        .arg(&key)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing-cert.pem") && err.contains("cannot read TLS certificate"), "{err}");
+    assert!(!err.contains("AAAA"), "key contents never printed: {err}");
+}
