@@ -256,6 +256,11 @@ async fn a_client_trickling_its_headers_is_cut_off() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(after > before, "counted: {before} -> {after}");
+
+    // A connection that sends nothing at all is closed the same way.
+    let mut idle = TcpStream::connect(server.addr).await.expect("connect");
+    let got = read_to_close(&mut idle, Duration::from_secs(10)).await;
+    assert!(got.is_empty(), "closed without an answer: {}", String::from_utf8_lossy(&got));
     server.shutdown().await;
 }
 

@@ -200,6 +200,16 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn plain_tcp_keeps_its_own_halves_and_vectored_writes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let _client = TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let (read, write) = Stream::Tcp(server).split();
+        assert!(matches!(read, ReadHalf::Tcp(_)) && matches!(write, WriteHalf::Tcp(_)));
+        assert!(write.is_write_vectored(), "the outbox's writev reaches the socket");
+    }
+
+    #[tokio::test]
     async fn a_websocket_runs_over_an_in_memory_pipe() {
         let (mut ws, mut client) = pipe(Settings::default()).await;
         let echo = tokio::spawn(async move {
