@@ -231,3 +231,50 @@ fn serve_accepts_a_host_name_and_names_a_bad_tls_file() {
     assert!(err.contains("missing-cert.pem") && err.contains("cannot read TLS certificate"), "{err}");
     assert!(!err.contains("AAAA"), "key contents never printed: {err}");
 }
+
+#[test]
+fn keys_never_reach_the_log() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let mut child = herald()
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("HERALD_API__KEY", "configured-k3y-value")
+        .env("HERALD_LOG__LEVEL", "debug")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("runs");
+    let mut answers = Vec::new();
+    for auth in ["Bearer configured-k3y-value", "Bearer wr0ng-k3y-value", "wr0ng-k3y-value"] {
+        let mut stream = None;
+        for _ in 0..100 {
+            if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                stream = Some(s);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut s = stream.expect("server up");
+        let body = r#"{"channel":"news","data":1}"#;
+        write!(
+            s,
+            "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write");
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).expect("read");
+        answers.push(answer);
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("stderr");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(answers[0].starts_with("HTTP/1.1 200"), "{}", answers[0]);
+    assert!(answers[1].starts_with("HTTP/1.1 401") && answers[2].starts_with("HTTP/1.1 401"));
+    for a in &answers {
+        assert!(!a.contains("k3y-value"), "{a}");
+    }
+    assert!(log.contains("listening"), "{log}");
+    assert!(!log.contains("k3y-value"), "{log}");
+}
