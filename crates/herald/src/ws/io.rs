@@ -2,7 +2,6 @@
 //! halves and readiness-based reads) or any other `AsyncRead + AsyncWrite` (TLS, an in-memory
 //! pipe), boxed and split.
 
-use std::io::IoSlice;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -103,7 +102,8 @@ impl AsyncRead for ReadHalf {
     }
 }
 
-/// The writing side of a [`Stream`]; vectored writes reach the stream underneath.
+/// The writing side of a [`Stream`], handed to [`super::Outbox::spawn_writer`], which runs a
+/// writer compiled for each kind.
 pub(crate) enum WriteHalf {
     Tcp(OwnedWriteHalf),
     Other(tokio::io::WriteHalf<Box<dyn Io>>),
@@ -112,47 +112,6 @@ pub(crate) enum WriteHalf {
 impl std::fmt::Debug for WriteHalf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("WriteHalf")
-    }
-}
-
-impl AsyncWrite for WriteHalf {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Self::Tcp(w) => Pin::new(w).poll_write(cx, buf),
-            Self::Other(w) => Pin::new(w).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Self::Tcp(w) => Pin::new(w).poll_write_vectored(cx, bufs),
-            Self::Other(w) => Pin::new(w).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Self::Tcp(w) => w.is_write_vectored(),
-            Self::Other(w) => w.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Self::Tcp(w) => Pin::new(w).poll_flush(cx),
-            Self::Other(w) => Pin::new(w).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Self::Tcp(w) => Pin::new(w).poll_shutdown(cx),
-            Self::Other(w) => Pin::new(w).poll_shutdown(cx),
-        }
     }
 }
 
@@ -205,7 +164,8 @@ mod tests {
         let _client = TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
         let (server, _) = listener.accept().await.expect("accept");
         let (read, write) = Stream::Tcp(server).split();
-        assert!(matches!(read, ReadHalf::Tcp(_)) && matches!(write, WriteHalf::Tcp(_)));
+        assert!(matches!(read, ReadHalf::Tcp(_)));
+        let WriteHalf::Tcp(write) = write else { panic!("TCP keeps tokio's own write half") };
         assert!(write.is_write_vectored(), "the outbox's writev reaches the socket");
     }
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use super::close::CloseFrame;
@@ -271,15 +271,31 @@ impl Outbox {
         }
     }
 
+    /// Spawns the writer task for `io`. It is monomorphic per stream type, so plain TCP runs
+    /// exactly the code it ran before other streams existed (no dispatch, no flush).
+    pub(crate) fn spawn_writer(
+        self,
+        io: WriteHalf,
+        delay: Duration,
+        metrics: WsMetrics,
+    ) -> tokio::task::JoinHandle<()> {
+        match io {
+            WriteHalf::Tcp(w) => tokio::spawn(self.write_loop(w, false, delay, metrics)),
+            WriteHalf::Other(w) => tokio::spawn(self.write_loop(w, true, delay, metrics)),
+        }
+    }
+
     /// The writer task: drains the queue into vectored writes until the close frame is written
     /// (then half-closes the socket) or the socket fails. With a `delay`, it waits that long
     /// after the first frame of a batch so that the frames queued meanwhile share its writes.
+    /// `flush`: the stream may hold written bytes in a buffer (TLS records).
     // An `async fn` would keep each argument twice in the task (measured: 392 bytes against
     // about half that); this future lives as long as the connection.
     #[allow(clippy::manual_async_fn)]
-    pub(crate) fn write_loop(
+    pub(crate) fn write_loop<W: AsyncWrite + Unpin + Send>(
         self,
-        mut io: WriteHalf,
+        mut io: W,
+        flush: bool,
         delay: Duration,
         metrics: WsMetrics,
     ) -> impl std::future::Future<Output = ()> + Send {
@@ -295,8 +311,7 @@ impl Outbox {
                     Ok((bytes, writes)) => metrics.sent(frames, writes, bytes as u64),
                     Err(_) => break,
                 }
-                // A no-op on TCP; TLS may hold the end of a record until flushed.
-                if io.flush().await.is_err() {
+                if flush && io.flush().await.is_err() {
                     break;
                 }
                 if self.writer_done() {
@@ -320,7 +335,7 @@ const MAX_SLICES: usize = 64;
 /// Writes every frame in `batch`, up to [`MAX_SLICES`] per `writev`; returns the bytes written
 /// and the number of writes. A lone frame (the usual case at moderate rates) is written
 /// without building a slice list.
-async fn write_all(io: &mut WriteHalf, batch: &mut VecDeque<Bytes>) -> std::io::Result<(usize, u64)> {
+async fn write_all<W: AsyncWrite + Unpin>(io: &mut W, batch: &mut VecDeque<Bytes>) -> std::io::Result<(usize, u64)> {
     let mut total = 0;
     let mut writes = 0;
     while let Some(front) = batch.front() {
@@ -398,7 +413,7 @@ mod tests {
         let (server, _) = listener.accept().await.expect("accept");
         let (_read, write) = server.into_split();
         let outbox = Outbox::new(1 << 20, SendMode::PLAIN);
-        let writer = tokio::spawn(outbox.clone().write_loop(WriteHalf::Tcp(write), delay, metrics));
+        let writer = outbox.clone().spawn_writer(WriteHalf::Tcp(write), delay, metrics);
         outbox.send_text(Bytes::from_static(b"1")).expect("queue");
         while outbox.queued_bytes() > 0 {
             tokio::task::yield_now().await;

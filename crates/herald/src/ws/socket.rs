@@ -87,7 +87,7 @@ impl WebSocket {
         let (read, write) = stream.split();
         let mode = SendMode::new(negotiated.as_ref(), settings.compression.threshold, settings.compression.level);
         let outbox = Outbox::new(settings.max_queue_bytes, mode);
-        let writer = tokio::spawn(outbox.clone().write_loop(write, settings.write_delay, metrics.clone()));
+        let writer = outbox.clone().spawn_writer(write, settings.write_delay, metrics.clone());
         let limits = Limits {
             max_frame_size: settings.max_frame_size,
             max_message_size: settings.max_message_size,
