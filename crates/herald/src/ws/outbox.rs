@@ -231,23 +231,31 @@ impl Outbox {
     /// One consumer at a time: the WebSocket writer, or an SSE response body.
     pub async fn next_batch(&self, batch: &mut VecDeque<Bytes>) -> bool {
         loop {
-            {
-                let mut q = self.lock();
-                if !q.frames.is_empty() {
-                    std::mem::swap(&mut q.frames, batch);
-                    q.bytes = 0;
-                    if q.closing {
-                        q.done = true;
-                    }
-                    return true;
-                }
-                if q.closing || q.done {
-                    q.done = true;
-                    return false;
-                }
+            if let Some(more) = self.try_take(batch) {
+                return more;
             }
             self.shared.wake_writer.notified().await;
         }
+    }
+
+    /// [`Outbox::next_batch`] without the wait: `None` when nothing is queued yet. A plain
+    /// function, so the writer loop gets it inlined whatever the stream type.
+    #[inline]
+    fn try_take(&self, batch: &mut VecDeque<Bytes>) -> Option<bool> {
+        let mut q = self.lock();
+        if !q.frames.is_empty() {
+            std::mem::swap(&mut q.frames, batch);
+            q.bytes = 0;
+            if q.closing {
+                q.done = true;
+            }
+            return Some(true);
+        }
+        if q.closing || q.done {
+            q.done = true;
+            return Some(false);
+        }
+        None
     }
 
     /// Marks the consumer gone: later pushes fail and the reader is told.
@@ -301,7 +309,17 @@ impl Outbox {
     ) -> impl std::future::Future<Output = ()> + Send {
         async move {
             let mut batch: VecDeque<Bytes> = VecDeque::new();
-            while self.next_batch(&mut batch).await {
+            loop {
+                let more = match self.try_take(&mut batch) {
+                    Some(more) => more,
+                    None => {
+                        self.shared.wake_writer.notified().await;
+                        continue;
+                    }
+                };
+                if !more {
+                    break;
+                }
                 if !delay.is_zero() && !self.writer_done() {
                     tokio::time::sleep(delay).await;
                     self.take_more(&mut batch);
