@@ -96,9 +96,15 @@ struct ServeArgs {
     /// TOML configuration file (see config/herald.example.toml).
     #[arg(long, short = 'c', value_name = "FILE", global = true)]
     config: Option<PathBuf>,
-    /// Address to listen on, e.g. 0.0.0.0:8080 (overrides `listen`).
-    #[arg(long, value_name = "ADDR", global = true)]
-    listen: Option<std::net::SocketAddr>,
+    /// Address to listen on, e.g. 0.0.0.0:8080 or localhost:8080 (overrides `listen`).
+    #[arg(long, value_name = "HOST:PORT", global = true)]
+    listen: Option<String>,
+    /// PEM certificate chain: serve wss:// and https:// (overrides `tls.cert`; needs --tls-key).
+    #[arg(long, value_name = "FILE", global = true)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (overrides `tls.key`).
+    #[arg(long, value_name = "FILE", global = true)]
+    tls_key: Option<PathBuf>,
     /// Set up the demo pages at `/`: namespaces `chat` and `ticker` (unless configured), a
     /// development secret for this run (unless configured), `/demo/token` and a ticker
     /// publisher. For trying Herald on your machine; never in production.
@@ -135,6 +141,8 @@ fn merge(outer: ServeArgs, inner: ServeArgs) -> ServeArgs {
         config: inner.config.or(outer.config),
         listen: inner.listen.or(outer.listen),
         demo: inner.demo || outer.demo,
+        tls_cert: inner.tls_cert.or(outer.tls_cert),
+        tls_key: inner.tls_key.or(outer.tls_key),
     }
 }
 
@@ -144,7 +152,8 @@ fn load(args: &ServeArgs) -> anyhow::Result<config::Loaded> {
 
 /// Loads the configuration, with `--demo`'s additions; says whether a secret was generated.
 fn load_demo(args: &ServeArgs) -> anyhow::Result<(config::Loaded, bool)> {
-    let overrides = Overrides { listen: args.listen };
+    let overrides =
+        Overrides { listen: args.listen.clone(), tls_cert: args.tls_cert.clone(), tls_key: args.tls_key.clone() };
     let mut loaded = config::load(args.config.as_deref(), &overrides)?;
     let generated = if args.demo { herald::web::apply_demo(&mut loaded.config)? } else { false };
     Ok((loaded, generated))
@@ -170,6 +179,18 @@ fn token(args: TokenArgs) -> anyhow::Result<()> {
 fn check_config(args: ServeArgs) -> anyhow::Result<()> {
     let loaded = load(&args)?;
     print!("{}", loaded.explain());
+    let config = &loaded.config;
+    herald::tls::Tls::load(&config.tls)?;
+    // Resolve `listen` as `serve` would, and warn about every address beyond loopback.
+    let addrs: Vec<std::net::SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(config.listen.as_str())
+        .with_context(|| format!("cannot resolve listen address `{}`", config.listen))?
+        .collect();
+    let mut warnings: Vec<String> =
+        addrs.iter().flat_map(|a| herald::server::exposure_warnings(config, a.ip())).collect();
+    warnings.dedup();
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
     Ok(())
 }
 
@@ -180,18 +201,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     raise_open_file_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(config.listen)
+        // A host name is resolved here; the first of its addresses that binds is used.
+        let listener = tokio::net::TcpListener::bind(config.listen.as_str())
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         if config.demo {
-            let addr = config.listen;
+            let addr = listener.local_addr().map_or_else(|_| config.listen.clone(), |a| a.to_string());
+            let scheme = if config.tls.enabled() { "https" } else { "http" };
             tracing::warn!(
                 "demo mode (--demo): demo namespaces, /demo/token and a ticker publisher are on. Not for production"
             );
             if generated_secret {
                 tracing::info!("demo mode: generated a development token secret for this run (not printed)");
             }
-            tracing::info!("demo pages: http://{addr}/");
+            tracing::info!("demo pages: {scheme}://{addr}/");
         }
         if config.testing.echo {
             tracing::warn!("testing.echo is on: /_echo echoes every message (for conformance runs only)");

@@ -264,3 +264,130 @@ fn serve_demo_serves_the_pages_and_a_token() {
     let token = get("/demo/token?user=ada");
     assert!(token.starts_with("HTTP/1.1 200") && token.contains("\"token\":\"ey"), "{token}");
 }
+
+#[test]
+fn check_config_warns_when_exposed_and_never_prints_keys() {
+    let out = herald()
+        .args(["check-config", "--listen", "0.0.0.0:8080"])
+        .env_remove("HERALD_API__KEY")
+        .output()
+        .expect("runs");
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("SECURITY") && err.contains("allowed_origins"), "{err}");
+    assert!(err.contains("no API key"), "{err}");
+
+    let out = herald()
+        .args(["check-config", "--listen", "0.0.0.0:8080"])
+        .env("HERALD_API__KEY", "first-s3cret-value")
+        .env("HERALD_API__KEYS", r#"["second-s3cret-value"]"#)
+        .env("HERALD_HTTP__ALLOWED_ORIGINS", r#"["https://app.example.com"]"#)
+        .output()
+        .expect("runs");
+    let (text, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}{err}");
+    assert!(!text.contains("s3cret") && !err.contains("s3cret"), "{text}{err}");
+    assert!(text.contains("api.key = \"<redacted>\""), "{text}");
+    assert!(text.contains("api.keys = [\"<redacted>\"]"), "{text}");
+    assert!(text.contains("http.allowed_origins = [\"https://app.example.com\"]"), "{text}");
+    assert!(!err.contains("SECURITY"), "configured: no warning\n{err}");
+
+    // Loopback: no warning even with the open defaults.
+    let out = herald().args(["check-config", "--listen", "localhost:8080"]).output().expect("runs");
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("SECURITY"));
+}
+
+#[test]
+fn serve_accepts_a_host_name_and_names_a_bad_tls_file() {
+    let mut child = herald()
+        .args(["serve", "--listen", "localhost:0"])
+        .env("HERALD_LOG__FORMAT", "text")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("runs");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut listening = None;
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) {
+        if line.contains("listening") {
+            listening = Some(line);
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = listening.expect("serve starts on localhost:0");
+    assert!(line.contains("127.0.0.1:") || line.contains("[::1]:"), "{line}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").expect("write");
+    let missing = dir.path().join("missing-cert.pem");
+    let out = herald()
+        .args(["serve", "--listen", "127.0.0.1:0", "--tls-cert"])
+        .arg(&missing)
+        .arg("--tls-key")
+        .arg(&key)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing-cert.pem") && err.contains("cannot read TLS certificate"), "{err}");
+    assert!(!err.contains("AAAA"), "key contents never printed: {err}");
+}
+
+#[test]
+fn keys_never_reach_the_log() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let mut child = herald()
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("HERALD_API__KEY", "configured-k3y-value")
+        .env("HERALD_LOG__LEVEL", "debug")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("runs");
+    let mut answers = Vec::new();
+    for auth in ["Bearer configured-k3y-value", "Bearer wr0ng-k3y-value", "wr0ng-k3y-value"] {
+        let mut stream = None;
+        for _ in 0..100 {
+            if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                stream = Some(s);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut s = stream.expect("server up");
+        let body = r#"{"channel":"news","data":1}"#;
+        write!(
+            s,
+            "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write");
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).expect("read");
+        answers.push(answer);
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("stderr");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(answers[0].starts_with("HTTP/1.1 200"), "{}", answers[0]);
+    assert!(answers[1].starts_with("HTTP/1.1 401") && answers[2].starts_with("HTTP/1.1 401"));
+    for a in &answers {
+        assert!(!a.contains("k3y-value"), "{a}");
+    }
+    assert!(log.contains("listening"), "{log}");
+    assert!(!log.contains("k3y-value"), "{log}");
+}

@@ -52,6 +52,11 @@ pub enum ErrorCode {
     NotSubscribed = 118,
     /// The namespace needs a subscription token: `subscribe` with one (then retry the command).
     TokenRequired = 119,
+    /// A browser request from a web origin that `http.allowed_origins` does not allow (HTTP
+    /// 403, on WebSocket handshakes, SSE and the API).
+    OriginNotAllowed = 120,
+    /// The request body did not arrive within `api.body_timeout` (HTTP 408).
+    RequestTimeout = 121,
     /// The `since` position names an epoch the channel no longer has (its history was lost,
     /// e.g. the server restarted): reload the state and continue from the position in the
     /// error's message or a fresh `subscribe`.
@@ -60,7 +65,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 22] = [
         Self::Internal,
         Self::Unauthorized,
         Self::InvalidChannel,
@@ -80,6 +85,8 @@ impl ErrorCode {
         Self::SubscriptionExpired,
         Self::NotSubscribed,
         Self::TokenRequired,
+        Self::OriginNotAllowed,
+        Self::RequestTimeout,
         Self::EpochMismatch,
     ];
 
@@ -93,7 +100,8 @@ impl ErrorCode {
         match self {
             Self::Internal => 500,
             Self::Unauthorized | Self::SubscriptionExpired | Self::TokenRequired => 401,
-            Self::PermissionDenied => 403,
+            Self::PermissionDenied | Self::OriginNotAllowed => 403,
+            Self::RequestTimeout => 408,
             Self::InvalidChannel | Self::BadRequest | Self::AlreadySubscribed | Self::NotConnected => 400,
             Self::NotAvailable | Self::EpochMismatch | Self::NotSubscribed => 409,
             Self::UnknownCommand | Self::NotFound => 404,
@@ -136,6 +144,8 @@ impl ErrorCode {
             Self::SubscriptionExpired => "subscription token expired",
             Self::NotSubscribed => "not subscribed with a token",
             Self::TokenRequired => "subscription token required",
+            Self::OriginNotAllowed => "origin not allowed",
+            Self::RequestTimeout => "request timeout",
             Self::EpochMismatch => "epoch mismatch: the channel's history was lost",
         }
     }

@@ -1,11 +1,12 @@
 //! The HTTP API for backends: `POST /api/<method>` with a JSON body, answered with JSON.
-//! Authenticated by `Authorization: apikey <key>`; without a configured key, loopback only.
+//! Authenticated by `Authorization: Bearer <key>` (or `apikey <key>`); without a configured
+//! key, loopback only, and never for a browser request from another origin (see `origin`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, Extension, Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
@@ -19,6 +20,7 @@ use crate::channel::{glob_match, ChannelName, NamespaceOptions};
 use crate::engine::{EngineError, HistoryQuery, StreamPosition};
 use crate::http_error::ApiError;
 use crate::node::{Control, Node};
+use crate::origin::RequestOrigin;
 
 const METHODS: &[&str] =
     &["publish", "broadcast", "channels", "info", "history", "presence", "presence_stats", "disconnect", "unsubscribe"];
@@ -30,12 +32,13 @@ const MAX_BROADCAST_CHANNELS: usize = 1000;
 pub async fn dispatch(
     State(node): State<Arc<Node>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(origin): Extension<RequestOrigin>,
     Path(method): Path<String>,
     http_method: Method,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match handle(&node, peer, &method, &http_method, &headers, body).await {
+    match handle(&node, peer, origin, &method, &http_method, &headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -44,22 +47,20 @@ pub async fn dispatch(
 async fn handle(
     node: &Node,
     peer: SocketAddr,
+    origin: RequestOrigin,
     method: &str,
     http_method: &Method,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    authorize(node, peer, headers)?;
+    authorize(node, peer, origin, headers)?;
     if !METHODS.contains(&method) {
         return Err(ApiError::new(ErrorCode::UnknownCommand, format!("unknown API method `{method}`")));
     }
     if http_method != Method::POST {
         return Err(ApiError::new(ErrorCode::MethodNotAllowed, "API methods are called with POST"));
     }
-    let limit = node.config.api.max_body_size;
-    let body = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(ErrorCode::TooLarge, format!("request body is larger than {limit} bytes (api.max_body_size)"))
-    })?;
+    let body = read_body(node, headers, body).await?;
     Ok(match method {
         "publish" => Json(publish(node, parse(&body)?).await?).into_response(),
         "broadcast" => Json(broadcast(node, parse(&body)?).await?).into_response(),
@@ -73,9 +74,16 @@ async fn handle(
     })
 }
 
-fn authorize(node: &Node, peer: SocketAddr, headers: &HeaderMap) -> Result<(), ApiError> {
-    let key = &node.config.api.key;
-    if key.is_empty() {
+fn authorize(node: &Node, peer: SocketAddr, origin: RequestOrigin, headers: &HeaderMap) -> Result<(), ApiError> {
+    let api = &node.config.api;
+    if !api.has_key() {
+        if origin == RequestOrigin::Cross {
+            // A page on another origin could otherwise post to a loopback Herald (CSRF).
+            return Err(ApiError::new(
+                ErrorCode::Unauthorized,
+                "no API key is configured: the API does not answer browser requests from other origins",
+            ));
+        }
         return if peer.ip().is_loopback() || peer.ip().to_canonical().is_loopback() {
             Ok(())
         } else {
@@ -85,24 +93,65 @@ fn authorize(node: &Node, peer: SocketAddr, headers: &HeaderMap) -> Result<(), A
             ))
         };
     }
-    let given = headers
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("apikey "))
-        .map(str::trim);
-    match given {
-        Some(g) if constant_time_eq(g.as_bytes(), key.expose().as_bytes()) => Ok(()),
-        Some(_) => Err(ApiError::new(ErrorCode::Unauthorized, "invalid API key")),
-        None => Err(ApiError::new(ErrorCode::Unauthorized, "missing header `Authorization: apikey <key>`")),
+    let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+        return Err(ApiError::new(ErrorCode::Unauthorized, "missing header `Authorization: Bearer <key>`"));
+    };
+    // Never quote the header back: a key sent without its scheme would be echoed.
+    let given = value.to_str().ok().and_then(|v| {
+        let (scheme, rest) = v.trim().split_once(' ')?;
+        (scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("apikey")).then(|| rest.trim())
+    });
+    let Some(given) = given else {
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "the Authorization header must be `Bearer <key>` (or `apikey <key>`)",
+        ));
+    };
+    if key_matches(api, given) {
+        Ok(())
+    } else {
+        Err(ApiError::new(ErrorCode::Unauthorized, "invalid API key"))
     }
 }
 
-/// Compares without an early exit, so the time taken does not reveal how much of a key matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// Compares `given` with every configured key in constant time (per key length), without
+/// stopping at the first match, so timing reveals neither a key nor which one matched.
+fn key_matches(api: &crate::config::ApiConfig, given: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    let mut ok = subtle::Choice::from(0);
+    for key in std::iter::once(&api.key).chain(&api.keys).filter(|k| !k.is_empty()) {
+        ok |= key.expose().as_bytes().ct_eq(given.as_bytes());
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    ok.into()
+}
+
+/// The request body, bounded in size (a declared `Content-Length` over the limit is refused
+/// before anything is read) and in time (`api.body_timeout`).
+async fn read_body(node: &Node, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let limit = node.config.api.max_body_size;
+    let too_large = || {
+        metrics::counter!("herald_http_refused_total", "reason" => "body_too_large").increment(1);
+        ApiError::new(ErrorCode::TooLarge, format!("request body is larger than {limit} bytes (api.max_body_size)"))
+    };
+    let declared = headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let timeout = node.config.api.body_timeout;
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(_)) => Err(too_large()),
+        Err(_) => {
+            metrics::counter!("herald_http_refused_total", "reason" => "body_timeout").increment(1);
+            Err(ApiError::new(
+                ErrorCode::RequestTimeout,
+                format!(
+                    "request body did not arrive within {} (api.body_timeout)",
+                    humantime::format_duration(timeout)
+                ),
+            ))
+        }
+    }
 }
 
 fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
@@ -350,9 +399,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_compare_in_full() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
+    fn any_configured_key_matches_and_empty_keys_never_do() {
+        use crate::config::{ApiConfig, Secret};
+        let api = ApiConfig {
+            key: Secret::new("old"),
+            keys: vec![Secret::new("new"), Secret::default()],
+            ..Default::default()
+        };
+        assert!(key_matches(&api, "old"));
+        assert!(key_matches(&api, "new"));
+        assert!(!key_matches(&api, "ne"));
+        assert!(!key_matches(&api, "newer"));
+        assert!(!key_matches(&api, ""), "an empty entry is no key");
+        let only_list = ApiConfig { keys: vec![Secret::new("k2")], ..Default::default() };
+        assert!(only_list.has_key() && key_matches(&only_list, "k2") && !key_matches(&only_list, ""));
     }
 }

@@ -15,7 +15,9 @@
 //! - `api`: the HTTP API for backends (`POST /api/<method>`).
 //! - `ws`: our WebSocket layer (RFC 6455 framing, RFC 7692 deflate, prepared frames).
 //! - `web`: `/herald.js`, the demo pages, `--demo` setup, the close for non-endpoint WebSockets.
-//! - `server`: the listener, routes, connection limits and graceful shutdown.
+//! - `server`: the listener (TCP or TLS), routes, connection and request limits, graceful shutdown.
+//! - `tls`: certificates from PEM files (rustls), reloaded on SIGHUP.
+//! - `origin`: `http.allowed_origins` for WebSocket, SSE and CORS; the API's CSRF rule.
 //! - `metrics`: the Prometheus recorder behind `/metrics`.
 //! - `http_error`: JSON error answers shared by every HTTP endpoint.
 //! - `secret`: `Secret`, a configuration value never printed (a leaf, used by `config` and `auth`).
@@ -30,9 +32,11 @@ pub mod hub;
 pub mod limits;
 pub mod metrics;
 pub mod node;
+pub mod origin;
 pub mod secret;
 pub mod server;
 pub mod session;
+pub mod tls;
 pub mod transport;
 pub mod web;
 pub mod ws;

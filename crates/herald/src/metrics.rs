@@ -72,4 +72,11 @@ fn describe() {
         "herald_connections_refused_total",
         "TCP connections refused by a limit (reason: max_connections, max_connections_per_ip)."
     );
+    describe_counter!(
+        "herald_http_refused_total",
+        "HTTP requests refused at the edge (reason: origin, header_too_large, header_timeout, body_too_large, \
+         body_timeout)."
+    );
+    describe_counter!("herald_tls_handshake_failures_total", "TLS handshakes that failed or timed out.");
+    describe_counter!("herald_tls_reloads_total", "Certificate reloads on SIGHUP (result: ok, failed).");
 }

@@ -1,4 +1,5 @@
-//! The server: one listener, HTTP/1.1 with upgrades, the routes, connection limits, and a
+//! The server: one listener (plain TCP, or TLS with certificates reloaded on SIGHUP),
+//! HTTP/1.1 with upgrades, the routes, origin checks, connection and request limits, and a
 //! graceful shutdown that closes every WebSocket with 1001 and drains within a deadline.
 
 use std::collections::HashMap;
@@ -15,7 +16,7 @@ use axum::routing::{any, get};
 use axum::{Json, Router};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -23,19 +24,24 @@ use tower::ServiceExt;
 use crate::config::Config;
 use crate::http_error::ApiError;
 use crate::node::Node;
+use crate::origin::{OriginPolicy, Origins, Secure};
+use crate::tls::Tls;
 use crate::ws::{self, AcceptedAt, Message, WsContext};
-use crate::{api, transport};
+use crate::{api, origin, transport};
 
 /// Runs Herald on `listener` until `shutdown` resolves, then closes every WebSocket with 1001
-/// and waits up to `drain_timeout` for connections to finish.
+/// and waits up to `drain_timeout` for connections to finish. Fails at once (before serving
+/// anything) when the TLS files cannot be loaded; the error names the file.
 pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    let tls = Tls::load(&config.tls).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let prometheus = crate::metrics::install();
     let config = Arc::new(config);
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     let ws = WsContext { shutdown: stop.clone(), tracker: tracker.clone(), metrics: ws::WsMetrics::new() };
     let node = Arc::new(Node::new(config.clone(), ws, prometheus));
-    let app = router(node.clone());
+    let origins = Arc::new(OriginPolicy::new(&config.http.allowed_origins));
+    let app = router(node.clone(), origins.clone());
     tokio::spawn({
         // Forget idle channels and expired presence, until shutdown.
         let (node, stop, config) = (node.clone(), stop.clone(), config.clone());
@@ -59,21 +65,45 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     }
     let limits = Arc::new(ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip));
 
-    tracing::info!(addr = %listener.local_addr()?, "listening");
-    if config.api.key.is_empty() {
-        tracing::warn!(
-            "api.key is not set: the HTTP API answers only loopback clients. Behind a reverse proxy on this \
-             host every request looks local: set HERALD_API__KEY before exposing Herald"
-        );
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, tls = tls.is_some(), "listening");
+    for warning in exposure_warnings(&config, addr.ip()) {
+        tracing::warn!("{warning}");
     }
+    if let Some(tls) = &tls {
+        spawn_reloader(tls.clone(), stop.clone());
+    }
+    let conn = Arc::new(ConnSettings { config: config.clone(), origins, secure: tls.is_some() });
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let Some(guard) = limits.admit(peer.ip()) else { continue };
-                    let conn = serve_connection(stream, peer, guard, app.clone(), config.clone(), stop.clone());
-                    tracker.spawn(conn);
+                    let _ = stream.set_nodelay(true);
+                    let (app, conn, stop) = (app.clone(), conn.clone(), stop.clone());
+                    match &tls {
+                        None => {
+                            tracker.spawn(serve_connection(stream, peer, guard, app, conn, stop));
+                        }
+                        Some(tls) => {
+                            let acceptor = tls.acceptor().clone();
+                            let timeout = config.websocket.handshake_timeout;
+                            tracker.spawn(async move {
+                                match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                                    Ok(Ok(stream)) => serve_connection(stream, peer, guard, app, conn, stop).await,
+                                    Ok(Err(e)) => {
+                                        metrics::counter!("herald_tls_handshake_failures_total").increment(1);
+                                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                    }
+                                    Err(_) => {
+                                        metrics::counter!("herald_tls_handshake_failures_total").increment(1);
+                                        tracing::debug!(%peer, "TLS handshake timed out");
+                                    }
+                                }
+                            });
+                        }
+                    }
                 }
                 Err(e) => {
                     // Out of file descriptors or a transient network error: back off, go on.
@@ -97,7 +127,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     Ok(())
 }
 
-fn router(node: Arc<Node>) -> Router {
+fn router(node: Arc<Node>, origins: Arc<OriginPolicy>) -> Router {
+    let api = Router::new()
+        .route("/api/{method}", any(api::dispatch))
+        .layer(axum::middleware::from_fn_with_state(origins, origin::api_layer));
     let mut r = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -105,7 +138,7 @@ fn router(node: Arc<Node>) -> Router {
         .route("/connect", any(transport::connect))
         .route("/ws/{*channel}", any(transport::raw_ws))
         .route("/sse/{*channel}", get(transport::sse))
-        .route("/api/{method}", any(api::dispatch));
+        .merge(api);
     if node.config.testing.echo {
         r = r.route("/_echo", any(echo));
     }
@@ -115,32 +148,51 @@ fn router(node: Arc<Node>) -> Router {
         .with_state(node)
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+/// What every connection's HTTP service needs besides the router.
+#[derive(Debug)]
+struct ConnSettings {
+    config: Arc<Config>,
+    origins: Arc<OriginPolicy>,
+    secure: bool,
+}
+
+async fn serve_connection<I>(
+    stream: I,
     peer: SocketAddr,
     guard: ConnGuard,
     app: Router,
-    config: Arc<Config>,
+    conn: Arc<ConnSettings>,
     stop: CancellationToken,
-) {
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let accepted_at = Instant::now();
-    let _ = stream.set_nodelay(true);
     let guard = Arc::new(guard);
+    let (origins, secure) = (Origins(conn.origins.clone()), Secure(conn.secure));
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut().insert(AcceptedAt(accepted_at));
         req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
         req.extensions_mut().insert(ws::Held(guard.clone()));
+        req.extensions_mut().insert(origins.clone());
+        req.extensions_mut().insert(secure);
         app.clone().oneshot(req.map(Body::new))
     });
+    let config = &conn.config;
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(config.websocket.handshake_timeout)
+        .max_buf_size(config.http.max_header_size.max(8192))
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
+                if e.is_parse_too_large() {
+                    metrics::counter!("herald_http_refused_total", "reason" => "header_too_large").increment(1);
+                } else if e.is_timeout() {
+                    metrics::counter!("herald_http_refused_total", "reason" => "header_timeout").increment(1);
+                }
                 tracing::debug!(%peer, error = %e, "http connection ended with an error");
             }
         }
@@ -149,6 +201,68 @@ async fn serve_connection(
             let _ = conn.await;
         }
     }
+}
+
+/// What start-up warns about when Herald listens beyond loopback (also printed by
+/// `herald check-config`, which cannot know the resolved address and passes `None`).
+pub fn exposure_warnings(config: &Config, ip: IpAddr) -> Vec<String> {
+    let mut out = Vec::new();
+    if ip.is_loopback() || ip.to_canonical().is_loopback() {
+        return out;
+    }
+    if OriginPolicy::new(&config.http.allowed_origins).is_open() {
+        out.push(format!(
+            "SECURITY: listening on {ip} (beyond loopback) with http.allowed_origins = [\"*\"]: any web page may \
+             connect its visitors' browsers to Herald. List your sites' origins before exposing Herald"
+        ));
+    }
+    if !config.api.has_key() {
+        out.push(format!(
+            "SECURITY: listening on {ip} (beyond loopback) with no API key: the HTTP API answers only loopback \
+             clients, and behind a reverse proxy on this host every request looks local. Set HERALD_API__KEY"
+        ));
+    }
+    out
+}
+
+/// Reloads the certificates on SIGHUP until shutdown; a failed reload keeps the old ones.
+fn spawn_reloader(tls: Tls, stop: CancellationToken) {
+    #[cfg(unix)]
+    {
+        // Registered before returning, so a SIGHUP sent once the server accepts is never
+        // the default action (which would end the process).
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP: certificates will not be reloaded");
+                return;
+            }
+        };
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    got = hup.recv() => {
+                        if got.is_none() {
+                            break;
+                        }
+                        match tls.reload() {
+                            Ok(()) => {
+                                metrics::counter!("herald_tls_reloads_total", "result" => "ok").increment(1);
+                                tracing::info!("SIGHUP: TLS certificate reloaded");
+                            }
+                            Err(e) => {
+                                metrics::counter!("herald_tls_reloads_total", "result" => "failed").increment(1);
+                                tracing::error!(error = %e, "SIGHUP: TLS reload failed; still serving the previous certificate");
+                            }
+                        }
+                    }
+                    () = stop.cancelled() => break,
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = (tls, stop);
 }
 
 async fn health() -> impl IntoResponse {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Extension, Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use herald_protocol::ErrorCode;
@@ -18,6 +18,7 @@ use crate::engine::StreamPosition;
 use crate::http_error::ApiError;
 use crate::hub::{sse_event, Format, Subscriber};
 use crate::node::{Node, SubscriptionGuard};
+use crate::origin::Origins;
 use crate::ws::{self, Outbox, SendMode};
 
 /// `GET /connect`: the native protocol.
@@ -108,7 +109,16 @@ async fn raw_publish(
 /// to keep proxies from timing the stream out. A `Last-Event-ID` header (sent by EventSource
 /// when it reconnects) resumes from history: the missed events come first, or a
 /// `herald-reset` event says they could not be recovered.
-pub async fn sse(State(node): State<Arc<Node>>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+pub async fn sse(
+    State(node): State<Arc<Node>>,
+    Extension(origins): Extension<Origins>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    // Browsers on other origins: refused unless allowed, and allowed ones get CORS headers.
+    if let Err(e) = origins.0.check(&headers) {
+        return e.into_response();
+    }
     let (channel, ns) = match anonymous_subscribe(&node, &name) {
         Ok(c) => c,
         Err(e) => return e.into_response(),
@@ -171,6 +181,9 @@ pub async fn sse(State(node): State<Arc<Node>>, Path(name): Path<String>, header
     h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/event-stream"));
     h.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", header::HeaderValue::from_static("no"));
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        crate::origin::cors_headers(h, origin.clone());
+    }
     resp
 }
 

@@ -148,7 +148,7 @@ pub enum DemoError {
         "--demo serves /demo/token, which mints a token for any user: it listens only on loopback \
          (e.g. --listen 127.0.0.1:8080), not on {0}"
     )]
-    NotLoopback(std::net::SocketAddr),
+    NotLoopback(String),
 }
 
 /// What `herald serve --demo` changes: the demo namespaces (`chat`, `ticker`) where the
@@ -156,8 +156,13 @@ pub enum DemoError {
 /// none is configured (so `/demo/token` can mint tokens). Production defaults stay as they are.
 /// Refused unless Herald listens on a loopback address. Returns whether a secret was generated.
 pub fn apply_demo(config: &mut Config) -> Result<bool, DemoError> {
-    if !config.listen.ip().is_loopback() {
-        return Err(DemoError::NotLoopback(config.listen));
+    // `listen` may be a host name: every address it resolves to must be loopback (one that
+    // does not resolve is refused here too; `serve` would fail to bind it anyway).
+    let loopback = std::net::ToSocketAddrs::to_socket_addrs(config.listen.as_str())
+        .map(|mut addrs| addrs.all(|a| a.ip().is_loopback()))
+        .unwrap_or(false);
+    if !loopback {
+        return Err(DemoError::NotLoopback(config.listen.clone()));
     }
     config.demo = true;
     let namespaces: std::collections::BTreeMap<String, NamespaceOptions> = toml::from_str(DEMO_NAMESPACES)?;
@@ -256,7 +261,7 @@ mod tests {
         assert!(config.channels.resolve(TICKER_CHANNEL).is_ok());
         assert!(config.auth.secret.expose().len() >= 32);
         assert!(config.validate().is_ok());
-        let mut public = Config { listen: std::net::SocketAddr::from(([0, 0, 0, 0], 8080)), ..Default::default() };
+        let mut public = Config { listen: "0.0.0.0:8080".into(), ..Default::default() };
         assert!(matches!(apply_demo(&mut public), Err(DemoError::NotLoopback(_))));
         assert!(!public.demo);
         let defaults = Config::default();

@@ -305,7 +305,7 @@ async fn the_clients_of_a_node_that_dies_leave_when_their_presence_expires() {
         let _in_rt = rt.enter();
         let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
         let mut c = fast.clone();
-        c.listen = b_addr;
+        c.listen = b_addr.to_string();
         rt.spawn(herald::server::run(c, listener, std::future::pending::<()>()));
     }
     let mut doomed = Native::connected(b_addr).await;

@@ -3,7 +3,6 @@
 //! fields are the user documentation: `docs/configuration.md` and
 //! `config/herald.example.toml` are generated from them and checked by a test.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -19,10 +18,10 @@ use crate::ws;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Address and port to listen on. Use `0.0.0.0:8080` to accept connections from other
-    /// machines.
-    #[schemars(with = "String")]
-    pub listen: SocketAddr,
+    /// Address and port to listen on: `host:port`, where host is an IP address or a name
+    /// resolved at start-up (`localhost:8080`). Use `0.0.0.0:8080` to accept connections from
+    /// other machines (then read docs/security.md, "Before exposing Herald").
+    pub listen: String,
     /// On SIGTERM or Ctrl-C, how long to wait for clients to close after they were sent
     /// close 1001 ("going away"), before exiting anyway.
     #[serde(with = "humantime_serde")]
@@ -44,6 +43,10 @@ pub struct Config {
     /// Where channels, history and presence live: this node's memory, or a Redis shared by
     /// several nodes.
     pub engine: EngineConfig,
+    /// HTTP: which web origins may use Herald from a browser, and request limits.
+    pub http: HttpConfig,
+    /// TLS: serve `wss://` and `https://` on the listening port.
+    pub tls: crate::tls::TlsConfig,
     /// Endpoints for testing Herald itself. Keep them off in production.
     pub testing: TestingConfig,
     /// Set by `herald serve --demo` only (never from a file or the environment): serve
@@ -55,7 +58,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            listen: "127.0.0.1:8080".into(),
             drain_timeout: Duration::from_secs(10),
             log: LogConfig::default(),
             limits: LimitsConfig::default(),
@@ -64,6 +67,8 @@ impl Default for Config {
             api: ApiConfig::default(),
             websocket: ws::Settings::default(),
             engine: EngineConfig::default(),
+            http: HttpConfig::default(),
+            tls: crate::tls::TlsConfig::default(),
             testing: TestingConfig::default(),
             demo: false,
         }
@@ -148,6 +153,30 @@ impl Default for LimitsConfig {
     }
 }
 
+/// HTTP (`[http]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Web origins whose pages may use Herald from a browser: WebSocket handshakes
+    /// (`/connect`, `/ws/<channel>`) and `GET /sse/<channel>` from other origins get 403 (code
+    /// 120), and SSE answers CORS for these. Entries are exact (`https://app.example.com`),
+    /// wildcards for subdomains (`https://*.example.com`), or `*` for every origin (the
+    /// default, for development: set your sites before exposing Herald). Requests without an
+    /// `Origin` header (servers, command-line clients) are not affected. The HTTP API also
+    /// accepts browser requests (with a key) from these origins and answers their CORS
+    /// preflights; requests from other origins get 403.
+    pub allowed_origins: Vec<String>,
+    /// Largest request head (request line and headers), in bytes, at least 8192. A larger one
+    /// gets 431 and the connection is closed.
+    pub max_header_size: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { allowed_origins: vec!["*".into()], max_header_size: 16 << 10 }
+    }
+}
+
 /// The HTTP API (`[api]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
@@ -155,21 +184,39 @@ pub struct ApiConfig {
     /// The key backends send as `Authorization: apikey <key>`. When empty, the API answers
     /// only requests from loopback addresses (127.0.0.0/8, ::1), and says so at start. Behind a
     /// reverse proxy on the same host every request comes from loopback: set a key.
-    /// Prefer setting it through `HERALD_API__KEY` rather than in a file.
+    /// Prefer setting it through `HERALD_API__KEY` rather than in a file. `Authorization:
+    /// Bearer <key>` is accepted too.
     #[schemars(with = "String")]
     pub key: Secret,
-    /// Largest request body, in bytes; larger requests get 413.
+    /// More keys accepted beside `key`, for rotation: add the new key here, move backends
+    /// over, then remove the old one. E.g. `HERALD_API__KEYS='["k1","k2"]'`.
+    #[schemars(with = "Vec<String>")]
+    pub keys: Vec<Secret>,
+    /// Largest request body, in bytes. A request whose `Content-Length` is larger gets 413
+    /// before its body is read; a body that grows larger is cut off with 413.
     pub max_body_size: usize,
+    /// Time allowed for a request's whole body to arrive after its headers. A body that never
+    /// comes or trickles in gets 408 (code 121) and the connection is closed.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub body_timeout: Duration,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        Self { key: Secret::default(), max_body_size: 1 << 20 }
+        Self { key: Secret::default(), keys: Vec::new(), max_body_size: 1 << 20, body_timeout: Duration::from_secs(10) }
+    }
+}
+
+impl ApiConfig {
+    /// Whether any API key is configured.
+    pub fn has_key(&self) -> bool {
+        !self.key.is_empty() || self.keys.iter().any(|k| !k.is_empty())
     }
 }
 
 /// Keys whose values `check-config` must not print.
-const SECRET_KEYS: &[&str] = &["api.key", "auth.secret", "engine.redis.password"];
+const SECRET_KEYS: &[&str] = &["api.key", "api.keys", "auth.secret", "engine.redis.password"];
 
 /// The engine (`[engine]`): see `docs/operations.md#running-several-nodes-with-redis`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -267,7 +314,9 @@ impl From<Box<figment::Error>> for ConfigError {
 /// Values given as command-line flags; they override every other source.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
-    pub listen: Option<SocketAddr>,
+    pub listen: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 /// A loaded configuration and where each value came from.
@@ -293,8 +342,14 @@ fn load_from(file: Option<&Path>, overrides: &Overrides, env: Env) -> Result<Loa
         figment = figment.merge(Toml::file_exact(path));
     }
     figment = figment.merge(env);
-    if let Some(listen) = overrides.listen {
-        figment = figment.merge(Flag("listen", listen.to_string()));
+    if let Some(listen) = &overrides.listen {
+        figment = figment.merge(Flag("listen", listen.clone()));
+    }
+    if let Some(cert) = &overrides.tls_cert {
+        figment = figment.merge(Flag("tls.cert", cert.display().to_string()));
+    }
+    if let Some(key) = &overrides.tls_key {
+        figment = figment.merge(Flag("tls.key", key.display().to_string()));
     }
     let config: Config = figment.extract().map_err(Box::new)?;
     config.validate()?;
@@ -310,8 +365,10 @@ impl figment::Provider for Flag {
     }
 
     fn data(&self) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
-        let mut dict = figment::value::Dict::new();
-        dict.insert(self.0.into(), self.1.clone().into());
+        let dict = match figment::util::nest(self.0, self.1.clone().into()) {
+            figment::value::Value::Dict(_, d) => d,
+            _ => figment::value::Dict::new(),
+        };
         Ok(figment::Profile::Default.collect(dict))
     }
 }
@@ -359,6 +416,13 @@ impl Config {
             other => ConfigError::Invalid { key: "auth", message: other.to_string() },
         })?;
         check(self.api.max_body_size >= 1024, "api.max_body_size", "must be at least 1024 bytes")?;
+        check(!self.api.body_timeout.is_zero(), "api.body_timeout", "must be greater than zero")?;
+        check(self.http.max_header_size >= 8192, "http.max_header_size", "must be at least 8192 bytes")?;
+        for o in &self.http.allowed_origins {
+            crate::origin::check_entry(o)
+                .map_err(|message| ConfigError::Invalid { key: "http.allowed_origins", message })?;
+        }
+        check_listen(&self.listen)?;
         check(self.limits.max_connections >= 1, "limits.max_connections", "must be at least 1")?;
         check(self.limits.max_connections_per_ip >= 1, "limits.max_connections_per_ip", "must be at least 1")?;
         let l = &self.limits;
@@ -395,6 +459,18 @@ impl Config {
     }
 }
 
+/// `host:port` (an IPv6 address in brackets: `[::1]:8080`); the host is resolved at start-up.
+fn check_listen(listen: &str) -> Result<(), ConfigError> {
+    let bad = |message: String| Err(ConfigError::Invalid { key: "listen", message });
+    if listen.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    match listen.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && !host.contains(':') && port.parse::<u16>().is_ok() => Ok(()),
+        _ => bad(format!("`{listen}` is not host:port (e.g. 127.0.0.1:8080, localhost:8080, [::1]:8080)")),
+    }
+}
+
 fn check_log_filter(level: &str) -> Result<(), ConfigError> {
     // EnvFilter reads a bare word as a target name; here a bare word must be a level.
     const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
@@ -421,8 +497,14 @@ impl Loaded {
         flatten("", &value, &mut leaves);
         let mut out = String::new();
         for (key, v) in leaves {
-            let secret = SECRET_KEYS.contains(&key.as_str()) && v.as_str().is_some_and(|s| !s.is_empty());
-            let literal = if secret { "\"<redacted>\"".to_owned() } else { toml_literal(&v) };
+            let literal = match &v {
+                _ if !SECRET_KEYS.contains(&key.as_str()) => toml_literal(&v),
+                serde_json::Value::String(s) if !s.is_empty() => "\"<redacted>\"".to_owned(),
+                serde_json::Value::Array(a) => {
+                    format!("[{}]", a.iter().map(|_| "\"<redacted>\"").collect::<Vec<_>>().join(", "))
+                }
+                _ => toml_literal(&v),
+            };
             let source = match self.figment.find_metadata(&key) {
                 Some(m) => describe_source(m, &key),
                 None => "default".into(),

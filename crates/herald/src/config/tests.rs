@@ -24,9 +24,9 @@ fn file_then_env_then_flags() {
              [websocket]\nmax_frame_size = 1000\nmax_message_size = 2000\n",
         )?;
         jail.set_env("HERALD_WEBSOCKET__MAX_FRAME_SIZE", "1500");
-        let flags = Overrides { listen: Some("127.0.0.1:9001".parse().expect("addr")) };
+        let flags = Overrides { listen: Some("127.0.0.1:9001".into()), ..Default::default() };
         let loaded = load(Some(Path::new("herald.toml")), &flags).expect("loads");
-        assert_eq!(loaded.config.listen.port(), 9001);
+        assert_eq!(loaded.config.listen, "127.0.0.1:9001");
         assert_eq!(loaded.config.websocket.max_frame_size, 1500);
         assert_eq!(loaded.config.websocket.max_message_size, 2000);
         let explained = loaded.explain();

@@ -3,13 +3,14 @@
 //!
 //! Layout: `frame` (wire format), `decoder` (bytes → messages), `utf8`, `deflate`,
 //! `handshake` (upgrade request checks), `outbox` (bounded send queue and writer),
-//! `socket` (one connection), `upgrade` (the hyper upgrade into a [`WebSocket`]).
+//! `io` (the byte stream: TCP or any other), `socket` (one connection), `upgrade` (the hyper upgrade into a [`WebSocket`]).
 
 mod close;
 pub mod decoder;
 pub mod deflate;
 pub mod frame;
 pub mod handshake;
+mod io;
 mod outbox;
 mod socket;
 mod upgrade;
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 pub use close::{CloseCode, CloseFrame};
 pub use decoder::{Decoder, Event, Limits, Message, ProtocolError, Role};
 pub use deflate::DeflatePolicy;
+pub use io::{Io, Stream};
 pub use outbox::{Outbox, Prepared, SendError, SendMode};
 pub use socket::{WebSocket, WsError};
 pub use upgrade::{upgrade, AcceptedAt, Held, WsContext};

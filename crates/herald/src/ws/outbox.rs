@@ -8,13 +8,13 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use super::close::CloseFrame;
 use super::deflate::{self, Negotiated};
 use super::frame::{self, OpCode};
+use super::io::WriteHalf;
 use super::WsMetrics;
 
 /// How one connection wants its data frames: compressed or not.
@@ -231,23 +231,31 @@ impl Outbox {
     /// One consumer at a time: the WebSocket writer, or an SSE response body.
     pub async fn next_batch(&self, batch: &mut VecDeque<Bytes>) -> bool {
         loop {
-            {
-                let mut q = self.lock();
-                if !q.frames.is_empty() {
-                    std::mem::swap(&mut q.frames, batch);
-                    q.bytes = 0;
-                    if q.closing {
-                        q.done = true;
-                    }
-                    return true;
-                }
-                if q.closing || q.done {
-                    q.done = true;
-                    return false;
-                }
+            if let Some(more) = self.try_take(batch) {
+                return more;
             }
             self.shared.wake_writer.notified().await;
         }
+    }
+
+    /// [`Outbox::next_batch`] without the wait: `None` when nothing is queued yet. A plain
+    /// function, so the writer loop gets it inlined whatever the stream type.
+    #[inline]
+    fn try_take(&self, batch: &mut VecDeque<Bytes>) -> Option<bool> {
+        let mut q = self.lock();
+        if !q.frames.is_empty() {
+            std::mem::swap(&mut q.frames, batch);
+            q.bytes = 0;
+            if q.closing {
+                q.done = true;
+            }
+            return Some(true);
+        }
+        if q.closing || q.done {
+            q.done = true;
+            return Some(false);
+        }
+        None
     }
 
     /// Marks the consumer gone: later pushes fail and the reader is told.
@@ -271,21 +279,47 @@ impl Outbox {
         }
     }
 
+    /// Spawns the writer task for `io`. It is monomorphic per stream type, so plain TCP runs
+    /// exactly the code it ran before other streams existed (no dispatch, no flush).
+    pub(crate) fn spawn_writer(
+        self,
+        io: WriteHalf,
+        delay: Duration,
+        metrics: WsMetrics,
+    ) -> tokio::task::JoinHandle<()> {
+        match io {
+            WriteHalf::Tcp(w) => tokio::spawn(self.write_loop(w, false, delay, metrics)),
+            WriteHalf::Other(w) => tokio::spawn(self.write_loop(w, true, delay, metrics)),
+        }
+    }
+
     /// The writer task: drains the queue into vectored writes until the close frame is written
     /// (then half-closes the socket) or the socket fails. With a `delay`, it waits that long
     /// after the first frame of a batch so that the frames queued meanwhile share its writes.
+    /// `flush`: the stream may hold written bytes in a buffer (TLS records).
     // An `async fn` would keep each argument twice in the task (measured: 392 bytes against
     // about half that); this future lives as long as the connection.
     #[allow(clippy::manual_async_fn)]
-    pub(crate) fn write_loop(
+    pub(crate) fn write_loop<W: AsyncWrite + Unpin + Send>(
         self,
-        mut io: OwnedWriteHalf,
+        mut io: W,
+        flush: bool,
         delay: Duration,
         metrics: WsMetrics,
     ) -> impl std::future::Future<Output = ()> + Send {
         async move {
             let mut batch: VecDeque<Bytes> = VecDeque::new();
-            while self.next_batch(&mut batch).await {
+            loop {
+                let more = match self.try_take(&mut batch) {
+                    Some(more) => more,
+                    None => {
+                        self.shared.wake_writer.notified().await;
+                        continue;
+                    }
+                };
+                if !more {
+                    break;
+                }
                 if !delay.is_zero() && !self.writer_done() {
                     tokio::time::sleep(delay).await;
                     self.take_more(&mut batch);
@@ -294,6 +328,9 @@ impl Outbox {
                 match write_all(&mut io, &mut batch).await {
                     Ok((bytes, writes)) => metrics.sent(frames, writes, bytes as u64),
                     Err(_) => break,
+                }
+                if flush && io.flush().await.is_err() {
+                    break;
                 }
                 if self.writer_done() {
                     // The close frame was in this batch.
@@ -316,7 +353,7 @@ const MAX_SLICES: usize = 64;
 /// Writes every frame in `batch`, up to [`MAX_SLICES`] per `writev`; returns the bytes written
 /// and the number of writes. A lone frame (the usual case at moderate rates) is written
 /// without building a slice list.
-async fn write_all(io: &mut OwnedWriteHalf, batch: &mut VecDeque<Bytes>) -> std::io::Result<(usize, u64)> {
+async fn write_all<W: AsyncWrite + Unpin>(io: &mut W, batch: &mut VecDeque<Bytes>) -> std::io::Result<(usize, u64)> {
     let mut total = 0;
     let mut writes = 0;
     while let Some(front) = batch.front() {
@@ -394,7 +431,7 @@ mod tests {
         let (server, _) = listener.accept().await.expect("accept");
         let (_read, write) = server.into_split();
         let outbox = Outbox::new(1 << 20, SendMode::PLAIN);
-        let writer = tokio::spawn(outbox.clone().write_loop(write, delay, metrics));
+        let writer = outbox.clone().spawn_writer(WriteHalf::Tcp(write), delay, metrics);
         outbox.send_text(Bytes::from_static(b"1")).expect("queue");
         while outbox.queued_bytes() > 0 {
             tokio::task::yield_now().await;

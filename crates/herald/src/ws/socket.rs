@@ -5,8 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::net::tcp::OwnedReadHalf;
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
@@ -15,6 +14,7 @@ use super::close::{CloseCode, CloseFrame};
 use super::decoder::{Decoder, Event, Limits, Message, ProtocolError, Role};
 use super::deflate::{Inflater, Negotiated};
 use super::frame::OpCode;
+use super::io::{ReadHalf, Stream};
 use super::outbox::{Outbox, SendMode};
 use super::{Settings, WsMetrics};
 
@@ -46,7 +46,7 @@ enum Phase {
 /// send through [`WebSocket::outbox`], from any task.
 #[derive(Debug)]
 pub struct WebSocket {
-    read: OwnedReadHalf,
+    read: ReadHalf,
     buf: BytesMut,
     read_size: usize,
     decoder: Decoder,
@@ -72,10 +72,11 @@ const MIN_READ: usize = 4 << 10;
 const MAX_READ: usize = 256 << 10;
 
 impl WebSocket {
-    /// Takes over an upgraded TCP stream. `leftover` holds bytes the HTTP layer read past the
+    /// Takes over an upgraded stream. `leftover` holds bytes the HTTP layer read past the
     /// handshake; `shutdown` makes the connection close with 1001.
-    pub(crate) fn start(
-        stream: TcpStream,
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        stream: Stream,
         leftover: Bytes,
         settings: Arc<Settings>,
         negotiated: Option<Negotiated>,
@@ -83,10 +84,10 @@ impl WebSocket {
         shutdown: CancellationToken,
         metrics: WsMetrics,
     ) -> Self {
-        let (read, write) = stream.into_split();
+        let (read, write) = stream.split();
         let mode = SendMode::new(negotiated.as_ref(), settings.compression.threshold, settings.compression.level);
         let outbox = Outbox::new(settings.max_queue_bytes, mode);
-        let writer = tokio::spawn(outbox.clone().write_loop(write, settings.write_delay, metrics.clone()));
+        let writer = outbox.clone().spawn_writer(write, settings.write_delay, metrics.clone());
         let limits = Limits {
             max_frame_size: settings.max_frame_size,
             max_message_size: settings.max_message_size,
@@ -187,9 +188,8 @@ impl WebSocket {
             let closing = self.phase != Phase::Open;
             tokio::select! {
                 biased;
-                ready = self.read.readable() => {
-                    ready?;
-                    if self.fill()? {
+                read = self.read.read_into(&mut self.buf, self.read_size) => {
+                    if self.filled(read?) {
                         // The peer is gone: nothing more we write can reach it.
                         self.writer.abort();
                         return if closing { Ok(None) } else {
@@ -218,25 +218,21 @@ impl WebSocket {
         }
     }
 
-    /// Reads what the socket has; returns true at end of stream.
-    fn fill(&mut self) -> std::io::Result<bool> {
-        if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
-            self.buf.reserve(self.read_size);
-        }
-        let spare = self.buf.capacity() - self.buf.len();
-        match self.read.try_read_buf(&mut self.buf) {
-            Ok(n) => {
-                if n > 0 {
-                    self.last_seen = Instant::now();
-                    self.ping_sent = false;
-                    self.metrics.received_bytes(n as u64);
-                    // Grow reads for big messages, shrink back for small ones.
-                    self.read_size = if n == spare { (self.read_size * 2).min(MAX_READ) } else { MIN_READ };
-                }
-                Ok(n == 0)
+    /// Accounts for what a read appended to the buffer; returns true at end of stream.
+    fn filled(&mut self, read: Option<usize>) -> bool {
+        match read {
+            None => false,
+            Some(0) => true,
+            Some(n) => {
+                self.last_seen = Instant::now();
+                self.ping_sent = false;
+                self.metrics.received_bytes(n as u64);
+                // Grow reads for big messages (this one filled the buffer), shrink back for
+                // small ones.
+                let full = self.buf.len() == self.buf.capacity();
+                self.read_size = if full { (self.read_size * 2).min(MAX_READ) } else { MIN_READ };
+                false
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
-            Err(e) => Err(e),
         }
     }
 
@@ -327,12 +323,9 @@ impl WebSocket {
         let deadline = self.deadline.unwrap_or_else(|| Instant::now() + self.settings.close_timeout);
         let mut scratch = [0u8; 512];
         let _ = tokio::time::timeout_at(deadline, async {
-            while self.read.readable().await.is_ok() {
-                match self.read.try_read(&mut scratch) {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => break,
+            while let Ok(n) = self.read.read(&mut scratch).await {
+                if n == 0 {
+                    break;
                 }
             }
         })

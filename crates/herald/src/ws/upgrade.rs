@@ -1,5 +1,5 @@
 //! The HTTP side of the opening handshake: answer 101 through hyper's upgrade, then run the
-//! handler on our [`WebSocket`] over the raw TCP stream.
+//! handler on our [`WebSocket`] over the raw stream (TCP, or TLS through hyper's upgrade).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::handshake;
-use super::{Settings, WebSocket, WsMetrics};
+use super::{Settings, Stream, WebSocket, WsMetrics};
 use crate::http_error::ApiError;
 
 /// When the TCP connection was accepted; put in request extensions by the accept loop so the
@@ -57,6 +57,13 @@ where
     F: FnOnce(WebSocket) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    // Every WebSocket door passes here: a browser page from an origin the policy does not
+    // allow is refused before the upgrade.
+    if let Some(origins) = req.extensions().get::<crate::origin::Origins>() {
+        if let Err(e) = origins.0.check(req.headers()) {
+            return e.into_response();
+        }
+    }
     let accepted = match handshake::check(req.method(), req.version(), req.headers(), protocols, &settings.compression)
     {
         Ok(a) => a,
@@ -81,19 +88,18 @@ where
                 return;
             }
         };
-        let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(p) => p,
-            Err(_) => {
-                tracing::error!("upgraded connection is not a TCP stream");
-                return;
-            }
+        // Plain TCP keeps its fast path; anything else (TLS) goes on through hyper's
+        // upgraded stream, which also replays the bytes read past the handshake.
+        let (stream, leftover) = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(p) => (Stream::Tcp(p.io.into_inner()), p.read_buf),
+            Err(upgraded) => (Stream::other(TokioIo::new(upgraded)), bytes::Bytes::new()),
         };
         if let Some(at) = accepted_at {
             ctx.metrics.handshake_took(at.elapsed());
         }
         let ws = WebSocket::start(
-            parts.io.into_inner(),
-            parts.read_buf,
+            stream,
+            leftover,
             settings,
             accepted.deflate,
             accepted.protocol,

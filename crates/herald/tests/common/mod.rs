@@ -20,7 +20,7 @@ impl TestServer {
     pub async fn start(mut config: Config) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        config.listen = addr;
+        config.listen = addr.to_string();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(herald::server::run(config, listener, async {
             let _ = rx.await;
