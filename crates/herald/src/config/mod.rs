@@ -523,15 +523,34 @@ fn describe_errors(err: &figment::Error) -> String {
         .map(|e| {
             let key = e.path.join(".");
             let source = e.metadata.as_ref().map(|m| describe_source(m, &key));
+            let kind = describe_kind(&key, &e.kind);
             match (key.is_empty(), source) {
-                (false, Some(src)) => format!("`{key}`: {} (from {src})", e.kind),
-                (false, None) => format!("`{key}`: {}", e.kind),
-                (true, Some(src)) => format!("{} (from {src})", e.kind),
-                (true, None) => e.kind.to_string(),
+                (false, Some(src)) => format!("`{key}`: {kind} (from {src})"),
+                (false, None) => format!("`{key}`: {kind}"),
+                (true, Some(src)) => format!("{kind} (from {src})"),
+                (true, None) => kind,
             }
         })
         .collect();
     lines.join("\n")
+}
+
+/// What is wrong with a value; for a secret, without the value (serde's messages quote it).
+fn describe_kind(key: &str, kind: &figment::error::Kind) -> String {
+    use figment::error::Kind;
+    let secret = SECRET_KEYS.iter().any(|s| key == *s || key.strip_prefix(s).is_some_and(|rest| rest.starts_with('.')));
+    if !secret {
+        return kind.to_string();
+    }
+    match kind {
+        Kind::InvalidType(_, expected) | Kind::InvalidValue(_, expected) => {
+            format!("invalid value, expected {expected} (not shown: it is a secret)")
+        }
+        Kind::InvalidLength(..) | Kind::MissingField(_) | Kind::UnknownField(..) | Kind::DuplicateField(_) => {
+            kind.to_string()
+        }
+        _ => "invalid value (not shown: it is a secret)".into(),
+    }
 }
 
 fn describe_source(m: &figment::Metadata, key: &str) -> String {

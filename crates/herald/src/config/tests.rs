@@ -133,3 +133,16 @@ fn redis_settings_are_checked_and_the_password_never_shows() {
     with(&|r| r.prefix = "app-1.staging".into()).expect("a plain prefix");
     assert_eq!(key(with(&|r| r.timeout = Duration::ZERO)).0, "engine.redis.timeout");
 }
+
+#[test]
+fn a_badly_typed_secret_is_refused_without_quoting_it() {
+    for (var, value) in [("HERALD_API__KEYS", "s3cret-api-key-value"), ("HERALD_AUTH__SECRET", "123456789")] {
+        Jail::expect_with(|jail| {
+            jail.set_env(var, value);
+            let err = load(None, &Overrides::default()).expect_err("wrong type").to_string();
+            assert!(!err.contains(value), "{err}");
+            assert!(err.contains("not shown: it is a secret") && err.contains(var), "{err}");
+            Ok(())
+        });
+    }
+}
