@@ -53,9 +53,11 @@ enum TargetKind {
 struct TargetArgs {
     #[arg(long, value_enum, default_value = "herald")]
     target: TargetKind,
-    /// Herald's address (`--target herald`).
+    /// Herald's address (`--target herald`). Repeat it for several nodes sharing one engine
+    /// (Redis): connections go to the nodes in turn, each channel's subscribers spread over all
+    /// of them, and publications go through the first.
     #[arg(long, value_name = "URL", default_value = "ws://127.0.0.1:8080")]
-    url: String,
+    url: Vec<String>,
     /// Subscribe URL with `{channel}` (`--target raw`), e.g. 'ws://127.0.0.1:8091/sub/{channel}'.
     #[arg(long, value_name = "URL")]
     sub_url: Option<String>,
@@ -140,9 +142,9 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
 #[derive(Debug)]
 struct Target {
     kind: TargetKind,
-    ws_addr: SocketAddr,
-    /// Herald: the `/connect` URL; raw: the template.
-    ws_url: String,
+    /// Where connections go, in turn (at least one): the address, and Herald's `/connect` URL
+    /// or the raw template.
+    nodes: Vec<(SocketAddr, String)>,
     pub_addr: SocketAddr,
     pub_host: String,
     /// Herald: `/api/publish`; raw: the path template.
@@ -153,23 +155,27 @@ struct Target {
 
 impl Target {
     async fn resolve(args: &TargetArgs) -> anyhow::Result<Self> {
-        let (ws_url, pub_url) = match args.target {
+        let (ws_urls, pub_url) = match args.target {
             TargetKind::Herald => {
-                let base = args.url.trim_end_matches('/');
-                let (host, _) = split_url(base, "ws")?;
-                (format!("{base}/connect"), format!("http://{host}/api/publish"))
+                let bases: Vec<&str> = args.url.iter().map(|u| u.trim_end_matches('/')).collect();
+                let first = bases.first().context("--url is missing")?;
+                let (host, _) = split_url(first, "ws")?;
+                (bases.iter().map(|b| format!("{b}/connect")).collect(), format!("http://{host}/api/publish"))
             }
             TargetKind::Raw => (
-                args.sub_url.clone().context("--target raw needs --sub-url")?,
+                vec![args.sub_url.clone().context("--target raw needs --sub-url")?],
                 args.pub_url.clone().context("--target raw needs --pub-url")?,
             ),
         };
-        let (ws_host, _) = split_url(&ws_url, "ws")?;
+        let mut nodes = Vec::with_capacity(ws_urls.len());
+        for url in ws_urls {
+            let (host, _) = split_url(&url, "ws")?;
+            nodes.push((lookup(&host).await?, url));
+        }
         let (pub_host, pub_path) = split_url(&pub_url, "http")?;
         Ok(Self {
             kind: args.target,
-            ws_addr: lookup(&ws_host).await?,
-            ws_url,
+            nodes,
             pub_addr: lookup(&pub_host).await?,
             pub_host,
             pub_path,
@@ -189,12 +195,26 @@ impl Target {
         format!("{}{i}", self.prefix)
     }
 
-    /// Opens a connection that is ready to receive `channel`'s messages; `None`: just connected.
-    async fn open(&self, source: Option<std::net::IpAddr>, channel: Option<&str>) -> anyhow::Result<Ws> {
+    /// The first node's address (publications go there; it decides the source addresses).
+    fn ws_addr(&self) -> SocketAddr {
+        self.nodes[0].0
+    }
+
+    /// The node of the `i`-th connection when connections are spread over `channels`
+    /// channels (`i % channels`): the k-th subscriber of a channel goes to node `k % nodes`, so
+    /// every channel has subscribers on every node whatever the counts.
+    fn node_of(&self, i: usize, channels: usize) -> usize {
+        (i / channels.max(1)) % self.nodes.len()
+    }
+
+    /// Opens a connection to `node` (modulo the node count) that is ready to receive
+    /// `channel`'s messages; `None`: just connected.
+    async fn open(&self, node: usize, source: Option<std::net::IpAddr>, channel: Option<&str>) -> anyhow::Result<Ws> {
+        let (addr, url) = &self.nodes[node % self.nodes.len()];
         let ready = async {
             match self.kind {
                 TargetKind::Herald => {
-                    let mut ws = conn::open(self.ws_addr, source, &self.ws_url).await?;
+                    let mut ws = conn::open(*addr, source, url).await?;
                     conn::herald_connect(&mut ws).await?;
                     if let Some(channel) = channel {
                         conn::herald_subscribe(&mut ws, 2, channel).await?;
@@ -202,8 +222,8 @@ impl Target {
                     Ok(ws)
                 }
                 TargetKind::Raw => {
-                    let url = self.ws_url.replace("{channel}", channel.unwrap_or("connect"));
-                    conn::open(self.ws_addr, source, &url).await
+                    let url = url.replace("{channel}", channel.unwrap_or("connect"));
+                    conn::open(*addr, source, &url).await
                 }
             }
         };
@@ -377,10 +397,11 @@ struct OpenResult<T> {
 
 async fn connect(args: ConnectArgs) -> anyhow::Result<String> {
     let target = Target::resolve(&args.target).await?;
-    let sources = Sources::new(target.ws_addr, args.connections, args.target.source_ips);
-    eprintln!("connect: {} connections to {} ({} at a time)", args.connections, target.ws_url, args.concurrency);
+    let sources = Sources::new(target.ws_addr(), args.connections, args.target.source_ips);
+    let urls: Vec<&str> = target.nodes.iter().map(|(_, u)| u.as_str()).collect();
+    eprintln!("connect: {} connections to {} ({} at a time)", args.connections, urls.join(", "), args.concurrency);
     let cpu = procfs::CpuSample::take(&[]);
-    let r = open_many(args.connections, args.concurrency, "connect", |i| target.open(sources.pick(i), None)).await;
+    let r = open_many(args.connections, args.concurrency, "connect", |i| target.open(i, sources.pick(i), None)).await;
     let (own_cpu, _) = cpu.until(&procfs::CpuSample::take(&[]));
     let ok = r.opened.len();
     let rate = ok as f64 / r.elapsed.as_secs_f64().max(1e-9);
@@ -401,7 +422,7 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<String> {
     Ok(json!({
         "scenario": "connect",
         "target": target.name(),
-        "url": target.ws_url,
+        "url": urls,
         "connections": args.connections,
         "concurrency": args.concurrency,
         "ok": ok,
@@ -435,7 +456,7 @@ async fn hold(mut ws: Ws, herald: bool, mut stop: tokio::sync::watch::Receiver<b
 
 async fn idle(args: IdleArgs) -> anyhow::Result<String> {
     let target = Target::resolve(&args.target).await?;
-    let sources = Sources::new(target.ws_addr, args.connections, args.target.source_ips);
+    let sources = Sources::new(target.ws_addr(), args.connections, args.target.source_ips);
     let channels = args.channels.max(1);
     let names: Vec<String> = (0..channels).map(|c| target.channel(c)).collect();
     let server_before = if args.pid.is_empty() { None } else { Some(procfs::rss_kib_sum(&args.pid)?) };
@@ -446,7 +467,7 @@ async fn idle(args: IdleArgs) -> anyhow::Result<String> {
         let (target, names, stop) = (&target, &names, stop_rx.clone());
         let source = sources.pick(i);
         async move {
-            let ws = target.open(source, Some(&names[i % names.len()])).await?;
+            let ws = target.open(target.node_of(i, channels), source, Some(&names[i % names.len()])).await?;
             Ok(tokio::spawn(hold(ws, target.kind == TargetKind::Herald, stop)))
         }
     })
@@ -589,8 +610,7 @@ mod tests {
     fn requests_for_herald_and_raw() {
         let mut t = Target {
             kind: TargetKind::Herald,
-            ws_addr: "127.0.0.1:8080".parse().expect("addr"),
-            ws_url: "ws://127.0.0.1:8080/connect".into(),
+            nodes: vec![("127.0.0.1:8080".parse().expect("addr"), "ws://127.0.0.1:8080/connect".into())],
             pub_addr: "127.0.0.1:8080".parse().expect("addr"),
             pub_host: "127.0.0.1:8080".into(),
             pub_path: "/api/publish".into(),
@@ -613,6 +633,32 @@ mod tests {
         let text = String::from_utf8(out).expect("utf8");
         assert!(text.starts_with("POST /pub/c1 HTTP/1.1\r\n"));
         assert!(text.ends_with("Content-Length: 5\r\nAuthorization: apikey k\r\n\r\nhello"));
+    }
+
+    #[test]
+    fn each_channel_spreads_over_every_node() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        let t = Target {
+            kind: TargetKind::Herald,
+            nodes: (0..3).map(|n| (addr, format!("ws://node{n}/connect"))).collect(),
+            pub_addr: addr,
+            pub_host: "127.0.0.1:1".into(),
+            pub_path: "/api/publish".into(),
+            api_key: None,
+            prefix: "bench-".into(),
+        };
+        // 900 subscribers over 100 channels (subscriber i is on channel i % 100).
+        let mut per = vec![[0u32; 3]; 100];
+        for i in 0..900 {
+            per[i % 100][t.node_of(i, 100)] += 1;
+        }
+        assert!(per.iter().all(|nodes| *nodes == [3, 3, 3]), "{per:?}");
+        // Channels a multiple of the nodes: still every node.
+        let mut per = vec![[0u32; 3]; 3];
+        for i in 0..9 {
+            per[i % 3][t.node_of(i, 3)] += 1;
+        }
+        assert!(per.iter().all(|nodes| *nodes == [1, 1, 1]), "{per:?}");
     }
 
     #[test]

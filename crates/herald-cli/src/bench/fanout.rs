@@ -109,7 +109,7 @@ pub(super) async fn run(args: FanoutArgs) -> anyhow::Result<String> {
     anyhow::ensure!(args.max || args.rate > 0.0, "--rate must be positive");
     let target = Target::resolve(&args.target).await?;
     let herald = target.kind == super::TargetKind::Herald;
-    let sources = Sources::new(target.ws_addr, args.subscribers, args.target.source_ips);
+    let sources = Sources::new(target.ws_addr(), args.subscribers, args.target.source_ips);
     let names: Vec<String> = (0..args.channels).map(|c| target.channel(c)).collect();
     let per_channel: Vec<u64> =
         (0..args.channels).map(|c| ((args.subscribers + args.channels - 1 - c) / args.channels) as u64).collect();
@@ -122,10 +122,11 @@ pub(super) async fn run(args: FanoutArgs) -> anyhow::Result<String> {
     let rate_text =
         if args.max { "as fast as sustained".to_owned() } else { format!("{} publications/s each", args.rate) };
     eprintln!(
-        "fanout ({}): {} subscribers over {} channels, {rate_text}, {} B, {:?} + {:?} warm-up",
+        "fanout ({}): {} subscribers over {} channels and {} node(s), {rate_text}, {} B, {:?} + {:?} warm-up",
         target.name(),
         args.subscribers,
         args.channels,
+        target.nodes.len(),
         args.payload,
         args.duration,
         args.warmup
@@ -137,7 +138,7 @@ pub(super) async fn run(args: FanoutArgs) -> anyhow::Result<String> {
         let source = sources.pick(i);
         let channel = i % names.len();
         async move {
-            let ws = target.open(source, Some(&names[channel])).await?;
+            let ws = target.open(target.node_of(i, names.len()), source, Some(&names[channel])).await?;
             Ok(tokio::spawn(subscriber(ws, channel, herald, ctx, stop)))
         }
     })
@@ -261,6 +262,7 @@ pub(super) async fn run(args: FanoutArgs) -> anyhow::Result<String> {
         "target": target.name(),
         "subscribers": args.subscribers,
         "subscribers_failed": opened.failed,
+        "nodes": target.nodes.len(),
         "channels": args.channels,
         "rate": if args.max { json!("max") } else { json!(args.rate) },
         "duration_s": secs,
