@@ -171,8 +171,7 @@ fn channel<'a>(node: &'a Node, name: &str) -> Result<(ChannelName, &'a Namespace
 }
 
 fn engine_error(e: EngineError) -> ApiError {
-    let code = if e.limit().is_some() { ErrorCode::NodeLimit } else { ErrorCode::Unavailable };
-    ApiError::new(code, e.to_string())
+    ApiError::new(e.code(), e.to_string())
 }
 
 fn check_size(node: &Node, data: &RawValue) -> Result<Bytes, ApiError> {

@@ -410,7 +410,7 @@ impl Session {
                         Err(refuse(ErrorCode::AlreadySubscribed, "already subscribed"))
                     }
                     SubscribeFailure::Hub(SubscribeError::Closed) => Ok(()),
-                    SubscribeFailure::Engine(e) => Err(refuse(ErrorCode::Unavailable, e.to_string())),
+                    SubscribeFailure::Engine(e) => Err(refuse(e.code(), e.to_string())),
                 }
             }
         }
@@ -494,9 +494,10 @@ impl Session {
         let verdict = self.limiter.publication(Instant::now());
         self.rate_limited(verdict)?;
         let info = self.client.as_ref().map(|c| ClientInfo { user: self.user.clone(), client: c.clone() });
-        let pos = node.publish(&channel, ns, Bytes::copy_from_slice(data.as_bytes()), info).await.map_err(|e| {
-            refuse(if e.limit().is_some() { ErrorCode::NodeLimit } else { ErrorCode::Unavailable }, e.to_string())
-        })?;
+        let pos = node
+            .publish(&channel, ns, Bytes::copy_from_slice(data.as_bytes()), info)
+            .await
+            .map_err(|e| refuse(e.code(), e.to_string()))?;
         self.send(encode_reply(id, "publish", &PublishResult { epoch: pos.epoch.to_string(), offset: pos.offset }));
         Ok(())
     }
@@ -598,12 +599,7 @@ impl Session {
         let since = req.since.map(|p| StreamPosition { epoch: Arc::from(p.epoch.as_str()), offset: p.offset });
         let asked_epoch = since.as_ref().map(|p| p.epoch.clone());
         let query = HistoryQuery { since, limit, reverse: req.reverse };
-        let h = self
-            .node
-            .engine
-            .history(channel.as_str(), query)
-            .await
-            .map_err(|e| refuse(ErrorCode::Unavailable, e.to_string()))?;
+        let h = self.node.engine.history(channel.as_str(), query).await.map_err(|e| refuse(e.code(), e.to_string()))?;
         if let Some(epoch) = asked_epoch {
             if let Some(message) = crate::node::epoch_mismatch(&epoch, &h.position) {
                 return Err(refuse(ErrorCode::EpochMismatch, message));
@@ -624,7 +620,7 @@ impl Session {
             return Err(refuse(ErrorCode::NotAvailable, "presence is off in this namespace"));
         }
         let engine = &self.node.engine;
-        let internal = |e: crate::engine::EngineError| refuse(ErrorCode::Unavailable, e.to_string());
+        let internal = |e: crate::engine::EngineError| refuse(e.code(), e.to_string());
         if stats {
             let s = engine.presence_stats(channel.as_str()).await.map_err(internal)?;
             let result = PresenceStatsResult { clients: s.clients as u64, users: s.users as u64 };

@@ -156,7 +156,7 @@ pub async fn sse(
     match subscribed {
         Ok(_) => {}
         Err(crate::node::SubscribeFailure::Engine(e)) => {
-            return ApiError::new(ErrorCode::Unavailable, e.to_string()).into_response();
+            return ApiError::new(e.code(), e.to_string()).into_response();
         }
         Err(_) => return ApiError::new(ErrorCode::Internal, "subscription failed").into_response(),
     }

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use herald_protocol::ClientInfo;
+use herald_protocol::{ClientInfo, ErrorCode};
 
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisEngine, RedisSettings};
@@ -126,6 +126,16 @@ impl EngineError {
             Self::Unavailable(_) => None,
             Self::TooManyChannels { .. } => Some("max_channels"),
             Self::HistoryFull { .. } => Some("max_history_bytes"),
+        }
+    }
+
+    /// The code every door answers with: a node limit (116, retry later) or an engine that
+    /// does not answer (113). The one mapping, for WebSocket replies and HTTP answers alike.
+    pub fn code(&self) -> ErrorCode {
+        if self.limit().is_some() {
+            ErrorCode::NodeLimit
+        } else {
+            ErrorCode::Unavailable
         }
     }
 }
