@@ -35,6 +35,7 @@
 //! that timed out may still have been stored (Redis may have run it): the caller cannot know.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -77,6 +78,11 @@ pub struct RedisSettings {
     pub password: String,
     pub prefix: String,
     pub timeout: Duration,
+    /// TLS (`rediss://`): PEM files of the CAs to trust (empty: the system's), and of this
+    /// node's certificate and key when Redis asks for one (empty: none).
+    pub tls_ca: PathBuf,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
 }
 
 impl std::fmt::Debug for RedisSettings {
@@ -86,6 +92,9 @@ impl std::fmt::Debug for RedisSettings {
             .field("password", &if self.password.is_empty() { "" } else { "<redacted>" })
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
             .finish()
     }
 }
@@ -97,13 +106,24 @@ impl From<&crate::config::RedisConfig> for RedisSettings {
             password: c.password.expose().to_owned(),
             prefix: c.prefix.clone(),
             timeout: c.timeout,
+            tls_ca: c.tls_ca.clone(),
+            tls_cert: c.tls_cert.clone(),
+            tls_key: c.tls_key.clone(),
         }
     }
 }
 
 impl RedisSettings {
     pub fn new(url: impl Into<String>, prefix: impl Into<String>) -> Self {
-        Self { url: url.into(), password: String::new(), prefix: prefix.into(), timeout: Duration::from_secs(1) }
+        Self {
+            url: url.into(),
+            password: String::new(),
+            prefix: prefix.into(),
+            timeout: Duration::from_secs(1),
+            tls_ca: PathBuf::new(),
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
+        }
     }
 
     /// A Redis client for these settings (connects nothing yet).
@@ -114,7 +134,26 @@ impl RedisSettings {
             let settings = info.redis_settings().clone().set_password(&self.password);
             info = info.set_redis_settings(settings);
         }
-        redis::Client::open(info).map_err(bad)
+        let set = |p: &PathBuf| !p.as_os_str().is_empty();
+        if !set(&self.tls_ca) && !set(&self.tls_cert) && !set(&self.tls_key) {
+            // `rediss://` alone: Redis's certificate is checked against the system's CAs.
+            return redis::Client::open(info).map_err(bad);
+        }
+        // Messages name the file and never quote its contents.
+        let read = |key: &str, p: &PathBuf| {
+            std::fs::read(p).map_err(|e| EngineError::Unavailable(format!("cannot read {key} {}: {e}", p.display())))
+        };
+        let root_cert = if set(&self.tls_ca) { Some(read("engine.redis.tls_ca", &self.tls_ca)?) } else { None };
+        let client_tls = if set(&self.tls_cert) || set(&self.tls_key) {
+            Some(redis::ClientTlsConfig {
+                client_cert: read("engine.redis.tls_cert", &self.tls_cert)?,
+                client_key: read("engine.redis.tls_key", &self.tls_key)?,
+            })
+        } else {
+            None
+        };
+        redis::Client::build_with_tls(info, redis::TlsCertificates { client_tls, root_cert })
+            .map_err(|e| EngineError::Unavailable(format!("Redis TLS settings: {e}")))
     }
 }
 
@@ -824,6 +863,86 @@ mod tests {
     }
 
     crate::engine_conformance!(super::engine());
+
+    /// The whole suite again over TLS (`rediss://`), with a client certificate, against a
+    /// `redis-server` that accepts nothing else.
+    mod tls {
+        use super::*;
+
+        /// Writes a CA, a server certificate for 127.0.0.1 and a client certificate (both
+        /// signed by the CA) into `dir`.
+        pub(super) fn pki(dir: &std::path::Path) -> std::io::Result<(test_server::Tls, PathBuf, PathBuf)> {
+            let err = |e: rcgen::Error| std::io::Error::other(e.to_string());
+            // Distinct subjects: OpenSSL takes a certificate whose subject is its issuer's for
+            // a self-signed one.
+            let params = |names: Vec<String>, cn: &str| {
+                let mut p = rcgen::CertificateParams::new(names).map_err(err)?;
+                p.distinguished_name = rcgen::DistinguishedName::new();
+                p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+                Ok::<_, std::io::Error>(p)
+            };
+            let ca_key = rcgen::KeyPair::generate().map_err(err)?;
+            let mut ca_params = params(Vec::new(), "herald test CA")?;
+            ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let ca = ca_params.self_signed(&ca_key).map_err(err)?;
+            let write = |name: &str, pem: String| -> std::io::Result<PathBuf> {
+                let p = dir.join(name);
+                std::fs::write(&p, pem)?;
+                Ok(p)
+            };
+            let server_key = rcgen::KeyPair::generate().map_err(err)?;
+            let server =
+                params(vec!["127.0.0.1".to_owned()], "redis")?.signed_by(&server_key, &ca, &ca_key).map_err(err)?;
+            let client_key = rcgen::KeyPair::generate().map_err(err)?;
+            let client = params(vec!["herald-node".to_owned()], "herald-node")?
+                .signed_by(&client_key, &ca, &ca_key)
+                .map_err(err)?;
+            let tls = test_server::Tls {
+                cert: write("server.pem", server.pem())?,
+                key: write("server-key.pem", server_key.serialize_pem())?,
+                ca: write("ca.pem", ca.pem())?,
+            };
+            Ok((tls, write("client.pem", client.pem())?, write("client-key.pem", client_key.serialize_pem())?))
+        }
+
+        pub(super) fn engine() -> RedisEngine {
+            let mut client = None;
+            let server = RedisServer::start_tls(|dir| {
+                let (tls, cert, key) = pki(dir)?;
+                client = Some((tls.ca.clone(), cert, key));
+                Ok(tls)
+            })
+            .expect("redis-server with TLS");
+            let (ca, cert, key) = client.expect("pki");
+            assert!(server.url().starts_with("rediss://"), "{}", server.url());
+            let mut settings = RedisSettings::new(server.url(), "t");
+            (settings.tls_ca, settings.tls_cert, settings.tls_key) = (ca, cert, key);
+            let mut e = RedisEngine::new(settings).expect("engine");
+            e.server = Some(server);
+            e
+        }
+
+        crate::engine_conformance!(super::engine());
+
+        /// Without the CA Redis's certificate is not trusted; without a client certificate
+        /// Redis refuses the node: either way a clear `Unavailable`, in bounded time.
+        #[tokio::test]
+        async fn an_untrusted_or_anonymous_connection_fails_cleanly() {
+            let good = engine();
+            let url = good.server.as_ref().expect("server").url();
+            let mut no_ca = RedisSettings::new(url.clone(), "t");
+            no_ca.timeout = Duration::from_millis(500);
+            let e = RedisEngine::new(no_ca).expect("engine");
+            let r = e.history("x", HistoryQuery::default()).await;
+            assert!(matches!(r, Err(EngineError::Unavailable(_))), "{r:?}");
+            let mut plain = RedisSettings::new(url.replacen("rediss://", "redis://", 1), "t");
+            plain.timeout = Duration::from_millis(500);
+            let e = RedisEngine::new(plain).expect("engine");
+            let r = e.history("x", HistoryQuery::default()).await;
+            assert!(matches!(r, Err(EngineError::Unavailable(_))), "plain TCP to a TLS port: {r:?}");
+            good.history("x", HistoryQuery::default()).await.expect("the configured engine reads");
+        }
+    }
 
     #[tokio::test]
     async fn reads_write_no_key() {
