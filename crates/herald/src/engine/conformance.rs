@@ -128,6 +128,27 @@ pub(crate) async fn history_expires_by_age(engine: impl Engine) {
     assert!(!h.complete || h.position.epoch != pos.epoch, "an expired publication cannot be recovered");
 }
 
+pub(crate) async fn old_publications_leave_history_before_new_ones(engine: impl Engine) {
+    let (e, _) = with_recorder(engine);
+    let short = HistoryPolicy { size: 100, ttl: Duration::from_millis(400) };
+    for i in 1..=3 {
+        e.publish("old", data(i), None, short).await.expect("publish");
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut epoch = None;
+    for i in 4..=5 {
+        epoch = Some(e.publish("old", data(i), None, short).await.expect("publish").epoch);
+    }
+    let epoch = epoch.expect("published");
+    let offsets = |h: &History| h.publications.iter().map(|p| p.offset).collect::<Vec<_>>();
+    let h = e.history("old", HistoryQuery { limit: 100, ..Default::default() }).await.expect("read");
+    assert_eq!(offsets(&h), [4, 5], "1 to 3 are past the TTL");
+    let h = e.history("old", HistoryQuery { since: since(&epoch, 3), limit: 100, ..Default::default() }).await;
+    assert_eq!(h.map(|h| (offsets(&h), h.complete)), Ok((vec![4, 5], true)));
+    let h = e.history("old", HistoryQuery { since: since(&epoch, 1), limit: 100, ..Default::default() }).await;
+    assert_eq!(h.map(|h| (offsets(&h), h.complete)), Ok((vec![4, 5], false)), "2 and 3 are gone: a gap");
+}
+
 pub(crate) async fn channels_without_history_keep_positions(engine: impl Engine) {
     let (e, rec) = with_recorder(engine);
     e.listen("n").await.expect("listen");
@@ -283,6 +304,10 @@ macro_rules! engine_conformance {
             #[tokio::test]
             async fn history_expires_by_age() {
                 suite::history_expires_by_age($make).await;
+            }
+            #[tokio::test]
+            async fn old_publications_leave_history_before_new_ones() {
+                suite::old_publications_leave_history_before_new_ones($make).await;
             }
             #[tokio::test]
             async fn channels_without_history_keep_positions() {

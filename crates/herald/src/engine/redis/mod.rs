@@ -6,7 +6,7 @@
 //!
 //! | key | type | what |
 //! | --- | --- | --- |
-//! | `{p:c}:meta` | hash | `e` epoch, `o` last offset, `l` history TTL (ms) |
+//! | `{p:c}:meta` | hash | `e` epoch, `o` last offset, `l` history policy `<TTL ms>:<size>` |
 //! | `{p:c}:stream` | stream | history: entry id `0-<offset>`, fields `b` (body), `t` (ms) |
 //! | `{p:c}:pub` | pub/sub channel | publications and join/leave pushes |
 //! | `{p:c}:presence` | hash | client → user and connection info |
@@ -14,9 +14,9 @@
 //! | `{p:c}:presence:users` | hash | user → connections present |
 //! | `{p}:base` | string | random part of every epoch of this prefix |
 //!
-//! **Publish** is one Lua script: it assigns the offset, stores the publication (trimmed by
-//! size and age), refreshes the TTLs and PUBLISHes it with its epoch and offset: one round
-//! trip, atomic. Deliveries come back through one pub/sub connection per node, subscribed to
+//! **Publish** is one Lua script: it assigns the offset, stores the publication (the stream
+//! trimmed by size, approximately; reads apply the exact size and the TTL), refreshes the TTLs
+//! and PUBLISHes it with its epoch and offset: one round trip, atomic. Deliveries come back through one pub/sub connection per node, subscribed to
 //! the channels that have local subscribers ([`Engine::listen`]). That link checks every
 //! publication's offset against the last one it delivered: a gap (a reconnect, a lost
 //! message) is filled from the stream in order, or, when the stream no longer has it, the
@@ -1001,6 +1001,44 @@ mod tests {
         let seen = rec.wait_for(3).await;
         let got: Vec<(u64, Bytes)> = seen.iter().map(|(_, _, r)| (r.offset, r.data.clone())).collect();
         assert_eq!(got, [(1, Bytes::from_static(b"1")), (2, Bytes::from_static(b"2")), (3, Bytes::from_static(b"3"))]);
+    }
+
+    /// A publication is one round trip: one `EVALSHA`, and no other command, once the script
+    /// is loaded and the epoch base known.
+    #[tokio::test]
+    async fn a_publication_is_one_evalsha() {
+        let e = engine();
+        let keep = HistoryPolicy { size: 10, ttl: Duration::from_secs(60) };
+        e.publish("r", Bytes::from_static(b"0"), None, keep).await.expect("warm up");
+        let mut raw = raw(&e).await;
+        let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut raw).await.expect("reset");
+        for i in 1..=50 {
+            e.publish("r", Bytes::from(i.to_string()), None, keep).await.expect("publish");
+        }
+        let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut raw).await.expect("info");
+        let calls = |line: &str| -> u64 {
+            line.split("calls=").nth(1).and_then(|r| r.split(',').next()).and_then(|n| n.parse().ok()).unwrap_or(0)
+        };
+        let mut seen: Vec<(String, u64)> = info
+            .lines()
+            .filter_map(|l| Some((l.strip_prefix("cmdstat_")?.split(':').next()?.to_owned(), calls(l))))
+            .filter(|(c, _)| !matches!(c.as_str(), "info" | "config|resetstat" | "ping"))
+            .collect();
+        seen.sort();
+        let want: Vec<(String, u64)> = [
+            // The one round trip per publication; the rest run inside it.
+            ("evalsha", 50),
+            ("hincrby", 50),
+            ("hmget", 50),
+            ("pexpire", 100),
+            ("publish", 50),
+            ("time", 50),
+            ("xadd", 50),
+        ]
+        .iter()
+        .map(|(c, n)| (c.to_string(), *n))
+        .collect();
+        assert_eq!(seen, want, "{info}");
     }
 
     #[tokio::test]
