@@ -270,6 +270,12 @@ pub struct RedisConfig {
     /// With `rediss://`: PEM file with the private key of `tls_cert`.
     #[schemars(with = "String")]
     pub tls_key: PathBuf,
+    /// Most bytes of publications this node has received from Redis and not yet handed to
+    /// its subscribers. When the node falls this far behind, it drops what arrives and reads
+    /// those channels back from history instead (their subscribers recover, with
+    /// `recovered: false` if history no longer has it): memory stays bounded, nothing is
+    /// skipped silently. Counted in `herald_redis_link_overflows_total`.
+    pub max_link_bytes: usize,
 }
 
 impl Default for RedisConfig {
@@ -282,6 +288,7 @@ impl Default for RedisConfig {
             tls_ca: PathBuf::new(),
             tls_cert: PathBuf::new(),
             tls_key: PathBuf::new(),
+            max_link_bytes: 64 << 20,
         }
     }
 }
@@ -296,6 +303,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("tls_ca", &self.tls_ca)
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
+            .field("max_link_bytes", &self.max_link_bytes)
             .finish()
     }
 }
@@ -452,6 +460,7 @@ impl Config {
             let r = &self.engine.redis;
             check(cfg!(feature = "redis"), "engine.kind", "this build has no Redis engine (cargo feature `redis`)")?;
             check(!r.timeout.is_zero(), "engine.redis.timeout", "must be greater than zero")?;
+            check(r.max_link_bytes >= 64 << 10, "engine.redis.max_link_bytes", "must be at least 65536 bytes")?;
             let ok = !r.prefix.is_empty()
                 && r.prefix.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'));
             check(ok, "engine.redis.prefix", "must be letters, digits, _ - . or : (it goes inside Redis hash tags)")?;

@@ -34,8 +34,9 @@
 //! Every call is bounded by `timeout`; failures are [`EngineError::Unavailable`]. A publish
 //! that timed out may still have been stored (Redis may have run it): the caller cannot know.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -83,6 +84,8 @@ pub struct RedisSettings {
     pub tls_ca: PathBuf,
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
+    /// Most bytes of publications received from Redis and not yet delivered on this node.
+    pub max_link_bytes: usize,
 }
 
 impl std::fmt::Debug for RedisSettings {
@@ -95,6 +98,7 @@ impl std::fmt::Debug for RedisSettings {
             .field("tls_ca", &self.tls_ca)
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
+            .field("max_link_bytes", &self.max_link_bytes)
             .finish()
     }
 }
@@ -109,6 +113,7 @@ impl From<&crate::config::RedisConfig> for RedisSettings {
             tls_ca: c.tls_ca.clone(),
             tls_cert: c.tls_cert.clone(),
             tls_key: c.tls_key.clone(),
+            max_link_bytes: c.max_link_bytes,
         }
     }
 }
@@ -123,6 +128,7 @@ impl RedisSettings {
             tls_ca: PathBuf::new(),
             tls_cert: PathBuf::new(),
             tls_key: PathBuf::new(),
+            max_link_bytes: 64 << 20,
         }
     }
 
@@ -189,6 +195,17 @@ struct Inner {
     listening: Mutex<HashMap<String, Listening>>,
     cmds: mpsc::UnboundedSender<Cmd>,
     scripts: Scripts,
+    /// Messages the pub/sub link received and the delivery task has not handled yet: their
+    /// bytes, bounded by `max_link_bytes`.
+    queued_bytes: AtomicUsize,
+    max_link_bytes: usize,
+    /// Channels whose publications may have been missed (a message dropped at the bound, a
+    /// reconnect): the delivery task reads them back from the stream.
+    dirty: Mutex<HashSet<String>>,
+    wake: tokio::sync::Notify,
+    /// Messages dropped at the bound (for tests; also the metric
+    /// `herald_redis_link_overflows_total`).
+    overflows: AtomicU64,
 }
 
 struct Scripts {
@@ -233,6 +250,8 @@ impl RedisEngine {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| EngineError::Unavailable("the Redis engine needs a tokio runtime".into()))?;
         let (cmds, rx) = mpsc::unbounded_channel();
+        // Bounded in bytes by `max_link_bytes` (the link drops what would pass it).
+        let (work, work_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             client,
             prefix: settings.prefix,
@@ -242,6 +261,11 @@ impl RedisEngine {
             base: Mutex::new(None),
             delivery: OnceLock::new(),
             listening: Mutex::new(HashMap::new()),
+            queued_bytes: AtomicUsize::new(0),
+            max_link_bytes: settings.max_link_bytes,
+            dirty: Mutex::new(HashSet::new()),
+            wake: tokio::sync::Notify::new(),
+            overflows: AtomicU64::new(0),
             cmds,
             scripts: Scripts {
                 publish: Script::new(PUBLISH_LUA),
@@ -253,7 +277,8 @@ impl RedisEngine {
             },
         });
         let stop = CancellationToken::new();
-        runtime.spawn(link(inner.clone(), rx, stop.clone()));
+        runtime.spawn(link(inner.clone(), rx, work, stop.clone()));
+        runtime.spawn(deliver_loop(inner.clone(), work_rx, stop.clone()));
         Ok(Self {
             inner,
             stop,
@@ -510,6 +535,26 @@ impl Inner {
         }
     }
 
+    /// Queues a message from the link for the delivery task, or, past `max_link_bytes`, drops
+    /// it and marks its channel to be read back from the stream: memory stays bounded when
+    /// the node falls behind, and nothing is skipped silently.
+    fn enqueue(&self, m: redis::Msg, work: &mpsc::UnboundedSender<redis::Msg>) {
+        let n = msg_bytes(&m);
+        if self.queued_bytes.load(Ordering::Relaxed) + n > self.max_link_bytes {
+            self.overflows.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("herald_redis_link_overflows_total").increment(1);
+            if let Some(c) = self.channel_of(m.get_channel_name()) {
+                if lock(&self.dirty).insert(c.to_owned()) {
+                    tracing::debug!(channel = c, "redis pub/sub link: delivery behind; will read back from history");
+                }
+            }
+            self.wake.notify_one();
+            return;
+        }
+        self.queued_bytes.fetch_add(n, Ordering::Relaxed);
+        let _ = work.send(m);
+    }
+
     fn wanted(&self, channel: &str) -> bool {
         lock(&self.listening).contains_key(channel)
     }
@@ -521,9 +566,42 @@ impl Inner {
     }
 }
 
+/// The delivery task: hands the link's messages to the node in order, and reads back from
+/// the streams what the link may have missed (`dirty`). The only caller of `handle` and
+/// `catch_up`, so a channel's deliveries keep one order.
+async fn deliver_loop(inner: Arc<Inner>, mut work: mpsc::UnboundedReceiver<redis::Msg>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            msg = work.recv() => match msg {
+                Some(m) => {
+                    inner.queued_bytes.fetch_sub(msg_bytes(&m), Ordering::Relaxed);
+                    inner.handle(m).await;
+                }
+                None => return,
+            },
+            () = inner.wake.notified() => {}
+        }
+        let dirty: Vec<String> = lock(&inner.dirty).drain().collect();
+        for c in dirty {
+            inner.catch_up(&c).await;
+        }
+    }
+}
+
+fn msg_bytes(m: &redis::Msg) -> usize {
+    // The payload and channel name, plus what `Msg` holds around them.
+    m.get_payload_bytes().len() + m.get_channel_name().len() + 64
+}
+
 /// The pub/sub link: one connection per node, subscribed to the channels with local
 /// subscribers; reconnects (with backoff) and resubscribes, then fills what it missed.
-async fn link(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd>, stop: CancellationToken) {
+async fn link(
+    inner: Arc<Inner>,
+    mut cmds: mpsc::UnboundedReceiver<Cmd>,
+    work: mpsc::UnboundedSender<redis::Msg>,
+    stop: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(50);
     let mut was_up = false;
     // Warned about the current outage already (one warning per outage, not per retry).
@@ -581,9 +659,9 @@ async fn link(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd>, stop: C
         for c in &wanted {
             inner.set_up(c, true);
         }
-        for c in &wanted {
-            inner.catch_up(c).await;
-        }
+        // What was published while the link was down is read back by the delivery task.
+        lock(&inner.dirty).extend(wanted);
+        inner.wake.notify_one();
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -611,7 +689,7 @@ async fn link(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd>, stop: C
                     }
                 }
                 msg = stream.next() => match msg {
-                    Some(m) => inner.handle(m).await,
+                    Some(m) => inner.enqueue(m, &work),
                     None => break,
                 },
                 _ = ping.tick() => {
@@ -1039,6 +1117,71 @@ mod tests {
         .map(|(c, n)| (c.to_string(), *n))
         .collect();
         assert_eq!(seen, want, "{info}");
+    }
+
+    /// A delivery handler that takes its time (a node too busy to keep up with Redis).
+    struct Slow(Arc<crate::engine::conformance::Recorder>);
+
+    impl Delivery for Slow {
+        fn deliver(&self, channel: &str, position: &StreamPosition, publication: &PublicationRecord) {
+            std::thread::sleep(Duration::from_millis(2));
+            self.0.deliver(channel, position, publication);
+        }
+
+        fn lost(&self, channel: &str) {
+            self.0.lost(channel);
+        }
+    }
+
+    /// An engine whose link holds at most 4 KiB of undelivered messages, and a slow handler.
+    fn slow_engine() -> (RedisEngine, Arc<crate::engine::conformance::Recorder>) {
+        let server = RedisServer::start().expect("redis-server");
+        let mut settings = RedisSettings::new(server.url(), "t");
+        settings.max_link_bytes = 4096;
+        let mut e = RedisEngine::new(settings).expect("engine");
+        e.server = Some(server);
+        let rec = Arc::new(crate::engine::conformance::Recorder::default());
+        e.set_delivery(Arc::new(Slow(rec.clone())));
+        (e, rec)
+    }
+
+    /// Past `max_link_bytes` the link drops messages; what it dropped is read back from the
+    /// stream, so every publication is still delivered once and in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_that_falls_behind_refills_from_history() {
+        let (e, rec) = slow_engine();
+        let keep = HistoryPolicy { size: 1000, ttl: Duration::from_secs(60) };
+        e.listen("b").await.expect("listen");
+        let body = Bytes::from(vec![b'x'; 200]);
+        for _ in 0..200 {
+            e.publish("b", body.clone(), None, keep).await.expect("publish");
+        }
+        let seen = rec.wait_for(200).await;
+        let offsets: Vec<u64> = seen.iter().map(|(_, _, r)| r.offset).collect();
+        assert_eq!(offsets, (1..=200).collect::<Vec<_>>(), "once each, in order");
+        assert!(e.inner.overflows.load(Ordering::Relaxed) > 0, "the bound was reached");
+        assert!(e.inner.queued_bytes.load(Ordering::Relaxed) <= 4096);
+        assert!(rec.lost.lock().unwrap_or_else(|e| e.into_inner()).is_empty());
+    }
+
+    /// Without history to read back from, the subscribers are told to recover: no silent gap.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_that_falls_behind_without_history_makes_subscribers_recover() {
+        let (e, rec) = slow_engine();
+        e.listen("z").await.expect("listen");
+        let body = Bytes::from(vec![b'x'; 200]);
+        for _ in 0..200 {
+            e.publish("z", body.clone(), None, HistoryPolicy::NONE).await.expect("publish");
+        }
+        for _ in 0..500 {
+            if !rec.lost.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(e.inner.overflows.load(Ordering::Relaxed) > 0, "the bound was reached");
+        let lost = rec.lost.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        assert!(!lost.is_empty() && lost.iter().all(|c| c == "z"), "{lost:?}");
     }
 
     #[tokio::test]
