@@ -30,7 +30,7 @@ for rev in "$@"; do
     redis-cli -p "$port" CONFIG RESETSTAT >/dev/null
     t0=$(awk '{print $14 + $15}' /proc/$pid/stat)
     redis-benchmark -p "$port" -n "$calls" -c 8 -q EVALSHA "$sha" 2 '{t:c}:meta' '{t:c}:stream' \
-      base 300 1000 300000 300000 "$body" '{t:c}:pub' >/dev/null
+      base 300 1000 300000 300000 "$body" '{t:c}:pub' '' >/dev/null
     t1=$(awk '{print $14 + $15}' /proc/$pid/stat)
     tick=$(getconf CLK_TCK)
     upc=$(redis-cli -p "$port" INFO commandstats | tr -d '\r' | sed -n 's/^cmdstat_evalsha:.*usec_per_call=\([0-9.]*\).*/\1/p')

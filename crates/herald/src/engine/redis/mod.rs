@@ -59,7 +59,7 @@ use self::scripts::{
 };
 use super::{
     Delivery, Engine, EngineError, EngineStats, History, HistoryPolicy, HistoryQuery, PresenceChange, PresenceEntry,
-    PresenceStats, PublicationRecord, Publish, StreamPosition,
+    PresenceStats, PublicationRecord, Publish, StreamPosition, Tags,
 };
 
 /// Length of an epoch window, and the least time a channel's metadata outlives its last
@@ -352,8 +352,7 @@ impl Inner {
         publication: Publish,
         policy: HistoryPolicy,
     ) -> Result<StreamPosition, EngineError> {
-        // Tags and the live exclusion do not cross Redis yet.
-        let Publish { data, info, .. } = publication;
+        let Publish { data, info, tags, exclude } = publication;
         let base = self.base(false).await?;
         let mut conn = self.conn().await?;
         let life_ms = policy.ttl.as_millis().clamp(1, u64::MAX as u128) as u64;
@@ -367,8 +366,9 @@ impl Inner {
             .arg(policy.size)
             .arg(life_ms)
             .arg(EPOCH_WINDOW_SECS * 1000)
-            .arg(encode_body(info.as_ref(), &data))
+            .arg(encode_body(info.as_ref(), tags.as_deref(), &data))
             .arg(self.key(channel, "pub"))
+            .arg(exclude.map(|x| x.to_string()).unwrap_or_default())
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
@@ -398,9 +398,9 @@ impl Inner {
             .map_err(unavailable)?;
         let mut publications = Vec::with_capacity(entries.len());
         for (offset, body) in entries {
-            let (info, data) = decode_body(Bytes::from(body))
+            let (info, tags, data) = decode_body(Bytes::from(body))
                 .ok_or_else(|| EngineError::Unavailable(format!("redis: unreadable history entry in `{channel}`")))?;
-            publications.push(PublicationRecord { offset, data, info, ..Default::default() });
+            publications.push(PublicationRecord { offset, data, info, tags, exclude: None });
         }
         if query.reverse {
             publications.reverse();
@@ -709,32 +709,53 @@ async fn link(
     }
 }
 
-/// `<info JSON or nothing>\n<data>`: what the stream stores and the pub/sub link carries.
-fn encode_body(info: Option<&ClientInfo>, data: &[u8]) -> Vec<u8> {
-    let mut out = info.and_then(|i| serde_json::to_vec(i).ok()).unwrap_or_default();
+/// What the stream stores and the pub/sub link carries: `[#<tags JSON>\n]<info JSON or
+/// nothing>\n<data>`. Neither JSON line holds a raw newline (JSON escapes them in strings),
+/// and info JSON starts with `{`, so the `#` line is unambiguous; without tags the body is
+/// as short as it can be.
+fn encode_body(info: Option<&ClientInfo>, tags: Option<&Tags>, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 64);
+    if let Some(tags) = tags {
+        out.push(b'#');
+        out.extend(serde_json::to_vec(tags).unwrap_or_else(|_| b"{}".to_vec()));
+        out.push(b'\n');
+    }
+    if let Some(info) = info.and_then(|i| serde_json::to_vec(i).ok()) {
+        out.extend(info);
+    }
     out.push(b'\n');
     out.extend_from_slice(data);
     out
 }
 
-fn decode_body(body: Bytes) -> Option<(Option<ClientInfo>, Bytes)> {
+type Body = (Option<ClientInfo>, Option<Arc<Tags>>, Bytes);
+
+fn decode_body(mut body: Bytes) -> Option<Body> {
+    let mut tags = None;
+    if body.first() == Some(&b'#') {
+        let nl = body.iter().position(|b| *b == b'\n')?;
+        tags = Some(Arc::new(serde_json::from_slice::<Tags>(&body[1..nl]).ok()?));
+        body = body.slice(nl + 1..);
+    }
     let nl = body.iter().position(|b| *b == b'\n')?;
     let info = if nl == 0 { None } else { Some(serde_json::from_slice(&body[..nl]).ok()?) };
-    Some((info, body.slice(nl + 1..)))
+    Some((info, tags, body.slice(nl + 1..)))
 }
 
-/// `<offset>\n<epoch>\n<body>` (after the leading `p`).
+/// `<offset>\n<epoch>\n<exclude or nothing>\n<body>` (after the leading `p`); the exclusion
+/// (a connection id) travels live only, it is not in the stream.
 fn decode_publication(payload: Bytes) -> Option<(StreamPosition, PublicationRecord)> {
-    let nl = payload.iter().position(|b| *b == b'\n')?;
-    let offset: u64 = std::str::from_utf8(&payload[..nl]).ok()?.parse().ok()?;
-    let rest = payload.slice(nl + 1..);
-    let nl = rest.iter().position(|b| *b == b'\n')?;
-    let epoch = std::str::from_utf8(&rest[..nl]).ok()?;
-    let (info, data) = decode_body(rest.slice(nl + 1..))?;
-    Some((
-        StreamPosition { epoch: Arc::from(epoch), offset },
-        PublicationRecord { offset, data, info, ..Default::default() },
-    ))
+    let mut lines = payload.splitn(4, |b| *b == b'\n');
+    let offset: u64 = std::str::from_utf8(lines.next()?).ok()?.parse().ok()?;
+    let epoch = std::str::from_utf8(lines.next()?).ok()?;
+    let exclude = match lines.next()? {
+        [] => None,
+        x => Some(std::str::from_utf8(x).ok()?.parse().ok()?),
+    };
+    let rest = lines.next()?;
+    let body = payload.slice_ref(rest);
+    let (info, tags, data) = decode_body(body)?;
+    Some((StreamPosition { epoch: Arc::from(epoch), offset }, PublicationRecord { offset, data, info, tags, exclude }))
 }
 
 /// A presence entry as stored: `<user length>:<user><info JSON>`.
@@ -1076,7 +1097,7 @@ mod tests {
             .arg(e.inner.key("g", "stream"))
             .arg("0-2")
             .arg("b")
-            .arg(encode_body(None, b"2"))
+            .arg(encode_body(None, None, b"2"))
             .arg("t")
             .arg(now)
             .query_async(&mut raw)
@@ -1094,11 +1115,11 @@ mod tests {
     async fn a_publication_is_one_evalsha() {
         let e = engine();
         let keep = HistoryPolicy { size: 10, ttl: Duration::from_secs(60) };
-        e.publish("r", Bytes::from_static(b"0"), None, keep).await.expect("warm up");
+        e.publish("r", Publish::data(Bytes::from_static(b"0")), keep).await.expect("warm up");
         let mut raw = raw(&e).await;
         let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut raw).await.expect("reset");
         for i in 1..=50 {
-            e.publish("r", Bytes::from(i.to_string()), None, keep).await.expect("publish");
+            e.publish("r", Publish::data(Bytes::from(i.to_string())), keep).await.expect("publish");
         }
         let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut raw).await.expect("info");
         let calls = |line: &str| -> u64 {
@@ -1124,6 +1145,39 @@ mod tests {
         .map(|(c, n)| (c.to_string(), *n))
         .collect();
         assert_eq!(seen, want, "{info}");
+    }
+
+    /// Two nodes on one Redis: what one publishes reaches the other with its tags and its
+    /// exclusion, and a channel event's bytes cross unchanged.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tags_exclusions_and_events_cross_nodes() {
+        let a = engine();
+        let b = RedisEngine::new(RedisSettings::new(a.server.as_ref().expect("server").url(), "t")).expect("b");
+        let rec = Arc::new(crate::engine::conformance::Recorder::default());
+        b.set_delivery(rec.clone());
+        b.listen("x").await.expect("listen");
+        let tags: Arc<Tags> = Arc::new([("event".to_owned(), "client-typing".to_owned())].into());
+        let p = Publish { data: Bytes::from_static(b"{}"), tags: Some(tags.clone()), exclude: Some(42), info: None };
+        a.publish("x", p, HistoryPolicy { size: 10, ttl: Duration::from_secs(60) }).await.expect("publish");
+        let seen = rec.wait_for(1).await;
+        assert_eq!(seen.len(), 1);
+        assert_eq!((seen[0].2.tags.clone(), seen[0].2.exclude), (Some(tags), Some(42)));
+        let event = crate::hub::ChannelEvent::Client {
+            event: "client-typing".into(),
+            data: "{\"a\":1}".into(),
+            user: Some("u".into()),
+            exclude: Some(42),
+        };
+        a.broadcast("x", event.encode()).await.expect("broadcast");
+        for _ in 0..500 {
+            if !rec.notes.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let notes = rec.notes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        assert_eq!(notes.len(), 1);
+        assert_eq!(crate::hub::ChannelEvent::decode(&notes[0].1), Some(event));
     }
 
     /// A delivery handler that takes its time (a node too busy to keep up with Redis).
@@ -1161,7 +1215,7 @@ mod tests {
         e.listen("b").await.expect("listen");
         let body = Bytes::from(vec![b'x'; 200]);
         for _ in 0..200 {
-            e.publish("b", body.clone(), None, keep).await.expect("publish");
+            e.publish("b", Publish::data(body.clone()), keep).await.expect("publish");
         }
         let seen = rec.wait_for(200).await;
         let offsets: Vec<u64> = seen.iter().map(|(_, _, r)| r.offset).collect();
@@ -1178,7 +1232,7 @@ mod tests {
         e.listen("z").await.expect("listen");
         let body = Bytes::from(vec![b'x'; 200]);
         for _ in 0..200 {
-            e.publish("z", body.clone(), None, HistoryPolicy::NONE).await.expect("publish");
+            e.publish("z", Publish::data(body.clone()), HistoryPolicy::NONE).await.expect("publish");
         }
         for _ in 0..500 {
             if !rec.lost.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
@@ -1244,13 +1298,28 @@ mod tests {
     #[test]
     fn bodies_round_trip() {
         let info = ClientInfo { user: "u\n1".into(), client: "c".into() };
-        let body = encode_body(Some(&info), b"{\"a\":\n1}");
-        assert_eq!(decode_body(Bytes::from(body)), Some((Some(info), Bytes::from_static(b"{\"a\":\n1}"))));
-        let mut p = b"12\nabc-3\n".to_vec();
-        p.extend(encode_body(None, b"7"));
+        let body = encode_body(Some(&info), None, b"{\"a\":\n1}");
+        assert_eq!(
+            decode_body(Bytes::from(body)),
+            Some((Some(info.clone()), None, Bytes::from_static(b"{\"a\":\n1}")))
+        );
+        let tags: Tags = [("event".to_owned(), "a\nb#{".to_owned()), ("k\n".to_owned(), String::new())].into();
+        let body = encode_body(Some(&info), Some(&tags), b"#\n");
+        let tags = Some(Arc::new(tags));
+        assert_eq!(decode_body(Bytes::from(body)), Some((Some(info), tags.clone(), Bytes::from_static(b"#\n"))));
+        let body = encode_body(None, tags.as_deref(), b"{}");
+        assert_eq!(decode_body(Bytes::from(body)), Some((None, tags.clone(), Bytes::from_static(b"{}"))));
+        let mut p = b"12\nabc-3\n\n".to_vec();
+        p.extend(encode_body(None, None, b"7"));
         let (pos, rec) = decode_publication(Bytes::from(p)).expect("decodes");
-        assert_eq!((pos.offset, &*pos.epoch, rec.data), (12, "abc-3", Bytes::from_static(b"7")));
+        assert_eq!((pos.offset, &*pos.epoch, rec.data, rec.exclude), (12, "abc-3", Bytes::from_static(b"7"), None));
+        let mut p = b"12\nabc-3\n4294967297\n".to_vec();
+        p.extend(encode_body(None, tags.as_deref(), b"7"));
+        let (_, rec) = decode_publication(Bytes::from(p)).expect("decodes");
+        assert_eq!((rec.exclude, rec.tags), (Some(4_294_967_297), tags));
         assert_eq!(decode_publication(Bytes::from_static(b"x\n")), None);
+        assert_eq!(decode_publication(Bytes::from_static(b"1\ne\nnope\n\n{}")), None);
+        assert_eq!(decode_body(Bytes::from_static(b"#{\"a\":1}\n\n{}")), None, "tags are strings");
         let e = PresenceEntry { client: "c".into(), user: "a:b".into(), info: Some(Bytes::from_static(b"{}")) };
         assert_eq!(decode_presence("c".into(), &encode_presence(&e)), Some(e));
     }

@@ -2,7 +2,8 @@
 //! one channel (one hash tag, so one Redis Cluster slot), and reads the time from Redis.
 
 /// KEYS: meta, stream. ARGV: base, window (s), size, history TTL (ms), least meta TTL (ms),
-/// body, pub/sub channel. Returns `{epoch, offset}`.
+/// body, pub/sub channel, connection to exclude (live only; may be empty). Returns
+/// `{epoch, offset}`.
 ///
 /// Kept to the minimum, since it runs once per publication: `HMGET`, `TIME`, `HINCRBY`,
 /// `XADD` (trimmed by size, approximately: whole stream nodes at a time), two `PEXPIRE`s and
@@ -31,7 +32,7 @@ if size > 0 then
   redis.call('PEXPIRE', KEYS[2], life)
 end
 redis.call('PEXPIRE', KEYS[1], math.max(tonumber(ARGV[5]), life))
-redis.call('PUBLISH', ARGV[7], 'p' .. offset .. '\n' .. epoch .. '\n' .. ARGV[6])
+redis.call('PUBLISH', ARGV[7], 'p' .. offset .. '\n' .. epoch .. '\n' .. ARGV[8] .. '\n' .. ARGV[6])
 return {epoch, tonumber(offset)}
 "#;
 
