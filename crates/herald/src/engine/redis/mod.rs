@@ -1245,6 +1245,33 @@ mod tests {
         assert!(!lost.is_empty() && lost.iter().all(|c| c == "z"), "{lost:?}");
     }
 
+    /// Concurrent publications share the node's one command connection (pipelined by the
+    /// multiplexer): a node holds two connections to Redis, whatever the load.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_publications_share_one_connection() {
+        let e = Arc::new(engine());
+        let keep = HistoryPolicy { size: 10, ttl: Duration::from_secs(60) };
+        e.listen("p0").await.expect("listen");
+        let tasks: Vec<_> = (0..64)
+            .map(|i| {
+                let e = e.clone();
+                tokio::spawn(async move {
+                    for _ in 0..10 {
+                        e.publish(&format!("p{}", i % 8), Publish::data(Bytes::from_static(b"1")), keep)
+                            .await
+                            .expect("publish");
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("task");
+        }
+        let mut raw = raw(&e).await;
+        let list: String = redis::cmd("CLIENT").arg("LIST").query_async(&mut raw).await.expect("client list");
+        assert_eq!(list.lines().count(), 3, "the command connection, the pub/sub link, this test's: {list}");
+    }
+
     #[tokio::test]
     async fn expired_presence_is_reported_once_per_user_that_left() {
         let e = engine();
