@@ -493,6 +493,10 @@ impl Config {
                 "has a password: put it in engine.redis.password (HERALD_ENGINE__REDIS__PASSWORD) instead",
             )?;
             #[cfg(feature = "redis")]
+            if let Err((key, message)) = crate::engine::RedisSettings::from(r).check_tls_files() {
+                return Err(ConfigError::Invalid { key, message });
+            }
+            #[cfg(feature = "redis")]
             if let Err(e) = crate::engine::RedisSettings::from(r).client() {
                 return Err(ConfigError::Invalid { key: "engine.redis.url", message: e.to_string() });
             }

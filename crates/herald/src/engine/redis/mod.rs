@@ -158,9 +158,70 @@ impl RedisSettings {
         } else {
             None
         };
+        check_tls(root_cert.as_deref(), client_tls.as_ref())
+            .map_err(|(key, e)| EngineError::Unavailable(format!("{key}: {e}")))?;
         redis::Client::build_with_tls(info, redis::TlsCertificates { client_tls, root_cert })
             .map_err(|e| EngineError::Unavailable(format!("Redis TLS settings: {e}")))
     }
+
+    /// Checks the TLS files as rustls will use them when the node connects (a certificate it
+    /// refuses, such as X.509 v1, fails here, so `check-config` reports it): the failing
+    /// setting's key and why. Messages never quote the files' contents.
+    pub fn check_tls_files(&self) -> Result<(), (&'static str, String)> {
+        let set = |p: &PathBuf| !p.as_os_str().is_empty();
+        let read = |key: &'static str, p: &PathBuf| {
+            std::fs::read(p).map_err(|e| (key, format!("cannot read {}: {e}", p.display())))
+        };
+        let root = if set(&self.tls_ca) { Some(read("engine.redis.tls_ca", &self.tls_ca)?) } else { None };
+        let client = if set(&self.tls_cert) && set(&self.tls_key) {
+            Some(redis::ClientTlsConfig {
+                client_cert: read("engine.redis.tls_cert", &self.tls_cert)?,
+                client_key: read("engine.redis.tls_key", &self.tls_key)?,
+            })
+        } else {
+            None
+        };
+        check_tls(root.as_deref(), client.as_ref())
+    }
+}
+
+/// Builds the rustls client configuration the connection will use, from PEM: CAs to trust
+/// and this node's certificate and key.
+fn check_tls(root: Option<&[u8]>, client: Option<&redis::ClientTlsConfig>) -> Result<(), (&'static str, String)> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(pem) = root {
+        let key = "engine.redis.tls_ca";
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<_, _>>()
+            .map_err(|_| (key, "not valid PEM".to_owned()))?;
+        if certs.is_empty() {
+            return Err((key, "holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into()));
+        }
+        for c in certs {
+            roots.add(c).map_err(|e| (key, format!("unusable CA certificate: {e}")))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ("engine.redis.url", e.to_string()))?
+        .with_root_certificates(roots);
+    if let Some(c) = client {
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&c.client_cert)
+            .collect::<Result<_, _>>()
+            .map_err(|_| ("engine.redis.tls_cert", "not valid PEM".to_owned()))?;
+        if chain.is_empty() {
+            return Err(("engine.redis.tls_cert", "holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into()));
+        }
+        let key = PrivateKeyDer::from_pem_slice(&c.client_key)
+            .map_err(|_| ("engine.redis.tls_key", "holds no PEM private key (PKCS#8, PKCS#1 or SEC1)".to_owned()))?;
+        builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| ("engine.redis.tls_cert", format!("unusable with its key: {e}")))?;
+    }
+    Ok(())
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -1320,6 +1381,32 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(*rec.lost.lock().unwrap_or_else(|e| e.into_inner()), ["f"], "subscribers told to recover");
+    }
+
+    /// TLS files rustls would refuse at connect time are refused up front, by key: a
+    /// certificate that does not belong to the key, an X.509 v1 certificate (what `openssl
+    /// x509 -req` makes without `-extfile`; a fixture made that way), files that are not PEM.
+    #[test]
+    fn unusable_tls_files_are_named_before_connecting() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (tls, cert, key) = tls::pki(dir.path()).expect("pki");
+        let with = |ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path| {
+            let mut s = RedisSettings::new("rediss://127.0.0.1:1", "t");
+            (s.tls_ca, s.tls_cert, s.tls_key) = (ca.into(), cert.into(), key.into());
+            s.check_tls_files().map_err(|(k, m)| (k, m.to_lowercase()))
+        };
+        with(&tls.ca, &cert, &key).expect("a good set");
+        let (k, m) = with(&tls.ca, &cert, &tls.key).expect_err("another key");
+        assert_eq!(k, "engine.redis.tls_cert", "{m}");
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let v1 = (fixtures.join("test-only-x509-v1-cert.pem"), fixtures.join("test-only-x509-v1-key.pem"));
+        let (k, m) = with(&tls.ca, &v1.0, &v1.1).expect_err("X.509 v1");
+        assert!(k == "engine.redis.tls_cert" && m.contains("version"), "{k}: {m}");
+        assert_eq!(with(&tls.key, &cert, &key).map_err(|e| e.0), Err("engine.redis.tls_ca"), "a key is no CA");
+        assert_eq!(with(&tls.ca, &key, &key).map_err(|e| e.0), Err("engine.redis.tls_cert"), "a key is no cert");
+        assert_eq!(with(&tls.ca, &cert, &cert).map_err(|e| e.0), Err("engine.redis.tls_key"), "a cert is no key");
+        let (_, m) = with(&tls.ca, &cert, &tls.ca).expect_err("no key");
+        assert!(!m.contains("begin certificate-----\nmii"), "never quotes the file: {m}");
     }
 
     #[test]
