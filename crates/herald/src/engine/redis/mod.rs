@@ -16,11 +16,13 @@
 //!
 //! **Publish** is one Lua script: it assigns the offset, stores the publication (the stream
 //! trimmed by size, approximately; reads apply the exact size and the TTL), refreshes the TTLs
-//! and PUBLISHes it with its epoch and offset: one round trip, atomic. Deliveries come back through one pub/sub connection per node, subscribed to
-//! the channels that have local subscribers ([`Engine::listen`]). That link checks every
-//! publication's offset against the last one it delivered: a gap (a reconnect, a lost
-//! message) is filled from the stream in order, or, when the stream no longer has it, the
-//! local subscribers are told to recover ([`Delivery::lost`]).
+//! and PUBLISHes it with its epoch and offset: one round trip, atomic. Deliveries come back
+//! through one pub/sub connection per node, subscribed to the channels that have local
+//! subscribers ([`Engine::listen`]), and go to the node from one delivery task, which checks
+//! every publication's offset against the last one it delivered: a gap (a reconnect, a lost
+//! message, a message dropped because the node fell `max_link_bytes` behind) is filled from
+//! the stream in order, or, when the stream no longer has it, the local subscribers are told
+//! to recover ([`Delivery::lost`]).
 //!
 //! **Epochs** are `<base>-<window>`: `base` is random per prefix (a flushed Redis gets a new
 //! one), `window` the number of the 5-minute period in which the stream was created, by
@@ -140,14 +142,29 @@ impl RedisSettings {
             let settings = info.redis_settings().clone().set_password(&self.password);
             info = info.set_redis_settings(settings);
         }
+        match self.tls_files().map_err(|(key, e)| EngineError::Unavailable(format!("{key}: {e}")))? {
+            // `rediss://` alone: Redis's certificate is checked against the system's CAs.
+            None => redis::Client::open(info).map_err(bad),
+            Some(files) => redis::Client::build_with_tls(info, files)
+                .map_err(|e| EngineError::Unavailable(format!("Redis TLS settings: {e}"))),
+        }
+    }
+
+    /// Checks the TLS files as rustls will use them when the node connects (a certificate it
+    /// refuses, such as X.509 v1, fails here, so `check-config` reports it): the failing
+    /// setting's key and why. Messages never quote the files' contents.
+    pub fn check_tls_files(&self) -> Result<(), (&'static str, String)> {
+        self.tls_files().map(|_| ())
+    }
+
+    /// The TLS files, read and checked; `None` when none is set.
+    fn tls_files(&self) -> Result<Option<redis::TlsCertificates>, (&'static str, String)> {
         let set = |p: &PathBuf| !p.as_os_str().is_empty();
         if !set(&self.tls_ca) && !set(&self.tls_cert) && !set(&self.tls_key) {
-            // `rediss://` alone: Redis's certificate is checked against the system's CAs.
-            return redis::Client::open(info).map_err(bad);
+            return Ok(None);
         }
-        // Messages name the file and never quote its contents.
-        let read = |key: &str, p: &PathBuf| {
-            std::fs::read(p).map_err(|e| EngineError::Unavailable(format!("cannot read {key} {}: {e}", p.display())))
+        let read = |key: &'static str, p: &PathBuf| {
+            std::fs::read(p).map_err(|e| (key, format!("cannot read {}: {e}", p.display())))
         };
         let root_cert = if set(&self.tls_ca) { Some(read("engine.redis.tls_ca", &self.tls_ca)?) } else { None };
         let client_tls = if set(&self.tls_cert) || set(&self.tls_key) {
@@ -158,30 +175,8 @@ impl RedisSettings {
         } else {
             None
         };
-        check_tls(root_cert.as_deref(), client_tls.as_ref())
-            .map_err(|(key, e)| EngineError::Unavailable(format!("{key}: {e}")))?;
-        redis::Client::build_with_tls(info, redis::TlsCertificates { client_tls, root_cert })
-            .map_err(|e| EngineError::Unavailable(format!("Redis TLS settings: {e}")))
-    }
-
-    /// Checks the TLS files as rustls will use them when the node connects (a certificate it
-    /// refuses, such as X.509 v1, fails here, so `check-config` reports it): the failing
-    /// setting's key and why. Messages never quote the files' contents.
-    pub fn check_tls_files(&self) -> Result<(), (&'static str, String)> {
-        let set = |p: &PathBuf| !p.as_os_str().is_empty();
-        let read = |key: &'static str, p: &PathBuf| {
-            std::fs::read(p).map_err(|e| (key, format!("cannot read {}: {e}", p.display())))
-        };
-        let root = if set(&self.tls_ca) { Some(read("engine.redis.tls_ca", &self.tls_ca)?) } else { None };
-        let client = if set(&self.tls_cert) && set(&self.tls_key) {
-            Some(redis::ClientTlsConfig {
-                client_cert: read("engine.redis.tls_cert", &self.tls_cert)?,
-                client_key: read("engine.redis.tls_key", &self.tls_key)?,
-            })
-        } else {
-            None
-        };
-        check_tls(root.as_deref(), client.as_ref())
+        check_tls(root_cert.as_deref(), client_tls.as_ref())?;
+        Ok(Some(redis::TlsCertificates { client_tls, root_cert }))
     }
 }
 
