@@ -32,6 +32,8 @@ pub struct Node {
     pub(crate) prometheus: Option<PrometheusHandle>,
     /// Verifies connection and subscription tokens; `None` when no key is configured.
     pub verifier: Option<crate::auth::Verifier>,
+    /// Lifecycle webhooks (`[webhooks]`); free when no endpoint is configured.
+    pub webhooks: crate::webhooks::Webhooks,
     /// Connected sessions of identified users, for the API's `disconnect` and `unsubscribe`.
     users: std::sync::Mutex<UserSessions>,
     ready: AtomicBool,
@@ -64,6 +66,7 @@ impl Node {
         };
         let engine = make_engine(&config, limits);
         engine.set_delivery(Arc::new(HubDelivery(hub.clone())));
+        let webhooks = crate::webhooks::Webhooks::new(&config.webhooks);
         Self {
             ws_settings: Arc::new(config.websocket.clone()),
             echo_settings,
@@ -73,6 +76,7 @@ impl Node {
             ws,
             prometheus,
             verifier,
+            webhooks,
             users: Default::default(),
             ready: AtomicBool::new(true),
             started: Instant::now(),
@@ -188,6 +192,9 @@ impl Node {
                     continue;
                 }
             };
+            for entry in &left {
+                self.webhooks.member_removed(&channel, &entry.user);
+            }
             if !ns.join_leave {
                 continue;
             }
@@ -242,6 +249,9 @@ impl Node {
         metrics::gauge!("herald_stored_channels").set(stats.channels as f64);
         metrics::gauge!("herald_history_bytes").set(stats.history_bytes as f64);
         metrics::gauge!("herald_subscriptions").set(self.hub.subscription_count() as f64);
+        if self.webhooks.enabled() {
+            metrics::gauge!("herald_webhook_queue").set(self.webhooks.queued() as f64);
+        }
     }
 
     fn users_lock(&self) -> std::sync::MutexGuard<'_, UserSessions> {

@@ -237,6 +237,8 @@ impl Session {
         let subscriptions = claimed.iter().map(|(c, _)| c.to_string()).collect();
         let reply = ConnectResult { client: client.clone(), version: crate::VERSION.to_owned(), ping, subscriptions };
         tracing::debug!(session = self.id, %client, name = req.name.as_deref().unwrap_or(""), "connected");
+        // Queued before the reply: a client that saw its reply knows the event is on its way.
+        node.webhooks.connect(&self.user, &client, "native");
         self.client = Some(client);
         self.send(encode_reply(id, "connect", &reply));
         // Server-side subscriptions: each announced by a `subscribe` push sent under the
@@ -421,9 +423,12 @@ impl Session {
         let ttl = self.presence_ttl();
         let info = ClientInfo { user: entry.user.clone(), client: entry.client.clone() };
         match self.node.engine.presence_add(channel.as_str(), entry, ttl).await {
-            Ok(PresenceChange::UserJoined) if join_leave => {
-                let push = ServerFrame::Push { channel: channel.to_string(), body: PushBody::Join(info) };
-                self.node.broadcast(channel.as_str(), Bytes::from(push.encode())).await;
+            Ok(PresenceChange::UserJoined) => {
+                self.node.webhooks.member_added(channel.as_str(), &info.user);
+                if join_leave {
+                    let push = ServerFrame::Push { channel: channel.to_string(), body: PushBody::Join(info) };
+                    self.node.broadcast(channel.as_str(), Bytes::from(push.encode())).await;
+                }
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(channel = %channel, error = %e, "presence not recorded"),
@@ -437,10 +442,13 @@ impl Session {
             return;
         }
         match self.node.engine.presence_remove(channel, client).await {
-            Ok((PresenceChange::UserLeft, Some(entry))) if ns.join_leave => {
-                let info = ClientInfo { user: entry.user, client: entry.client };
-                let push = ServerFrame::Push { channel: channel.to_owned(), body: PushBody::Leave(info) };
-                self.node.broadcast(channel, Bytes::from(push.encode())).await;
+            Ok((PresenceChange::UserLeft, Some(entry))) => {
+                self.node.webhooks.member_removed(channel, &entry.user);
+                if ns.join_leave {
+                    let info = ClientInfo { user: entry.user, client: entry.client };
+                    let push = ServerFrame::Push { channel: channel.to_owned(), body: PushBody::Leave(info) };
+                    self.node.broadcast(channel, Bytes::from(push.encode())).await;
+                }
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(channel, error = %e, "presence not removed"),
@@ -657,6 +665,9 @@ impl Session {
             self.node.unsubscribe(&channel, self.id);
             self.presence_remove(&channel).await;
         }
+        if let Some(client) = self.client.take() {
+            self.node.webhooks.disconnect(&self.user, &client, "native");
+        }
     }
 }
 
@@ -697,6 +708,9 @@ impl Drop for Session {
         // (presence then expires by itself).
         for channel in self.subscriptions.drain() {
             self.node.unsubscribe(&channel, self.id);
+        }
+        if let Some(client) = self.client.take() {
+            self.node.webhooks.disconnect(&self.user, &client, "native");
         }
     }
 }

@@ -1,0 +1,892 @@
+//! Lifecycle webhooks: channel occupied/vacated, member added/removed, client events and
+//! session connect/disconnect, POSTed in batches to each configured endpoint, in order, and
+//! retried with backoff until delivered (at least once), from a bounded queue per endpoint.
+//! See `docs/webhooks.md`.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::secret::Secret;
+
+/// `[webhooks]`: see docs/webhooks.md.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// Where to POST lifecycle events; none by default (then webhooks cost nothing). Each
+    /// endpoint is a table `[[webhooks.endpoints]]` with `url` (`http://` or `https://`, trusted
+    /// through the system's certificate store), `format` (`herald`, the default, or `pusher`),
+    /// `secret` (signs each request: `X-Herald-Signature: sha256=<hex>` or, for `pusher`,
+    /// `X-Pusher-Signature`; required for `pusher`), `key` (the Pusher app key sent as
+    /// `X-Pusher-Key`; required for `pusher`) and `events` (names to send, e.g.
+    /// `["member_added", "member_removed"]`; empty, the default, sends every event the
+    /// format has). `check-config` does not print endpoints: URLs and secrets may carry
+    /// credentials. Each endpoint has its own queue and delivers in order.
+    #[schemars(with = "Vec<EndpointConfig>")]
+    pub endpoints: Vec<EndpointConfig>,
+    /// Most events waiting per endpoint (not counting the batch being sent). When the queue
+    /// is full, the oldest waiting event is dropped and counted in
+    /// `herald_webhook_dropped_total`.
+    pub queue_size: usize,
+    /// Most events in one request.
+    pub batch_size: usize,
+    /// How long the first event of a batch waits for others before the request is sent.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub batch_delay: Duration,
+    /// Longest wait for an endpoint to connect and answer one request. A request that takes
+    /// longer counts as failed and is sent again, so the receiver may see that batch twice.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub request_timeout: Duration,
+    /// Wait before the first retry of a failed request (network error, timeout or a status
+    /// other than 2xx); it doubles with each retry up to `retry_max`, each wait jittered
+    /// down by up to half so that nodes do not retry in step.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub retry_initial: Duration,
+    /// Longest wait between two attempts of one request.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub retry_max: Duration,
+    /// Attempts of one batch before it is given up and its events counted in
+    /// `herald_webhook_failures_total`; 0 means no limit (only `max_age` gives up).
+    pub max_attempts: u32,
+    /// A batch whose oldest event waited longer than this is given up after its next failed
+    /// attempt and counted in `herald_webhook_failures_total`.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub max_age: Duration,
+    /// On shutdown, how long to keep delivering what is queued (after clients were
+    /// disconnected, so their `disconnect` events are included). What is left is counted in
+    /// `herald_webhook_dropped_total`.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            queue_size: 10_000,
+            batch_size: 100,
+            batch_delay: Duration::from_millis(50),
+            request_timeout: Duration::from_secs(10),
+            retry_initial: Duration::from_millis(500),
+            retry_max: Duration::from_secs(30),
+            max_attempts: 0,
+            max_age: Duration::from_secs(3600),
+            shutdown_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One `[[webhooks.endpoints]]`.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// `http://host[:port]/path` or `https://...` to POST events to.
+    pub url: String,
+    /// `herald` (Herald's own JSON, every event) or `pusher` (Pusher Channels' webhook JSON).
+    pub format: WebhookFormat,
+    /// Pusher app key, sent as `X-Pusher-Key` (format `pusher`).
+    pub key: String,
+    /// Signs each request body with HMAC-SHA256 (hex). Required for `pusher` (the app's
+    /// secret); optional for `herald`.
+    #[schemars(with = "String")]
+    pub secret: Secret,
+    /// Events to send; empty sends every event the format has.
+    pub events: Vec<EventName>,
+}
+
+impl std::fmt::Debug for EndpointConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a token in its path or query: only the scheme and host are shown.
+        f.debug_struct("EndpointConfig")
+            .field("url", &redacted_url(&self.url))
+            .field("format", &self.format)
+            .field("key", &self.key)
+            .field("secret", &self.secret)
+            .field("events", &self.events)
+            .finish()
+    }
+}
+
+/// Which JSON an endpoint receives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookFormat {
+    #[default]
+    Herald,
+    Pusher,
+}
+
+/// The name of a lifecycle event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EventName {
+    ChannelOccupied,
+    ChannelVacated,
+    MemberAdded,
+    MemberRemoved,
+    ClientEvent,
+    Connect,
+    Disconnect,
+}
+
+impl EventName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ChannelOccupied => "channel_occupied",
+            Self::ChannelVacated => "channel_vacated",
+            Self::MemberAdded => "member_added",
+            Self::MemberRemoved => "member_removed",
+            Self::ClientEvent => "client_event",
+            Self::Connect => "connect",
+            Self::Disconnect => "disconnect",
+        }
+    }
+}
+
+impl WebhooksConfig {
+    /// Checks what types alone cannot express: (key, message) of the first problem.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let check =
+            |ok: bool, key: &'static str, message: &str| if ok { Ok(()) } else { Err((key, message.to_owned())) };
+        check(self.queue_size >= 1, "webhooks.queue_size", "must be at least 1")?;
+        check(self.batch_size >= 1, "webhooks.batch_size", "must be at least 1")?;
+        check(!self.request_timeout.is_zero(), "webhooks.request_timeout", "must be greater than zero")?;
+        check(!self.retry_initial.is_zero(), "webhooks.retry_initial", "must be greater than zero")?;
+        check(self.retry_max >= self.retry_initial, "webhooks.retry_max", "must be at least retry_initial")?;
+        for (i, e) in self.endpoints.iter().enumerate() {
+            Target::parse(&e.url).map_err(|m| ("webhooks.endpoints", format!("endpoint {}: {m}", i + 1)))?;
+            if e.format == WebhookFormat::Pusher {
+                let ok = !e.key.is_empty() && !e.secret.is_empty();
+                check(
+                    ok,
+                    "webhooks.endpoints",
+                    &format!("endpoint {}: format `pusher` needs `key` and `secret`", i + 1),
+                )?;
+                let herald_only = e.events.iter().find(|n| matches!(n, EventName::Connect | EventName::Disconnect));
+                if let Some(n) = herald_only {
+                    let message = format!("endpoint {}: Pusher's format has no `{}` event", i + 1, n.as_str());
+                    return Err(("webhooks.endpoints", message));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where an endpoint's requests go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target {
+    tls: bool,
+    host: String,
+    port: u16,
+    /// The `Host` header.
+    authority: String,
+    path: String,
+}
+
+impl Target {
+    fn parse(url: &str) -> Result<Self, String> {
+        let uri: http::Uri = url.parse().map_err(|_| format!("`{}` is not a URL", redacted_url(url)))?;
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(format!("`{}` must start with http:// or https://", redacted_url(url))),
+        };
+        let Some(authority) = uri.authority() else {
+            return Err(format!("`{}` has no host", redacted_url(url)));
+        };
+        if authority.as_str().contains('@') {
+            return Err("must not carry a user or password (use `secret` to authenticate requests)".into());
+        }
+        let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_owned();
+        let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        Ok(Self { tls, host, port, authority: authority.as_str().to_owned(), path })
+    }
+}
+
+/// The scheme and host of `url`, for messages: its path or query may hold a token.
+fn redacted_url(url: &str) -> String {
+    match url.parse::<http::Uri>() {
+        Ok(u) => format!("{}://{}/…", u.scheme_str().unwrap_or("?"), u.host().unwrap_or("?")),
+        Err(_) => "<not a URL>".into(),
+    }
+}
+
+/// One event, shared by the queues of every endpoint that wants it.
+#[derive(Debug)]
+struct Event {
+    /// Unique on this node, growing in the order events were queued.
+    seq: u64,
+    time_ms: u64,
+    queued: Instant,
+    body: EventBody,
+}
+
+#[derive(Debug)]
+enum EventBody {
+    Occupied { channel: String },
+    Vacated { channel: String },
+    MemberAdded { channel: String, user: String },
+    MemberRemoved { channel: String, user: String },
+    Client { channel: String, event: String, data: String, socket_id: Option<String>, user: Option<String> },
+    Connect { user: String, client: String, transport: &'static str },
+    Disconnect { user: String, client: String, transport: &'static str },
+}
+
+impl EventBody {
+    fn name(&self) -> EventName {
+        match self {
+            Self::Occupied { .. } => EventName::ChannelOccupied,
+            Self::Vacated { .. } => EventName::ChannelVacated,
+            Self::MemberAdded { .. } => EventName::MemberAdded,
+            Self::MemberRemoved { .. } => EventName::MemberRemoved,
+            Self::Client { .. } => EventName::ClientEvent,
+            Self::Connect { .. } => EventName::Connect,
+            Self::Disconnect { .. } => EventName::Disconnect,
+        }
+    }
+}
+
+/// Bounds and timings shared by every endpoint's worker.
+#[derive(Debug)]
+struct Shared {
+    settings: WebhooksConfig,
+    /// Shutdown began: send what is queued without waiting for `batch_delay`.
+    closing: CancellationToken,
+    /// The shutdown bound passed: stop trying.
+    abort: CancellationToken,
+    tls: OnceLock<Option<Arc<rustls::ClientConfig>>>,
+}
+
+#[derive(Debug)]
+struct Endpoint {
+    config: EndpointConfig,
+    target: Target,
+    /// Index in `[[webhooks.endpoints]]`, for logs (never the URL).
+    index: usize,
+    queue: Mutex<VecDeque<Arc<Event>>>,
+    wake: Notify,
+}
+
+impl Endpoint {
+    fn wants(&self, name: EventName) -> bool {
+        let herald_only = matches!(name, EventName::Connect | EventName::Disconnect);
+        if herald_only && self.config.format == WebhookFormat::Pusher {
+            return false;
+        }
+        self.config.events.is_empty() || self.config.events.contains(&name)
+    }
+
+    fn queue(&self) -> MutexGuard<'_, VecDeque<Arc<Event>>> {
+        // Entries are pushed and popped whole; a poisoned lock is still consistent.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// This node's webhooks: where lifecycle events are queued. With no endpoint configured
+/// every method returns at once, before building anything.
+#[derive(Debug)]
+pub struct Webhooks {
+    endpoints: Vec<Arc<Endpoint>>,
+    shared: Arc<Shared>,
+    /// Random per process: with the sequence number, an event id no other node or restart
+    /// uses.
+    node: String,
+    /// The next sequence number; held while an event is queued on every endpoint, so each
+    /// queue is in sequence order.
+    next: Mutex<u64>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Webhooks {
+    /// Endpoints from `config`; nothing runs until [`Webhooks::start`]. An endpoint with a bad
+    /// URL (only in a config built in code: `Config::validate` checks them) is left out, loudly.
+    pub fn new(config: &WebhooksConfig) -> Self {
+        let endpoints = config
+            .endpoints
+            .iter()
+            .enumerate()
+            .filter_map(|(index, e)| match Target::parse(&e.url) {
+                Ok(target) => Some(Arc::new(Endpoint {
+                    config: e.clone(),
+                    target,
+                    index,
+                    queue: Mutex::new(VecDeque::new()),
+                    wake: Notify::new(),
+                })),
+                Err(message) => {
+                    tracing::error!(endpoint = index + 1, %message, "webhook endpoint left out");
+                    None
+                }
+            })
+            .collect();
+        Self {
+            endpoints,
+            shared: Arc::new(Shared {
+                settings: config.clone(),
+                closing: CancellationToken::new(),
+                abort: CancellationToken::new(),
+                tls: OnceLock::new(),
+            }),
+            node: format!("{:016x}", rand::random::<u64>()),
+            next: Mutex::new(1),
+            workers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Whether any endpoint is configured.
+    #[inline]
+    pub fn enabled(&self) -> bool {
+        !self.endpoints.is_empty()
+    }
+
+    /// Starts one delivery task per endpoint (on the current tokio runtime).
+    pub fn start(&self) {
+        let mut workers = lock(&self.workers);
+        for ep in &self.endpoints {
+            let (ep, shared, node) = (ep.clone(), self.shared.clone(), self.node.clone());
+            workers.push(tokio::spawn(deliver(ep, shared, node)));
+        }
+    }
+
+    /// Delivers what is queued within `shutdown_timeout`, then stops. Events still queued
+    /// are counted as dropped (`reason="shutdown"`).
+    pub async fn shutdown(&self) {
+        if !self.enabled() {
+            return;
+        }
+        self.shared.closing.cancel();
+        let workers: Vec<JoinHandle<()>> = std::mem::take(&mut *lock(&self.workers));
+        let all = async {
+            for w in workers {
+                let _ = w.await;
+            }
+        };
+        tokio::pin!(all);
+        if tokio::time::timeout(self.shared.settings.shutdown_timeout, &mut all).await.is_err() {
+            self.shared.abort.cancel();
+            all.await;
+        }
+        let left: usize = self.endpoints.iter().map(|e| e.queue().drain(..).count()).sum();
+        if left > 0 {
+            metrics::counter!("herald_webhook_dropped_total", "reason" => "shutdown").increment(left as u64);
+            tracing::warn!(events = left, "webhook events not delivered before the shutdown bound");
+        }
+    }
+
+    /// Events waiting in every endpoint's queue.
+    pub fn queued(&self) -> usize {
+        self.endpoints.iter().map(|e| e.queue().len()).sum()
+    }
+
+    /// First subscriber of `channel` on this node.
+    pub fn channel_occupied(&self, channel: &str) {
+        if self.enabled() {
+            self.emit(EventName::ChannelOccupied, || EventBody::Occupied { channel: channel.to_owned() });
+        }
+    }
+
+    /// Last subscriber of `channel` on this node left.
+    pub fn channel_vacated(&self, channel: &str) {
+        if self.enabled() {
+            self.emit(EventName::ChannelVacated, || EventBody::Vacated { channel: channel.to_owned() });
+        }
+    }
+
+    /// The first connection of `user` joined the presence of `channel`.
+    pub fn member_added(&self, channel: &str, user: &str) {
+        if self.enabled() {
+            self.emit(EventName::MemberAdded, || EventBody::MemberAdded {
+                channel: channel.to_owned(),
+                user: user.to_owned(),
+            });
+        }
+    }
+
+    /// The last connection of `user` left the presence of `channel`.
+    pub fn member_removed(&self, channel: &str, user: &str) {
+        if self.enabled() {
+            self.emit(EventName::MemberRemoved, || EventBody::MemberRemoved {
+                channel: channel.to_owned(),
+                user: user.to_owned(),
+            });
+        }
+    }
+
+    /// A client event (Pusher `client-*`) sent on `channel`: `data` as the client sent it,
+    /// `socket_id` of the sender, `user` on presence channels.
+    pub fn client_event(&self, channel: &str, event: &str, data: &str, socket_id: Option<&str>, user: Option<&str>) {
+        if self.enabled() {
+            self.emit(EventName::ClientEvent, || EventBody::Client {
+                channel: channel.to_owned(),
+                event: event.to_owned(),
+                data: data.to_owned(),
+                socket_id: socket_id.map(str::to_owned),
+                user: user.map(str::to_owned),
+            });
+        }
+    }
+
+    /// A session connected (`transport`: `native`, `pusher`, ...). Herald format only.
+    pub fn connect(&self, user: &str, client: &str, transport: &'static str) {
+        if self.enabled() {
+            self.emit(EventName::Connect, || EventBody::Connect {
+                user: user.to_owned(),
+                client: client.to_owned(),
+                transport,
+            });
+        }
+    }
+
+    /// A connected session ended. Herald format only.
+    pub fn disconnect(&self, user: &str, client: &str, transport: &'static str) {
+        if self.enabled() {
+            self.emit(EventName::Disconnect, || EventBody::Disconnect {
+                user: user.to_owned(),
+                client: client.to_owned(),
+                transport,
+            });
+        }
+    }
+
+    fn emit(&self, name: EventName, body: impl FnOnce() -> EventBody) {
+        if !self.endpoints.iter().any(|e| e.wants(name)) {
+            return;
+        }
+        let body = body();
+        let limit = self.shared.settings.queue_size;
+        let mut next = lock(&self.next);
+        let event = Arc::new(Event { seq: *next, time_ms: unix_ms(), queued: Instant::now(), body });
+        *next += 1;
+        for ep in self.endpoints.iter().filter(|e| e.wants(name)) {
+            let mut queue = ep.queue();
+            if queue.len() >= limit {
+                queue.pop_front();
+                metrics::counter!("herald_webhook_dropped_total", "reason" => "queue_full").increment(1);
+            }
+            queue.push_back(event.clone());
+            drop(queue);
+            ep.wake.notify_one();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One endpoint's delivery loop: a batch at a time, each retried until delivered or given up,
+/// so events arrive in the order they were queued.
+async fn deliver(ep: Arc<Endpoint>, shared: Arc<Shared>, node: String) {
+    let settings = &shared.settings;
+    let mut conn: Option<SendRequest<Body>> = None;
+    loop {
+        // Wait for an event (or for shutdown with nothing left to send).
+        loop {
+            if !ep.queue().is_empty() {
+                break;
+            }
+            if shared.closing.is_cancelled() {
+                return;
+            }
+            tokio::select! {
+                () = ep.wake.notified() => {}
+                () = shared.closing.cancelled() => {}
+            }
+        }
+        if ep.queue().len() < settings.batch_size && !shared.closing.is_cancelled() {
+            tokio::select! {
+                () = tokio::time::sleep(settings.batch_delay) => {}
+                () = shared.closing.cancelled() => {}
+            }
+        }
+        let batch: Vec<Arc<Event>> = {
+            let mut queue = ep.queue();
+            let n = queue.len().min(settings.batch_size);
+            queue.drain(..n).collect()
+        };
+        let Some(first) = batch.first() else { continue };
+        let body = Bytes::from(encode(ep.config.format, &node, &batch));
+        let signature = (!ep.config.secret.is_empty()).then(|| sign(ep.config.secret.expose(), &body));
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
+            let sent = tokio::select! {
+                r = tokio::time::timeout(settings.request_timeout, post(&ep, &shared, &mut conn, &body, signature.as_deref())) => r,
+                () = shared.abort.cancelled() => {
+                    give_up(&ep, batch.len(), "shutdown bound reached");
+                    return;
+                }
+            };
+            let result = match &sent {
+                Ok(Ok(status)) if status.is_success() => "ok",
+                Ok(Ok(_)) => "status",
+                Ok(Err(_)) => "network",
+                Err(_) => "timeout",
+            };
+            metrics::counter!("herald_webhook_requests_total", "result" => result).increment(1);
+            if result == "ok" {
+                tracing::trace!(endpoint = ep.index + 1, events = batch.len(), "webhook batch delivered");
+                break;
+            }
+            // A connection that failed or answered an error is not reused.
+            conn = None;
+            match &sent {
+                Ok(Ok(status)) => tracing::debug!(endpoint = ep.index + 1, %status, attempt, "webhook refused"),
+                Ok(Err(e)) => tracing::debug!(endpoint = ep.index + 1, error = %e, attempt, "webhook not sent"),
+                Err(_) => tracing::debug!(endpoint = ep.index + 1, attempt, "webhook request timed out"),
+            }
+            let too_many = settings.max_attempts > 0 && attempt >= settings.max_attempts;
+            if too_many || first.queued.elapsed() >= settings.max_age {
+                give_up(&ep, batch.len(), if too_many { "max_attempts reached" } else { "max_age reached" });
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff(settings, attempt)) => {}
+                () = shared.abort.cancelled() => {
+                    give_up(&ep, batch.len(), "shutdown bound reached");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn give_up(ep: &Endpoint, events: usize, why: &str) {
+    metrics::counter!("herald_webhook_failures_total").increment(events as u64);
+    tracing::warn!(endpoint = ep.index + 1, events, why, "webhook events given up");
+}
+
+/// The wait after failed attempt `attempt` (1-based): `retry_initial` doubled per attempt,
+/// capped at `retry_max`, then a random part of up to half of it taken off.
+fn backoff(settings: &WebhooksConfig, attempt: u32) -> Duration {
+    let base = settings.retry_initial.saturating_mul(1u32 << attempt.saturating_sub(1).min(20)).min(settings.retry_max);
+    let jitter = rand::random::<f64>() * 0.5;
+    base.mul_f64(1.0 - jitter)
+}
+
+/// Hex HMAC-SHA256 of `body` under `secret`: Pusher's `X-Pusher-Signature`, and Herald's
+/// `X-Herald-Signature` after `sha256=`.
+pub fn sign(secret: &str, body: &[u8]) -> String {
+    let mut mac = match Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()) {
+        Ok(m) => m,
+        // HMAC takes keys of any length; this arm is never taken.
+        Err(_) => return String::new(),
+    };
+    mac.update(body);
+    hex(&mac.finalize().into_bytes())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    out
+}
+
+/// A request body: `{"time_ms":..,"events":[..]}` in the endpoint's format.
+fn encode(format: WebhookFormat, node: &str, batch: &[Arc<Event>]) -> Vec<u8> {
+    let events: Vec<serde_json::Value> = batch
+        .iter()
+        .map(|e| match format {
+            WebhookFormat::Pusher => pusher_event(e),
+            WebhookFormat::Herald => herald_event(node, e),
+        })
+        .collect();
+    serde_json::to_vec(&json!({ "time_ms": unix_ms(), "events": events })).unwrap_or_default()
+}
+
+fn pusher_event(e: &Event) -> serde_json::Value {
+    let name = e.body.name().as_str();
+    match &e.body {
+        EventBody::Occupied { channel } | EventBody::Vacated { channel } => json!({"name": name, "channel": channel}),
+        EventBody::MemberAdded { channel, user } | EventBody::MemberRemoved { channel, user } => {
+            json!({"name": name, "channel": channel, "user_id": user})
+        }
+        EventBody::Client { channel, event, data, socket_id, user } => {
+            let mut v = json!({"name": name, "channel": channel, "event": event, "data": data});
+            if let Some(s) = socket_id {
+                v["socket_id"] = json!(s);
+            }
+            if let Some(u) = user {
+                v["user_id"] = json!(u);
+            }
+            v
+        }
+        // Not queued for Pusher endpoints (`Endpoint::wants`).
+        EventBody::Connect { .. } | EventBody::Disconnect { .. } => json!({"name": name}),
+    }
+}
+
+fn herald_event(node: &str, e: &Event) -> serde_json::Value {
+    let mut v = json!({"id": format!("{node}-{}", e.seq), "time_ms": e.time_ms, "name": e.body.name().as_str()});
+    let fields = match &e.body {
+        EventBody::Occupied { channel } | EventBody::Vacated { channel } => json!({"channel": channel}),
+        EventBody::MemberAdded { channel, user } | EventBody::MemberRemoved { channel, user } => {
+            json!({"channel": channel, "user": user})
+        }
+        EventBody::Client { channel, event, data, socket_id, user } => {
+            json!({"channel": channel, "event": event, "data": data, "socket_id": socket_id, "user": user})
+        }
+        EventBody::Connect { user, client, transport } | EventBody::Disconnect { user, client, transport } => {
+            json!({"user": user, "client": client, "transport": transport})
+        }
+    };
+    if let (Some(obj), serde_json::Value::Object(extra)) = (v.as_object_mut(), fields) {
+        obj.extend(extra);
+    }
+    v
+}
+
+/// Why a request did not get an answer.
+#[derive(Debug, thiserror::Error)]
+enum PostError {
+    #[error("connect: {0}")]
+    Connect(#[from] std::io::Error),
+    #[error("TLS: no trusted root certificates on this system")]
+    NoRoots,
+    #[error("TLS: `{0}` is not a valid server name")]
+    ServerName(String),
+    #[error("HTTP: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("request: {0}")]
+    Request(#[from] http::Error),
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// POSTs `body` on the endpoint's kept-alive connection (made first when there is none).
+async fn post(
+    ep: &Endpoint,
+    shared: &Shared,
+    conn: &mut Option<SendRequest<Body>>,
+    body: &Bytes,
+    signature: Option<&str>,
+) -> Result<http::StatusCode, PostError> {
+    let sender = match conn {
+        Some(s) if !s.is_closed() => s,
+        _ => conn.insert(open(&ep.target, shared).await?),
+    };
+    sender.ready().await?;
+    let mut req = http::Request::post(ep.target.path.as_str())
+        .header(http::header::HOST, ep.target.authority.as_str())
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::USER_AGENT, concat!("herald/", env!("CARGO_PKG_VERSION")));
+    match ep.config.format {
+        WebhookFormat::Pusher => {
+            req = req.header("X-Pusher-Key", ep.config.key.as_str());
+            if let Some(s) = signature {
+                req = req.header("X-Pusher-Signature", s);
+            }
+        }
+        WebhookFormat::Herald => {
+            if let Some(s) = signature {
+                req = req.header("X-Herald-Signature", format!("sha256={s}"));
+            }
+        }
+    }
+    let response = sender.send_request(req.body(Body::from(body.clone()))?).await?;
+    let status = response.status();
+    // Read (a bounded part of) the answer so the connection can carry the next request.
+    if axum::body::to_bytes(Body::new(response.into_body()), 64 << 10).await.is_err() {
+        *conn = None;
+    }
+    Ok(status)
+}
+
+async fn open(target: &Target, shared: &Shared) -> Result<SendRequest<Body>, PostError> {
+    let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
+    let _ = tcp.set_nodelay(true);
+    let io: Box<dyn Io> = if target.tls {
+        let Some(config) = shared.tls.get_or_init(client_tls).clone() else { return Err(PostError::NoRoots) };
+        let name = rustls_pki_types::ServerName::try_from(target.host.clone())
+            .map_err(|_| PostError::ServerName(target.host.clone()))?;
+        Box::new(tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?)
+    } else {
+        Box::new(tcp)
+    };
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        // Ends when the sender is dropped or the peer closes.
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
+/// TLS for `https://` endpoints: the system's trusted roots, rustls with ring.
+fn client_tls() -> Option<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    let found = rustls_native_certs::load_native_certs();
+    for e in &found.errors {
+        tracing::warn!(error = %e, "a system certificate could not be read");
+    }
+    let (added, _) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        tracing::error!("no trusted root certificates found: https:// webhooks cannot be sent");
+        return None;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Some(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_are_hex_hmac_sha256() {
+        // RFC 4231, test case 2.
+        assert_eq!(
+            sign("Jefe", b"what do ya want for nothing?"),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn targets_are_parsed_and_bad_urls_refused() {
+        let t = Target::parse("http://127.0.0.1:9000/hooks?x=1").expect("parses");
+        assert_eq!((t.tls, t.host.as_str(), t.port, t.path.as_str()), (false, "127.0.0.1", 9000, "/hooks?x=1"));
+        let t = Target::parse("https://example.com").expect("parses");
+        assert_eq!((t.tls, t.port, t.path.as_str(), t.authority.as_str()), (true, 443, "/", "example.com"));
+        for bad in ["ftp://x/", "example.com/hook", "", "http://user:pw@example.com/"] {
+            assert!(Target::parse(bad).is_err(), "{bad}");
+        }
+        let t = Target::parse("http://[::1]:8/").expect("parses");
+        assert_eq!(t.host, "::1");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_jitter_below() {
+        let s = WebhooksConfig {
+            retry_initial: Duration::from_millis(100),
+            retry_max: Duration::from_secs(1),
+            ..Default::default()
+        };
+        for (attempt, full) in [(1, 100), (2, 200), (3, 400), (4, 800), (5, 1000), (40, 1000)] {
+            let d = backoff(&s, attempt);
+            let full = Duration::from_millis(full);
+            assert!(d <= full && d >= full / 2, "attempt {attempt}: {d:?}");
+        }
+    }
+
+    #[test]
+    fn pusher_endpoints_need_a_key_and_a_secret_and_no_herald_only_events() {
+        let mut c = WebhooksConfig::default();
+        c.endpoints.push(EndpointConfig {
+            url: "http://127.0.0.1/".into(),
+            format: WebhookFormat::Pusher,
+            ..Default::default()
+        });
+        assert!(c.validate().is_err());
+        c.endpoints[0].key = "k".into();
+        c.endpoints[0].secret = Secret::new("s");
+        assert_eq!(c.validate(), Ok(()));
+        c.endpoints[0].events = vec![EventName::Connect];
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn a_full_queue_drops_its_oldest_event() {
+        let c = WebhooksConfig {
+            queue_size: 2,
+            endpoints: vec![EndpointConfig { url: "http://127.0.0.1:1/".into(), ..Default::default() }],
+            ..Default::default()
+        };
+        let w = Webhooks::new(&c);
+        for ch in ["a", "b", "c"] {
+            w.channel_occupied(ch);
+        }
+        let queue = w.endpoints[0].queue();
+        let seqs: Vec<u64> = queue.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [2, 3]);
+    }
+
+    #[test]
+    fn nothing_is_queued_without_endpoints_or_for_unwanted_events() {
+        let w = Webhooks::new(&WebhooksConfig::default());
+        w.connect("u", "c", "native");
+        assert_eq!(w.queued(), 0);
+        let c = WebhooksConfig {
+            endpoints: vec![EndpointConfig {
+                url: "http://127.0.0.1:1/".into(),
+                events: vec![EventName::MemberAdded],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let w = Webhooks::new(&c);
+        w.connect("u", "c", "native");
+        w.channel_occupied("x");
+        assert_eq!(w.queued(), 0);
+        w.member_added("x", "u");
+        assert_eq!(w.queued(), 1);
+    }
+
+    #[test]
+    fn endpoints_are_tables_in_the_config_file() {
+        let config: crate::Config = toml::from_str(
+            r#"
+            [webhooks]
+            batch_size = 10
+            [[webhooks.endpoints]]
+            url = "https://hooks.example.com/herald"
+            secret = "s1"
+            [[webhooks.endpoints]]
+            url = "http://127.0.0.1:9000/pusher"
+            format = "pusher"
+            key = "app-key"
+            secret = "s2"
+            events = ["channel_occupied", "channel_vacated"]
+            "#,
+        )
+        .expect("parses");
+        let e = &config.webhooks.endpoints;
+        assert_eq!((e.len(), e[0].format, e[1].format), (2, WebhookFormat::Herald, WebhookFormat::Pusher));
+        assert_eq!(e[1].events, [EventName::ChannelOccupied, EventName::ChannelVacated]);
+        assert_eq!(config.validate().map_err(|e| e.to_string()), Ok(()));
+    }
+
+    #[test]
+    fn debug_output_hides_secrets_and_url_paths() {
+        let e = EndpointConfig {
+            url: "https://hooks.example.com/t/abcdef?token=xyz".into(),
+            secret: Secret::new("hunter2"),
+            ..Default::default()
+        };
+        let s = format!("{e:?}");
+        assert!(!s.contains("hunter2") && !s.contains("abcdef") && !s.contains("xyz"), "{s}");
+    }
+}
