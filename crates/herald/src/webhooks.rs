@@ -41,6 +41,9 @@ pub struct WebhooksConfig {
     /// is full, the oldest waiting event is dropped and counted in
     /// `herald_webhook_dropped_total`.
     pub queue_size: usize,
+    /// Most bytes of events waiting per endpoint (event data counted with a small overhead
+    /// per event); beyond it the oldest waiting events are dropped the same way.
+    pub queue_bytes: usize,
     /// Most events in one request.
     pub batch_size: usize,
     /// How long the first event of a batch waits for others before the request is sent.
@@ -83,6 +86,7 @@ impl Default for WebhooksConfig {
         Self {
             endpoints: Vec::new(),
             queue_size: 10_000,
+            queue_bytes: 16 << 20,
             batch_size: 100,
             batch_delay: Duration::from_millis(50),
             request_timeout: Duration::from_secs(10),
@@ -168,6 +172,7 @@ impl WebhooksConfig {
         let check =
             |ok: bool, key: &'static str, message: &str| if ok { Ok(()) } else { Err((key, message.to_owned())) };
         check(self.queue_size >= 1, "webhooks.queue_size", "must be at least 1")?;
+        check(self.queue_bytes >= 1024, "webhooks.queue_bytes", "must be at least 1024 bytes")?;
         check(self.batch_size >= 1, "webhooks.batch_size", "must be at least 1")?;
         check(!self.request_timeout.is_zero(), "webhooks.request_timeout", "must be greater than zero")?;
         check(!self.retry_initial.is_zero(), "webhooks.retry_initial", "must be greater than zero")?;
@@ -239,6 +244,8 @@ struct Event {
     seq: u64,
     time_ms: u64,
     queued: Instant,
+    /// Roughly what the event holds, for `queue_bytes`.
+    size: usize,
     body: EventBody,
 }
 
@@ -254,6 +261,22 @@ enum EventBody {
 }
 
 impl EventBody {
+    fn size(&self) -> usize {
+        let strings = match self {
+            Self::Occupied { channel } | Self::Vacated { channel } => channel.len(),
+            Self::MemberAdded { channel, user } | Self::MemberRemoved { channel, user } => channel.len() + user.len(),
+            Self::Client { channel, event, data, socket_id, user } => {
+                channel.len()
+                    + event.len()
+                    + data.len()
+                    + socket_id.as_ref().map_or(0, String::len)
+                    + user.as_ref().map_or(0, String::len)
+            }
+            Self::Connect { user, client, .. } | Self::Disconnect { user, client, .. } => user.len() + client.len(),
+        };
+        strings + std::mem::size_of::<Event>() + 16
+    }
+
     fn name(&self) -> EventName {
         match self {
             Self::Occupied { .. } => EventName::ChannelOccupied,
@@ -284,8 +307,48 @@ struct Endpoint {
     target: Target,
     /// Index in `[[webhooks.endpoints]]`, for logs (never the URL).
     index: usize,
-    queue: Mutex<VecDeque<Arc<Event>>>,
+    queue: Mutex<Queue>,
     wake: Notify,
+}
+
+/// The events waiting for one endpoint and their size.
+#[derive(Debug, Default)]
+struct Queue {
+    events: VecDeque<Arc<Event>>,
+    bytes: usize,
+}
+
+impl Queue {
+    fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// Takes up to `n` events from the front.
+    fn take(&mut self, n: usize) -> Vec<Arc<Event>> {
+        let n = n.min(self.events.len());
+        let taken: Vec<Arc<Event>> = self.events.drain(..n).collect();
+        self.bytes -= taken.iter().map(|e| e.size).sum::<usize>();
+        taken
+    }
+
+    /// Appends `event`, first dropping the oldest events as long as the bounds would be
+    /// passed; returns how many were dropped.
+    fn push(&mut self, event: Arc<Event>, max_events: usize, max_bytes: usize) -> usize {
+        let mut dropped = 0;
+        while !self.events.is_empty() && (self.events.len() >= max_events || self.bytes + event.size > max_bytes) {
+            if let Some(old) = self.events.pop_front() {
+                self.bytes -= old.size;
+                dropped += 1;
+            }
+        }
+        self.bytes += event.size;
+        self.events.push_back(event);
+        dropped
+    }
 }
 
 impl Endpoint {
@@ -297,7 +360,7 @@ impl Endpoint {
         self.config.events.is_empty() || self.config.events.contains(&name)
     }
 
-    fn queue(&self) -> MutexGuard<'_, VecDeque<Arc<Event>>> {
+    fn queue(&self) -> MutexGuard<'_, Queue> {
         // Entries are pushed and popped whole; a poisoned lock is still consistent.
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -331,7 +394,7 @@ impl Webhooks {
                     config: e.clone(),
                     target,
                     index,
-                    queue: Mutex::new(VecDeque::new()),
+                    queue: Mutex::new(Queue::default()),
                     wake: Notify::new(),
                 })),
                 Err(message) => {
@@ -387,7 +450,7 @@ impl Webhooks {
             self.shared.abort.cancel();
             all.await;
         }
-        let left: usize = self.endpoints.iter().map(|e| e.queue().drain(..).count()).sum();
+        let left: usize = self.endpoints.iter().map(|e| e.queue().take(usize::MAX).len()).sum();
         if left > 0 {
             metrics::counter!("herald_webhook_dropped_total", "reason" => "shutdown").increment(left as u64);
             tracing::warn!(events = left, "webhook events not delivered before the shutdown bound");
@@ -474,18 +537,15 @@ impl Webhooks {
             return;
         }
         let body = body();
-        let limit = self.shared.settings.queue_size;
+        let settings = &self.shared.settings;
         let mut next = lock(&self.next);
-        let event = Arc::new(Event { seq: *next, time_ms: unix_ms(), queued: Instant::now(), body });
+        let event = Arc::new(Event { seq: *next, time_ms: unix_ms(), queued: Instant::now(), size: body.size(), body });
         *next += 1;
         for ep in self.endpoints.iter().filter(|e| e.wants(name)) {
-            let mut queue = ep.queue();
-            if queue.len() >= limit {
-                queue.pop_front();
-                metrics::counter!("herald_webhook_dropped_total", "reason" => "queue_full").increment(1);
+            let dropped = ep.queue().push(event.clone(), settings.queue_size, settings.queue_bytes);
+            if dropped > 0 {
+                metrics::counter!("herald_webhook_dropped_total", "reason" => "queue_full").increment(dropped as u64);
             }
-            queue.push_back(event.clone());
-            drop(queue);
             ep.wake.notify_one();
         }
     }
@@ -524,11 +584,7 @@ async fn deliver(ep: Arc<Endpoint>, shared: Arc<Shared>, node: String) {
                 () = shared.closing.cancelled() => {}
             }
         }
-        let batch: Vec<Arc<Event>> = {
-            let mut queue = ep.queue();
-            let n = queue.len().min(settings.batch_size);
-            queue.drain(..n).collect()
-        };
+        let batch = ep.queue().take(settings.batch_size);
         let Some(first) = batch.first() else { continue };
         let body = Bytes::from(encode(ep.config.format, &node, &batch));
         let signature = (!ep.config.secret.is_empty()).then(|| sign(ep.config.secret.expose(), &body));
@@ -830,8 +886,73 @@ mod tests {
             w.channel_occupied(ch);
         }
         let queue = w.endpoints[0].queue();
-        let seqs: Vec<u64> = queue.iter().map(|e| e.seq).collect();
+        let seqs: Vec<u64> = queue.events.iter().map(|e| e.seq).collect();
         assert_eq!(seqs, [2, 3]);
+    }
+
+    #[test]
+    fn a_queue_is_bounded_in_bytes_too() {
+        let c = WebhooksConfig {
+            queue_bytes: 4096,
+            endpoints: vec![EndpointConfig { url: "http://127.0.0.1:1/".into(), ..Default::default() }],
+            ..Default::default()
+        };
+        let w = Webhooks::new(&c);
+        let data = "x".repeat(1000);
+        for _ in 0..10 {
+            w.client_event("private-a", "client-x", &data, None, None);
+        }
+        let queue = w.endpoints[0].queue();
+        assert_eq!(queue.len(), 3, "three events of about 1.1 KB fit in 4 KiB");
+        assert!(queue.bytes <= 4096);
+        assert_eq!(queue.events.iter().map(|e| e.seq).collect::<Vec<_>>(), [8, 9, 10], "the newest kept");
+        drop(queue);
+        assert_eq!(w.endpoints[0].queue().take(usize::MAX).len(), 3);
+        assert_eq!(w.endpoints[0].queue().bytes, 0);
+    }
+
+    #[test]
+    fn events_are_encoded_as_each_format_documents() {
+        let event = |seq, body| Arc::new(Event { seq, time_ms: 7, queued: Instant::now(), size: 0, body });
+        let batch = [
+            event(1, EventBody::Occupied { channel: "presence-a".into() }),
+            event(2, EventBody::MemberAdded { channel: "presence-a".into(), user: "42".into() }),
+            event(
+                3,
+                EventBody::Client {
+                    channel: "presence-a".into(),
+                    event: "client-typing".into(),
+                    data: "{\"on\":true}".into(),
+                    socket_id: Some("1.2".into()),
+                    user: Some("42".into()),
+                },
+            ),
+            event(4, EventBody::Connect { user: "42".into(), client: "c1".into(), transport: "native" }),
+        ];
+        let pusher: serde_json::Value =
+            serde_json::from_slice(&encode(WebhookFormat::Pusher, "n", &batch[..3])).expect("json");
+        assert!(pusher["time_ms"].as_u64().is_some());
+        assert_eq!(
+            pusher["events"],
+            json!([
+                {"name": "channel_occupied", "channel": "presence-a"},
+                {"name": "member_added", "channel": "presence-a", "user_id": "42"},
+                {"name": "client_event", "channel": "presence-a", "event": "client-typing", "data": "{\"on\":true}",
+                 "socket_id": "1.2", "user_id": "42"},
+            ])
+        );
+        let herald: serde_json::Value =
+            serde_json::from_slice(&encode(WebhookFormat::Herald, "n", &batch)).expect("json");
+        assert_eq!(
+            herald["events"],
+            json!([
+                {"id": "n-1", "time_ms": 7, "name": "channel_occupied", "channel": "presence-a"},
+                {"id": "n-2", "time_ms": 7, "name": "member_added", "channel": "presence-a", "user": "42"},
+                {"id": "n-3", "time_ms": 7, "name": "client_event", "channel": "presence-a", "event": "client-typing",
+                 "data": "{\"on\":true}", "socket_id": "1.2", "user": "42"},
+                {"id": "n-4", "time_ms": 7, "name": "connect", "user": "42", "client": "c1", "transport": "native"},
+            ])
+        );
     }
 
     #[test]
