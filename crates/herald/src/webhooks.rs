@@ -29,7 +29,8 @@ pub struct WebhooksConfig {
     /// Where to POST lifecycle events; none by default (then webhooks cost nothing). Each
     /// endpoint is a table `[[webhooks.endpoints]]` with `url` (`http://` or `https://`, trusted
     /// through the system's certificate store), `format` (`herald`, the default, or `pusher`),
-    /// `secret` (signs each request: `X-Herald-Signature: sha256=<hex>` or, for `pusher`,
+    /// `ca_file` (PEM certificate authorities to trust instead of the system's, for an
+    /// `https://` endpoint with a private CA), `secret` (signs each request: `X-Herald-Signature: sha256=<hex>` or, for `pusher`,
     /// `X-Pusher-Signature`; required for `pusher`), `key` (the Pusher app key sent as
     /// `X-Pusher-Key`; required for `pusher`) and `events` (names to send, e.g.
     /// `["member_added", "member_removed"]`; empty, the default, sends every event the
@@ -115,6 +116,10 @@ pub struct EndpointConfig {
     pub secret: Secret,
     /// Events to send; empty sends every event the format has.
     pub events: Vec<EventName>,
+    /// For an `https://` endpoint: a PEM file of the certificate authorities to trust instead
+    /// of the system's store (a private CA). Empty: the system's store.
+    #[schemars(with = "String")]
+    pub ca_file: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for EndpointConfig {
@@ -126,6 +131,7 @@ impl std::fmt::Debug for EndpointConfig {
             .field("key", &self.key)
             .field("secret", &self.secret)
             .field("events", &self.events)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -178,7 +184,16 @@ impl WebhooksConfig {
         check(!self.retry_initial.is_zero(), "webhooks.retry_initial", "must be greater than zero")?;
         check(self.retry_max >= self.retry_initial, "webhooks.retry_max", "must be at least retry_initial")?;
         for (i, e) in self.endpoints.iter().enumerate() {
-            Target::parse(&e.url).map_err(|m| ("webhooks.endpoints", format!("endpoint {}: {m}", i + 1)))?;
+            let target =
+                Target::parse(&e.url).map_err(|m| ("webhooks.endpoints", format!("endpoint {}: {m}", i + 1)))?;
+            if !e.ca_file.as_os_str().is_empty() {
+                check(
+                    target.tls,
+                    "webhooks.endpoints",
+                    &format!("endpoint {}: `ca_file` needs an https:// URL", i + 1),
+                )?;
+                trusted_roots(&e.ca_file).map_err(|m| ("webhooks.endpoints", format!("endpoint {}: {m}", i + 1)))?;
+            }
             if e.format == WebhookFormat::Pusher {
                 let ok = !e.key.is_empty() && !e.secret.is_empty();
                 check(
@@ -298,7 +313,6 @@ struct Shared {
     closing: CancellationToken,
     /// The shutdown bound passed: stop trying.
     abort: CancellationToken,
-    tls: OnceLock<Option<Arc<rustls::ClientConfig>>>,
 }
 
 #[derive(Debug)]
@@ -309,6 +323,8 @@ struct Endpoint {
     index: usize,
     queue: Mutex<Queue>,
     wake: Notify,
+    /// TLS settings for `https://`, made on first use (`None`: no usable trust roots).
+    tls: OnceLock<Option<Arc<rustls::ClientConfig>>>,
 }
 
 /// The events waiting for one endpoint and their size.
@@ -396,6 +412,7 @@ impl Webhooks {
                     index,
                     queue: Mutex::new(Queue::default()),
                     wake: Notify::new(),
+                    tls: OnceLock::new(),
                 })),
                 Err(message) => {
                     tracing::error!(endpoint = index + 1, %message, "webhook endpoint left out");
@@ -409,7 +426,6 @@ impl Webhooks {
                 settings: config.clone(),
                 closing: CancellationToken::new(),
                 abort: CancellationToken::new(),
-                tls: OnceLock::new(),
             }),
             node: format!("{:016x}", rand::random::<u64>()),
             next: Mutex::new(1),
@@ -592,7 +608,7 @@ async fn deliver(ep: Arc<Endpoint>, shared: Arc<Shared>, node: String) {
         loop {
             attempt += 1;
             let sent = tokio::select! {
-                r = tokio::time::timeout(settings.request_timeout, post(&ep, &shared, &mut conn, &body, signature.as_deref())) => r,
+                r = tokio::time::timeout(settings.request_timeout, post(&ep, &mut conn, &body, signature.as_deref())) => r,
                 () = shared.abort.cancelled() => {
                     give_up(&ep, batch.len(), "shutdown bound reached");
                     return;
@@ -726,7 +742,7 @@ fn herald_event(node: &str, e: &Event) -> serde_json::Value {
 enum PostError {
     #[error("connect: {0}")]
     Connect(#[from] std::io::Error),
-    #[error("TLS: no trusted root certificates on this system")]
+    #[error("TLS: no trusted root certificates (system store or ca_file)")]
     NoRoots,
     #[error("TLS: `{0}` is not a valid server name")]
     ServerName(String),
@@ -742,14 +758,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 /// POSTs `body` on the endpoint's kept-alive connection (made first when there is none).
 async fn post(
     ep: &Endpoint,
-    shared: &Shared,
     conn: &mut Option<SendRequest<Body>>,
     body: &Bytes,
     signature: Option<&str>,
 ) -> Result<http::StatusCode, PostError> {
     let sender = match conn {
         Some(s) if !s.is_closed() => s,
-        _ => conn.insert(open(&ep.target, shared).await?),
+        _ => conn.insert(open(ep).await?),
     };
     sender.ready().await?;
     let mut req = http::Request::post(ep.target.path.as_str())
@@ -778,11 +793,14 @@ async fn post(
     Ok(status)
 }
 
-async fn open(target: &Target, shared: &Shared) -> Result<SendRequest<Body>, PostError> {
+async fn open(ep: &Endpoint) -> Result<SendRequest<Body>, PostError> {
+    let target = &ep.target;
     let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
     let _ = tcp.set_nodelay(true);
     let io: Box<dyn Io> = if target.tls {
-        let Some(config) = shared.tls.get_or_init(client_tls).clone() else { return Err(PostError::NoRoots) };
+        let Some(config) = ep.tls.get_or_init(|| client_tls(&ep.config.ca_file)).clone() else {
+            return Err(PostError::NoRoots);
+        };
         let name = rustls_pki_types::ServerName::try_from(target.host.clone())
             .map_err(|_| PostError::ServerName(target.host.clone()))?;
         Box::new(tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?)
@@ -797,15 +815,39 @@ async fn open(target: &Target, shared: &Shared) -> Result<SendRequest<Body>, Pos
     Ok(sender)
 }
 
-/// TLS for `https://` endpoints: the system's trusted roots, rustls with ring.
-fn client_tls() -> Option<Arc<rustls::ClientConfig>> {
+/// The certificate authorities in PEM file `path`; the error names the file, never its content.
+fn trusted_roots(path: &std::path::Path) -> Result<rustls::RootCertStore, String> {
+    use rustls_pki_types::pem::PemObject;
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?;
     let mut roots = rustls::RootCertStore::empty();
-    let found = rustls_native_certs::load_native_certs();
-    for e in &found.errors {
-        tracing::warn!(error = %e, "a system certificate could not be read");
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| format!("ca_file {} is not valid PEM: {e}", path.display()))?;
+        roots.add(cert).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
     }
-    let (added, _) = roots.add_parsable_certificates(found.certs);
-    if added == 0 {
+    if roots.is_empty() {
+        return Err(format!("ca_file {} holds no PEM certificate", path.display()));
+    }
+    Ok(roots)
+}
+
+/// TLS for an `https://` endpoint: the roots of `ca_file`, or else the system's; rustls with
+/// ring.
+fn client_tls(ca_file: &std::path::Path) -> Option<Arc<rustls::ClientConfig>> {
+    let roots = if ca_file.as_os_str().is_empty() {
+        let mut roots = rustls::RootCertStore::empty();
+        let found = rustls_native_certs::load_native_certs();
+        for e in &found.errors {
+            tracing::warn!(error = %e, "a system certificate could not be read");
+        }
+        roots.add_parsable_certificates(found.certs);
+        roots
+    } else {
+        trusted_roots(ca_file).unwrap_or_else(|message| {
+            tracing::error!(%message, "webhook ca_file not loaded");
+            rustls::RootCertStore::empty()
+        })
+    };
+    if roots.is_empty() {
         tracing::error!("no trusted root certificates found: https:// webhooks cannot be sent");
         return None;
     }
