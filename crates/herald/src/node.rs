@@ -33,7 +33,7 @@ pub struct Node {
     /// Verifies connection and subscription tokens; `None` when no key is configured.
     pub verifier: Option<crate::auth::Verifier>,
     /// Lifecycle webhooks (`[webhooks]`); free when no endpoint is configured.
-    pub webhooks: crate::webhooks::Webhooks,
+    pub webhooks: Arc<crate::webhooks::Webhooks>,
     /// Connected sessions of identified users, for the API's `disconnect` and `unsubscribe`.
     users: std::sync::Mutex<UserSessions>,
     ready: AtomicBool,
@@ -68,7 +68,10 @@ impl Node {
         };
         let engine = make_engine(&config, limits);
         engine.set_delivery(Arc::new(HubDelivery(hub.clone())));
-        let webhooks = crate::webhooks::Webhooks::new(&config.webhooks);
+        let webhooks = Arc::new(crate::webhooks::Webhooks::new(&config.webhooks));
+        if webhooks.enabled() {
+            hub.set_occupancy(webhooks.clone());
+        }
         Self {
             ws_settings: Arc::new(config.websocket.clone()),
             echo_settings,

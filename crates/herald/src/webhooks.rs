@@ -567,6 +567,16 @@ impl Webhooks {
     }
 }
 
+impl crate::hub::Occupancy for Webhooks {
+    fn occupied(&self, channel: &str) {
+        self.channel_occupied(channel);
+    }
+
+    fn vacated(&self, channel: &str) {
+        self.channel_vacated(channel);
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
