@@ -1053,6 +1053,30 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closures return its large error type
+    fn check_config_hides_endpoints_and_env_can_set_them() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "herald.toml",
+                "[[webhooks.endpoints]]\nurl = \"https://hooks.example.com/t/abcdef\"\nsecret = \"hunter2\"\n",
+            )?;
+            let overrides = crate::config::Overrides::default();
+            let loaded = crate::config::load(Some(std::path::Path::new("herald.toml")), &overrides).expect("loads");
+            assert_eq!(loaded.config.webhooks.endpoints.len(), 1);
+            let explained = loaded.explain();
+            assert!(explained.contains("webhooks.endpoints = [\"<redacted>\"]"), "{explained}");
+            assert!(!explained.contains("hunter2") && !explained.contains("abcdef"), "{explained}");
+
+            jail.set_env("HERALD_WEBHOOKS__ENDPOINTS", r#"[{url="http://127.0.0.1:9/h",format="pusher",key="k"}]"#);
+            let e = crate::config::load(Some(std::path::Path::new("herald.toml")), &overrides)
+                .and_then(|l| l.config.validate().map(|()| l))
+                .expect_err("a pusher endpoint without a secret");
+            assert!(e.to_string().contains("`pusher` needs `key` and `secret`"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn debug_output_hides_secrets_and_url_paths() {
         let e = EndpointConfig {
             url: "https://hooks.example.com/t/abcdef?token=xyz".into(),
