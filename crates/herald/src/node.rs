@@ -12,8 +12,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use crate::channel::{ChannelName, NamespaceOptions};
 use crate::config::Config;
 use crate::engine::{
-    Delivery, Engine, EngineError, EngineLimits, History, HistoryPolicy, HistoryQuery, MemoryEngine, PublicationRecord,
-    Publish, StreamPosition,
+    Delivery, Engine, EngineError, EngineLimits, History, HistoryPolicy, HistoryQuery, MemoryEngine, PresenceChange,
+    PresenceEntry, PublicationRecord, Publish, StreamPosition,
 };
 use crate::hub::{ChannelEvent, Hub, SubscribeError, Subscriber};
 use crate::ws::{self, WsContext};
@@ -177,6 +177,36 @@ impl Node {
         if let Err(e) = self.engine.broadcast(channel, event.encode()).await {
             tracing::warn!(channel, error = %e, "channel event not sent");
         }
+    }
+
+    /// Adds (or refreshes) a client's presence on `channel`: the single path for every door,
+    /// so a user's first connection there is announced to webhooks (`member_added`) once.
+    pub async fn presence_add(
+        &self,
+        channel: &str,
+        entry: PresenceEntry,
+        ttl: std::time::Duration,
+    ) -> Result<PresenceChange, EngineError> {
+        let user = self.webhooks.enabled().then(|| entry.user.clone());
+        let change = self.engine.presence_add(channel, entry, ttl).await;
+        if let (Ok(PresenceChange::UserJoined), Some(user)) = (&change, user) {
+            self.webhooks.member_added(channel, &user);
+        }
+        change
+    }
+
+    /// Removes a client's presence from `channel`; a user's last connection there leaving is
+    /// announced to webhooks (`member_removed`).
+    pub async fn presence_remove(
+        &self,
+        channel: &str,
+        client: &str,
+    ) -> Result<(PresenceChange, Option<PresenceEntry>), EngineError> {
+        let change = self.engine.presence_remove(channel, client).await;
+        if let Ok((PresenceChange::UserLeft, Some(entry))) = &change {
+            self.webhooks.member_removed(channel, &entry.user);
+        }
+        change
     }
 
     /// Announces the `leave` of users whose presence expired without a goodbye (their node

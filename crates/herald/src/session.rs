@@ -406,12 +406,9 @@ impl Session {
         let ttl = self.presence_ttl();
         let client = ClientInfo { user: entry.user.clone(), client: entry.client.clone() };
         let info = entry.info.as_ref().map(|i| String::from_utf8_lossy(i).into_owned());
-        match self.node.engine.presence_add(channel.as_str(), entry, ttl).await {
-            Ok(PresenceChange::UserJoined) => {
-                self.node.webhooks.member_added(channel.as_str(), &client.user);
-                if join_leave {
-                    self.node.broadcast(channel.as_str(), &ChannelEvent::Join { client, info }).await;
-                }
+        match self.node.presence_add(channel.as_str(), entry, ttl).await {
+            Ok(PresenceChange::UserJoined) if join_leave => {
+                self.node.broadcast(channel.as_str(), &ChannelEvent::Join { client, info }).await;
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(channel = %channel, error = %e, "presence not recorded"),
@@ -424,13 +421,10 @@ impl Session {
         if !ns.presence {
             return;
         }
-        match self.node.engine.presence_remove(channel, client).await {
-            Ok((PresenceChange::UserLeft, Some(entry))) => {
-                self.node.webhooks.member_removed(channel, &entry.user);
-                if ns.join_leave {
-                    let client = ClientInfo { user: entry.user, client: entry.client };
-                    self.node.broadcast(channel, &ChannelEvent::Leave { client }).await;
-                }
+        match self.node.presence_remove(channel, client).await {
+            Ok((PresenceChange::UserLeft, Some(entry))) if ns.join_leave => {
+                let client = ClientInfo { user: entry.user, client: entry.client };
+                self.node.broadcast(channel, &ChannelEvent::Leave { client }).await;
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(channel, error = %e, "presence not removed"),
@@ -455,7 +449,7 @@ impl Session {
             let Ok((name, ns)) = self.node.config.channels.resolve(channel) else { continue };
             if ns.presence {
                 let entry = self.presence_entry(name.as_str());
-                let _ = self.node.engine.presence_add(name.as_str(), entry, self.presence_ttl()).await;
+                let _ = self.node.presence_add(name.as_str(), entry, self.presence_ttl()).await;
             }
         }
     }
