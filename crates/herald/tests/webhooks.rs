@@ -558,3 +558,53 @@ async fn https_endpoints_are_verified_against_their_ca_file() {
     trusted.stop().await;
     untrusted.stop().await;
 }
+
+/// Two nodes sharing a real `redis-server`: presence is cluster-wide, so one user on both
+/// nodes is added and removed once; occupancy is per node (docs/webhooks.md says so).
+#[tokio::test]
+async fn with_two_nodes_members_are_cluster_wide_and_occupancy_per_node() {
+    use herald::engine::redis::test_server::RedisServer;
+    let redis = RedisServer::start().expect("redis-server (Debian package redis-server)");
+    let log = Arc::new(Log::default());
+    let rx = Receiver::start(log.clone(), 0).await;
+    let node_config = || {
+        let mut hook = endpoint(rx.url());
+        hook.events = vec![
+            EventName::ChannelOccupied,
+            EventName::ChannelVacated,
+            EventName::MemberAdded,
+            EventName::MemberRemoved,
+        ];
+        let mut c = config(vec![hook]);
+        c.engine.kind = herald::config::EngineKind::Redis;
+        c.engine.redis.url = redis.url();
+        c.engine.redis.prefix = "webhooks".into();
+        c
+    };
+    let (a, b) = (TestServer::start(node_config()).await, TestServer::start(node_config()).await);
+
+    let (mut tab1, _) = as_user(a.addr, "42").await;
+    let (mut tab2, _) = as_user(b.addr, "42").await;
+    subscribe(&mut tab1, "room:lobby").await;
+    subscribe(&mut tab2, "room:lobby").await;
+    until(&log, "both nodes occupied and one member", |l| l.unique_events().len() >= 3).await;
+    close(tab1).await;
+    close(tab2).await;
+    until(&log, "both nodes vacated and the member removed", |l| l.unique_events().len() >= 6).await;
+    // Give a wrongly repeated member event time to show up.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let events = log.unique_events();
+    let count = |name: &str| events.iter().filter(|e| e["name"] == name).count();
+    assert_eq!(
+        (count("channel_occupied"), count("member_added"), count("channel_vacated"), count("member_removed")),
+        (2, 1, 2, 1),
+        "{events:#?}"
+    );
+    let nodes: HashSet<&str> =
+        events.iter().filter_map(|e| e["id"].as_str()?.rsplit_once('-').map(|(node, _)| node)).collect();
+    assert_eq!(nodes.len(), 2, "each node sends its own events, with its own id prefix");
+    a.shutdown().await;
+    b.shutdown().await;
+    rx.stop().await;
+}
