@@ -276,6 +276,17 @@ enum EventBody {
 }
 
 impl EventBody {
+    fn channel(&self) -> Option<&str> {
+        match self {
+            Self::Occupied { channel }
+            | Self::Vacated { channel }
+            | Self::MemberAdded { channel, .. }
+            | Self::MemberRemoved { channel, .. }
+            | Self::Client { channel, .. } => Some(channel),
+            Self::Connect { .. } | Self::Disconnect { .. } => None,
+        }
+    }
+
     fn size(&self) -> usize {
         let strings = match self {
             Self::Occupied { channel } | Self::Vacated { channel } => channel.len(),
@@ -325,6 +336,27 @@ struct Endpoint {
     wake: Notify,
     /// TLS settings for `https://`, made on first use (`None`: no usable trust roots).
     tls: OnceLock<Option<Arc<rustls::ClientConfig>>>,
+    /// For a `pusher` endpoint: its app's names for Herald channels (set by the Pusher door).
+    names: OnceLock<ChannelNames>,
+}
+
+/// Turns a Herald channel into an app's name for it; `None` for a channel of no concern to
+/// the app. See [`Webhooks::name_channels`].
+#[derive(Clone)]
+pub struct ChannelNames(Arc<NameFn>);
+
+type NameFn = dyn Fn(&str) -> Option<String> + Send + Sync;
+
+impl ChannelNames {
+    pub fn new(names: impl Fn(&str) -> Option<String> + Send + Sync + 'static) -> Self {
+        Self(Arc::new(names))
+    }
+}
+
+impl std::fmt::Debug for ChannelNames {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChannelNames")
+    }
 }
 
 /// The events waiting for one endpoint and their size.
@@ -376,6 +408,22 @@ impl Endpoint {
         self.config.events.is_empty() || self.config.events.contains(&name)
     }
 
+    /// Whether this endpoint's app has a name for `channel` (always, when no names are set).
+    fn knows(&self, channel: Option<&str>) -> bool {
+        match (self.names.get(), channel) {
+            (Some(names), Some(c)) => (names.0)(c).is_some(),
+            _ => true,
+        }
+    }
+
+    /// The name this endpoint's receiver knows `channel` by.
+    fn channel_name<'c>(&self, channel: &'c str) -> std::borrow::Cow<'c, str> {
+        match self.names.get().and_then(|names| (names.0)(channel)) {
+            Some(name) => name.into(),
+            None => channel.into(),
+        }
+    }
+
     fn queue(&self) -> MutexGuard<'_, Queue> {
         // Entries are pushed and popped whole; a poisoned lock is still consistent.
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
@@ -413,6 +461,7 @@ impl Webhooks {
                     queue: Mutex::new(Queue::default()),
                     wake: Notify::new(),
                     tls: OnceLock::new(),
+                    names: OnceLock::new(),
                 })),
                 Err(message) => {
                     tracing::error!(endpoint = index + 1, %message, "webhook endpoint left out");
@@ -430,6 +479,18 @@ impl Webhooks {
             node: format!("{:016x}", rand::random::<u64>()),
             next: Mutex::new(1),
             workers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Gives the `pusher` endpoints whose `key` is `key` their app's channel names: their
+    /// events then carry the app's name for each channel (`names` answers it), and events on
+    /// channels `names` does not know are not sent to them. Called by the Pusher door at start,
+    /// once per app; only the first call per endpoint counts.
+    pub fn name_channels(&self, key: &str, names: ChannelNames) {
+        for ep in &self.endpoints {
+            if ep.config.format == WebhookFormat::Pusher && ep.config.key == key {
+                let _ = ep.names.set(names.clone());
+            }
         }
     }
 
@@ -553,11 +614,16 @@ impl Webhooks {
             return;
         }
         let body = body();
+        let channel = body.channel();
+        let wanted: Vec<&Arc<Endpoint>> = self.endpoints.iter().filter(|e| e.wants(name) && e.knows(channel)).collect();
+        if wanted.is_empty() {
+            return;
+        }
         let settings = &self.shared.settings;
         let mut next = lock(&self.next);
         let event = Arc::new(Event { seq: *next, time_ms: unix_ms(), queued: Instant::now(), size: body.size(), body });
         *next += 1;
-        for ep in self.endpoints.iter().filter(|e| e.wants(name)) {
+        for ep in wanted {
             let dropped = ep.queue().push(event.clone(), settings.queue_size, settings.queue_bytes);
             if dropped > 0 {
                 metrics::counter!("herald_webhook_dropped_total", "reason" => "queue_full").increment(dropped as u64);
@@ -612,7 +678,7 @@ async fn deliver(ep: Arc<Endpoint>, shared: Arc<Shared>, node: String) {
         }
         let batch = ep.queue().take(settings.batch_size);
         let Some(first) = batch.first() else { continue };
-        let body = Bytes::from(encode(ep.config.format, &node, &batch));
+        let body = Bytes::from(encode(&ep, &node, &batch));
         let signature = (!ep.config.secret.is_empty()).then(|| sign(ep.config.secret.expose(), &body));
         let mut attempt: u32 = 0;
         loop {
@@ -694,37 +760,41 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// A request body: `{"time_ms":..,"events":[..]}` in the endpoint's format.
-fn encode(format: WebhookFormat, node: &str, batch: &[Arc<Event>]) -> Vec<u8> {
+fn encode(ep: &Endpoint, node: &str, batch: &[Arc<Event>]) -> Vec<u8> {
     let events: Vec<serde_json::Value> = batch
         .iter()
-        .map(|e| match format {
-            WebhookFormat::Pusher => pusher_event(e),
+        .map(|e| match ep.config.format {
+            WebhookFormat::Pusher => pusher_event(e, |c| ep.channel_name(c)),
             WebhookFormat::Herald => herald_event(node, e),
         })
         .collect();
     serde_json::to_vec(&json!({ "time_ms": unix_ms(), "events": events })).unwrap_or_default()
 }
 
-fn pusher_event(e: &Event) -> serde_json::Value {
-    let name = e.body.name().as_str();
+fn pusher_event<'e>(e: &'e Event, names: impl Fn(&'e str) -> std::borrow::Cow<'e, str>) -> serde_json::Value {
+    let mut v = serde_json::Map::new();
+    v.insert("name".into(), json!(e.body.name().as_str()));
+    if let Some(c) = e.body.channel() {
+        v.insert("channel".into(), json!(names(c)));
+    }
     match &e.body {
-        EventBody::Occupied { channel } | EventBody::Vacated { channel } => json!({"name": name, "channel": channel}),
-        EventBody::MemberAdded { channel, user } | EventBody::MemberRemoved { channel, user } => {
-            json!({"name": name, "channel": channel, "user_id": user})
+        EventBody::MemberAdded { user, .. } | EventBody::MemberRemoved { user, .. } => {
+            v.insert("user_id".into(), json!(user));
         }
-        EventBody::Client { channel, event, data, socket_id, user } => {
-            let mut v = json!({"name": name, "channel": channel, "event": event, "data": data});
+        EventBody::Client { event, data, socket_id, user, .. } => {
+            v.insert("event".into(), json!(event));
+            v.insert("data".into(), json!(data));
             if let Some(s) = socket_id {
-                v["socket_id"] = json!(s);
+                v.insert("socket_id".into(), json!(s));
             }
             if let Some(u) = user {
-                v["user_id"] = json!(u);
+                v.insert("user_id".into(), json!(u));
             }
-            v
         }
-        // Not queued for Pusher endpoints (`Endpoint::wants`).
-        EventBody::Connect { .. } | EventBody::Disconnect { .. } => json!({"name": name}),
+        // Connect and disconnect are not queued for Pusher endpoints (`Endpoint::wants`).
+        _ => {}
     }
+    serde_json::Value::Object(v)
 }
 
 fn herald_event(node: &str, e: &Event) -> serde_json::Value {
@@ -963,6 +1033,59 @@ mod tests {
         assert_eq!(w.endpoints[0].queue().bytes, 0);
     }
 
+    fn endpoint(format: WebhookFormat) -> Arc<Endpoint> {
+        let c = WebhooksConfig {
+            endpoints: vec![EndpointConfig {
+                url: "http://127.0.0.1:1/".into(),
+                format,
+                key: "app-key".into(),
+                secret: Secret::new("s"),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        Webhooks::new(&c).endpoints[0].clone()
+    }
+
+    #[test]
+    fn pusher_endpoints_get_their_apps_channels_under_the_apps_names() {
+        let c = WebhooksConfig {
+            endpoints: vec![
+                EndpointConfig {
+                    url: "http://127.0.0.1:1/a".into(),
+                    format: WebhookFormat::Pusher,
+                    key: "key-a".into(),
+                    secret: Secret::new("s"),
+                    ..Default::default()
+                },
+                EndpointConfig { url: "http://127.0.0.1:1/herald".into(), ..Default::default() },
+            ],
+            ..Default::default()
+        };
+        let w = Webhooks::new(&c);
+        let names = ChannelNames::new(|c: &str| c.strip_prefix("app-a:").map(str::to_owned));
+        w.name_channels("key-b", names.clone());
+        assert!(w.endpoints[0].names.get().is_none(), "another app's key");
+        w.name_channels("key-a", names);
+        w.channel_occupied("app-a:presence-room");
+        w.channel_occupied("app-b:news");
+        w.member_added("app-a:presence-room", "42");
+        assert_eq!(w.endpoints[0].queue().len(), 2, "only app a's channels");
+        assert_eq!(w.endpoints[1].queue().len(), 3, "the Herald endpoint gets every channel");
+        let batch = w.endpoints[0].queue().take(10);
+        let body: serde_json::Value = serde_json::from_slice(&encode(&w.endpoints[0], "n", &batch)).expect("json");
+        assert_eq!(
+            body["events"],
+            json!([
+                {"name": "channel_occupied", "channel": "presence-room"},
+                {"name": "member_added", "channel": "presence-room", "user_id": "42"},
+            ])
+        );
+        let batch = w.endpoints[1].queue().take(10);
+        let body: serde_json::Value = serde_json::from_slice(&encode(&w.endpoints[1], "n", &batch)).expect("json");
+        assert_eq!(body["events"][0]["channel"], "app-a:presence-room");
+    }
+
     #[test]
     fn events_are_encoded_as_each_format_documents() {
         let event = |seq, body| Arc::new(Event { seq, time_ms: 7, queued: Instant::now(), size: 0, body });
@@ -982,7 +1105,7 @@ mod tests {
             event(4, EventBody::Connect { user: "42".into(), client: "c1".into(), transport: "native" }),
         ];
         let pusher: serde_json::Value =
-            serde_json::from_slice(&encode(WebhookFormat::Pusher, "n", &batch[..3])).expect("json");
+            serde_json::from_slice(&encode(&endpoint(WebhookFormat::Pusher), "n", &batch[..3])).expect("json");
         assert!(pusher["time_ms"].as_u64().is_some());
         assert_eq!(
             pusher["events"],
@@ -994,7 +1117,7 @@ mod tests {
             ])
         );
         let herald: serde_json::Value =
-            serde_json::from_slice(&encode(WebhookFormat::Herald, "n", &batch)).expect("json");
+            serde_json::from_slice(&encode(&endpoint(WebhookFormat::Herald), "n", &batch)).expect("json");
         assert_eq!(
             herald["events"],
             json!([
