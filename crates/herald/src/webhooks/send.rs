@@ -147,10 +147,32 @@ async fn post(
     body: &Bytes,
     signature: Option<&str>,
 ) -> Result<http::StatusCode, PostError> {
-    let sender = match conn {
-        Some(s) if !s.is_closed() => s,
-        _ => conn.insert(open(ep).await?),
-    };
+    if let Some(sender) = conn.as_mut().filter(|s| !s.is_closed()) {
+        match send(ep, sender, body, signature).await {
+            Ok(status) => return Ok(status),
+            // A kept-alive connection the receiver closed while idle (its keep-alive timeout):
+            // once more on a new one. The receiver may have seen the first one (duplicates
+            // are allowed, losses are not).
+            Err(PostError::Http(e)) => {
+                tracing::trace!(endpoint = ep.index + 1, error = %e, "kept-alive connection failed")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    *conn = None;
+    let sender = conn.insert(open(ep).await?);
+    send(ep, sender, body, signature).await.inspect_err(|_| {
+        *conn = None;
+    })
+}
+
+/// One request on `sender`.
+async fn send(
+    ep: &Endpoint,
+    sender: &mut SendRequest<Body>,
+    body: &Bytes,
+    signature: Option<&str>,
+) -> Result<http::StatusCode, PostError> {
     sender.ready().await?;
     let mut req = http::Request::post(ep.target.path.as_str())
         .header(http::header::HOST, ep.target.authority.as_str())
@@ -171,10 +193,9 @@ async fn post(
     }
     let response = sender.send_request(req.body(Body::from(body.clone()))?).await?;
     let status = response.status();
-    // Read (a bounded part of) the answer so the connection can carry the next request.
-    if axum::body::to_bytes(Body::new(response.into_body()), 64 << 10).await.is_err() {
-        *conn = None;
-    }
+    // Read (a bounded part of) the answer so the connection can carry the next request; a
+    // connection whose answer could not be read closes, and the next request opens another.
+    let _ = axum::body::to_bytes(Body::new(response.into_body()), 64 << 10).await;
     Ok(status)
 }
 
