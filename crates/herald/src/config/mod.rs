@@ -49,6 +49,9 @@ pub struct Config {
     pub tls: crate::tls::TlsConfig,
     /// Endpoints for testing Herald itself. Keep them off in production.
     pub testing: TestingConfig,
+    /// Lifecycle webhooks: channel occupied/vacated, members added/removed, client events,
+    /// connects and disconnects, POSTed to your endpoints. See docs/webhooks.md.
+    pub webhooks: crate::webhooks::WebhooksConfig,
     /// Set by `herald serve --demo` only (never from a file or the environment): serve
     /// `/demo/token` and run the demo ticker. See `web::apply_demo`.
     #[serde(skip)]
@@ -70,6 +73,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             tls: crate::tls::TlsConfig::default(),
             testing: TestingConfig::default(),
+            webhooks: crate::webhooks::WebhooksConfig::default(),
             demo: false,
         }
     }
@@ -216,7 +220,7 @@ impl ApiConfig {
 }
 
 /// Keys whose values `check-config` must not print.
-const SECRET_KEYS: &[&str] = &["api.key", "api.keys", "auth.secret", "engine.redis.password"];
+const SECRET_KEYS: &[&str] = &["api.key", "api.keys", "auth.secret", "engine.redis.password", "webhooks.endpoints"];
 
 /// The engine (`[engine]`): see `docs/operations.md#running-several-nodes-with-redis`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -501,6 +505,7 @@ impl Config {
                 return Err(ConfigError::Invalid { key: "engine.redis.url", message: e.to_string() });
             }
         }
+        self.webhooks.validate().map_err(|(key, message)| ConfigError::Invalid { key, message })?;
         check_log_filter(&self.log.level)
     }
 }
