@@ -136,6 +136,7 @@ fn router(node: Arc<Node>, origins: Arc<OriginPolicy>) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/connect", any(transport::connect))
+        .route("/connection/websocket", any(transport::centrifugo))
         .route("/ws/{*channel}", any(transport::raw_ws))
         .route("/sse/{*channel}", get(transport::sse))
         .merge(api);
