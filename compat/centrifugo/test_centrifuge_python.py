@@ -212,6 +212,7 @@ class CentrifugePython(unittest.IsolatedAsyncioTestCase):
         ada, bob = await self.client("ada"), await self.client("bob")
         a_sub, a_seen = await self.subscribe(ada, "chat:room", join_leave=True)
         b_sub, _ = await self.subscribe(bob, "chat:room", join_leave=True)
+        await wait_for(lambda: any(i.user == "bob" for i in a_seen.joins), "bob's join")
         presence = await a_sub.presence()
         self.assertEqual(sorted(info.user for info in presence.clients.values()), ["ada", "bob"])
         stats = await a_sub.presence_stats()
@@ -222,6 +223,8 @@ class CentrifugePython(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(a_seen.pubs[0].info.user, "bob")
         history = await a_sub.history(limit=10)
         self.assertEqual([p.data for p in history.publications], [{"text": "hi"}])
+        await b_sub.unsubscribe()
+        await wait_for(lambda: any(i.user == "bob" for i in a_seen.leaves), "bob's leave")
 
 
 if __name__ == "__main__":

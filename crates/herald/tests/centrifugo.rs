@@ -18,8 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 const SECRET: &str = "centrifugo-compat-test-secret-of-enough-length";
 
 fn config() -> Config {
-    let mut c = Config::default();
-    c.auth = AuthConfig { secret: Secret::new(SECRET), ..Default::default() };
+    let mut c = Config { auth: AuthConfig { secret: Secret::new(SECRET), ..Default::default() }, ..Default::default() };
     c.channels.namespaces.insert(
         "chat".into(),
         NamespaceOptions { publish: true.into(), presence: true, join_leave: true, ..Default::default() },
@@ -237,6 +236,14 @@ async fn presence_history_and_refresh() {
         let r = c.request("subscribe", json!({"channel": "chat:room", "join_leave": true})).await;
         assert!(r.get("subscribe").is_some(), "{r}");
     }
+    // Bob's join reaches Ada in Centrifugo's shape (`join.info`, with the token's info).
+    let join = loop {
+        let p = a.push().await;
+        if p["join"]["info"]["user"] == "bob" {
+            break p;
+        }
+    };
+    assert_eq!(join["join"]["info"]["conn_info"], json!({"name": "bob"}), "{join}");
     let r = a.request("presence", json!({"channel": "chat:room"})).await;
     let presence = r["presence"]["presence"].as_object().expect("presence map");
     let mut users: Vec<&str> = presence.values().map(|c| c["user"].as_str().expect("user")).collect();
@@ -262,6 +269,16 @@ async fn presence_history_and_refresh() {
     assert_eq!(offsets, [3, 2], "{r}");
     let r = a.request("history", json!({"channel": "live:x", "limit": 1})).await;
     assert_eq!(r["error"]["code"], 108, "not available: {r}");
+
+    let r = b.request("unsubscribe", json!({"channel": "chat:room"})).await;
+    assert_eq!(r["unsubscribe"], json!({}), "{r}");
+    let leave = loop {
+        let p = a.push().await;
+        if p.get("leave").is_some() {
+            break p;
+        }
+    };
+    assert_eq!(leave["leave"]["info"]["user"], "bob", "{leave}");
 
     let r = a.request("refresh", json!({"token": token("ada", 900)})).await;
     let refresh = &r["refresh"];

@@ -11,7 +11,7 @@ import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 
 const here = fileURLToPath(new URL(".", import.meta.url));
-export const BIN = resolve(here, "..", process.env.HERALD_BIN || "../../target/debug/herald");
+export const BIN = resolve(here, process.env.HERALD_BIN || "../../target/debug/herald");
 export const SECRET = "centrifugo-compat-secret-0123456789-abcdefghij";
 export const API_KEY = "centrifugo-compat-api-key";
 

@@ -6,7 +6,7 @@ import { after, before, test } from "node:test";
 import { Centrifuge } from "centrifuge";
 import WebSocket from "ws";
 
-import { Herald, token, waitFor } from "./herald.js";
+import { Herald, token, waitFor } from "./harness.js";
 
 let herald;
 const clients = [];
@@ -90,6 +90,8 @@ test("presence, presence stats, history and client publications", async () => {
   const bob = await connect("bob");
   const b = await subscribe(bob.client, "chat:room", { joinLeave: true });
 
+  await waitFor(() => a.seen.joins.some((i) => i.user === "bob"), "bob's join");
+  assert.equal(a.seen.joins.find((i) => i.user === "bob").connInfo.name, "BOB", "join carries the token's info");
   const presence = await a.sub.presence();
   const users = Object.values(presence.clients)
     .map((c) => c.user)
@@ -108,6 +110,9 @@ test("presence, presence stats, history and client publications", async () => {
   assert.equal(history.publications.length, 1);
   assert.equal(history.publications[0].data.text, "hi from bob");
   assert.equal(typeof history.epoch, "string");
+
+  bob.client.disconnect();
+  await waitFor(() => a.seen.leaves.some((i) => i.user === "bob"), "bob's leave");
 
   await assert.rejects(ada.client.rpc("getUser", {}), (e) => e.code === 108, "RPC is not available");
 });
