@@ -16,6 +16,7 @@ import unittest
 import urllib.request
 from pathlib import Path
 
+import cent
 from centrifuge import Client, SubscriptionEventHandler
 
 HERE = Path(__file__).resolve().parent
@@ -113,6 +114,11 @@ class Herald:
     @property
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.proxy_port}/connection/websocket"
+
+    @property
+    def cent_url(self) -> str:
+        """Centrifugo's server API shape (what `cent` and the other API clients call)."""
+        return f"http://127.0.0.1:{self.port}/centrifugo/api"
 
     def api(self, method: str, body: dict) -> dict:
         req = urllib.request.Request(
@@ -225,6 +231,40 @@ class CentrifugePython(unittest.IsolatedAsyncioTestCase):
         self.assertEqual([p.data for p in history.publications], [{"text": "hi"}])
         await b_sub.unsubscribe()
         await wait_for(lambda: any(i.user == "bob" for i in a_seen.leaves), "bob's leave")
+
+
+    async def test_cent_publishes_and_reads_presence_and_history(self) -> None:
+        api = cent.Client(self.herald.cent_url, API_KEY)
+        ada = await self.client("ada")
+        _, seen = await self.subscribe(ada, "chat:room")
+
+        result = await asyncio.to_thread(
+            api.publish, cent.PublishRequest(channel="chat:room", data={"text": "from cent"}, tags={"kind": "note"})
+        )
+        self.assertEqual(result.offset, 1)
+        self.assertTrue(result.epoch)
+        await wait_for(lambda: len(seen.pubs) == 1, "cent's publication")
+        self.assertEqual(seen.pubs[0].data, {"text": "from cent"})
+        self.assertEqual(seen.pubs[0].tags, {"kind": "note"})
+
+        presence = await asyncio.to_thread(api.presence, cent.PresenceRequest(channel="chat:room"))
+        self.assertEqual([c.user for c in presence.presence.values()], ["ada"])
+        self.assertEqual(list(presence.presence.values())[0].conn_info, {"name": "ada"})
+        stats = await asyncio.to_thread(api.presence_stats, cent.PresenceStatsRequest(channel="chat:room"))
+        self.assertEqual((stats.num_clients, stats.num_users), (1, 1))
+
+        history = await asyncio.to_thread(api.history, cent.HistoryRequest(channel="chat:room", limit=10))
+        self.assertEqual([p.data for p in history.publications], [{"text": "from cent"}])
+        self.assertEqual(history.publications[0].tags, {"kind": "note"})
+        position = await asyncio.to_thread(api.history, cent.HistoryRequest(channel="chat:room"))
+        self.assertEqual((position.publications, position.offset), ([], 1), "no limit: the position only")
+
+        with self.assertRaises(cent.CentApiResponseError) as refused:
+            await asyncio.to_thread(api.presence, cent.PresenceRequest(channel="news"))
+        self.assertEqual(refused.exception.code, 108, "presence is off outside `chat`")
+        with self.assertRaises(cent.CentUnauthorizedError):
+            await asyncio.to_thread(cent.Client(self.herald.cent_url, "wrong-key").publish,
+                                    cent.PublishRequest(channel="news", data=1))
 
 
 if __name__ == "__main__":

@@ -368,3 +368,67 @@ async fn a_client_that_does_not_answer_pings_is_closed_with_3012() {
     assert_eq!(closed, Some(3012));
     server.shutdown().await;
 }
+
+/// Calls Centrifugo's server API shape with `X-API-Key`, as `cent` does.
+async fn cent_api(addr: std::net::SocketAddr, method: &str, body: Value, key: &str) -> (u16, Value) {
+    let body = body.to_string();
+    let req = format!(
+        "POST /centrifugo/api/{method} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-API-Key: {key}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    http(addr, &req).await
+}
+
+#[tokio::test]
+async fn centrifugos_server_api_shape_publishes_with_tags_and_answers_in_result() {
+    let mut cfg = config();
+    cfg.api.key = Secret::new("k");
+    let server = TestServer::start(cfg).await;
+    let (mut c, _) = Cent::connected(server.addr, Some(token("42", 600))).await;
+    c.request("subscribe", json!({"channel": "chat:room"})).await;
+    let (status, r) =
+        cent_api(server.addr, "publish", json!({"channel": "chat:room", "data": {"a": 1}, "tags": {"k": "v"}}), "k")
+            .await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["result"]["offset"], 1, "{r}");
+    let p = loop {
+        let p = c.push().await;
+        if p.get("pub").is_some() {
+            break p; // after the connection's own join
+        }
+    };
+    assert_eq!(p["pub"], json!({"offset": 1, "data": {"a": 1}, "tags": {"k": "v"}}), "tags reach the subscriber");
+
+    let (_, r) = cent_api(server.addr, "presence_stats", json!({"channel": "chat:room"}), "k").await;
+    assert_eq!(r["result"], json!({"num_clients": 1, "num_users": 1}));
+    let (_, r) = cent_api(server.addr, "presence", json!({"channel": "chat:room"}), "k").await;
+    let clients: Vec<&Value> = r["result"]["presence"].as_object().expect("presence").values().collect();
+    assert_eq!((clients.len(), &clients[0]["user"]), (1, &json!("42")), "{r}");
+    let (_, r) = cent_api(server.addr, "history", json!({"channel": "chat:room", "limit": -1}), "k").await;
+    assert_eq!(r["result"]["publications"][0]["tags"], json!({"k": "v"}), "{r}");
+    let (_, r) = cent_api(server.addr, "broadcast", json!({"channels": ["news", "chat:room"], "data": 2}), "k").await;
+    assert_eq!(r["result"]["responses"][1]["result"]["offset"], 2, "{r}");
+    let (_, r) = cent_api(server.addr, "channels", json!({}), "k").await;
+    assert_eq!(r["result"]["channels"]["chat:room"]["num_clients"], 1, "{r}");
+
+    // Errors: HTTP 200 with Centrifugo's numbers, except a wrong key (401).
+    let (status, r) = cent_api(server.addr, "presence", json!({"channel": "news"}), "k").await;
+    assert_eq!((status, &r["error"]["code"]), (200, &json!(108)), "{r}");
+    let (status, r) = cent_api(server.addr, "rpc", json!({}), "k").await;
+    assert_eq!((status, &r["error"]["code"]), (200, &json!(104)), "{r}");
+    let (status, r) = cent_api(server.addr, "publish", json!({"channel": "news"}), "k").await;
+    assert_eq!((status, &r["error"]["code"]), (200, &json!(107)), "no data: {r}");
+    let (status, _) = cent_api(server.addr, "publish", json!({"channel": "news", "data": 1}), "wrong").await;
+    assert_eq!(status, 401);
+
+    let (_, r) = cent_api(server.addr, "disconnect", json!({"user": "42"}), "k").await;
+    assert_eq!(r["result"], json!({}), "{r}");
+    let closed = loop {
+        match c.next().await {
+            Ok(_) => continue,
+            Err(close) => break close,
+        }
+    };
+    assert_eq!(closed.map(|(code, _)| code), Some(3503));
+    server.shutdown().await;
+}
