@@ -189,8 +189,24 @@ async fn publish(node: &Node, channel: &str, data: &RawValue, tags: &Option<Tags
     Ok(json!({ "offset": p.offset, "epoch": p.epoch.as_ref() }))
 }
 
+/// Centrifugo publish options Herald does not have: refused rather than ignored, since each
+/// changes what is delivered or kept.
+fn unsupported_publish_options(body: &[u8]) -> Result<(), Refusal> {
+    let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) else { return Ok(()) };
+    let set = |v: &Value| !matches!(v, Value::Null | Value::Bool(false)) && v != &json!("") && v != &json!(0);
+    for key in ["skip_history", "idempotency_key", "b64data", "delta", "version", "version_epoch"] {
+        if map.get(key).is_some_and(set) {
+            return Err((ErrorCode::NotAvailable, format!("`{key}` is not available on Herald")));
+        }
+    }
+    Ok(())
+}
+
 async fn call(node: &Node, method: &str, body: &[u8]) -> Result<Value, Refusal> {
     let engine = |e: crate::engine::EngineError| crate::rules::engine_refusal(&e);
+    if method == "publish" || method == "broadcast" {
+        unsupported_publish_options(body)?;
+    }
     match method {
         "publish" => {
             let b: PublishBody = parse(body)?;

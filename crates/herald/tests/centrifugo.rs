@@ -418,6 +418,9 @@ async fn centrifugos_server_api_shape_publishes_with_tags_and_answers_in_result(
     assert_eq!((status, &r["error"]["code"]), (200, &json!(104)), "{r}");
     let (status, r) = cent_api(server.addr, "publish", json!({"channel": "news"}), "k").await;
     assert_eq!((status, &r["error"]["code"]), (200, &json!(107)), "no data: {r}");
+    let body = json!({"channel": "news", "data": 1, "idempotency_key": "x"});
+    let (status, r) = cent_api(server.addr, "publish", body, "k").await;
+    assert_eq!((status, &r["error"]["code"]), (200, &json!(108)), "refused, not ignored: {r}");
     let (status, _) = cent_api(server.addr, "publish", json!({"channel": "news", "data": 1}), "wrong").await;
     assert_eq!(status, 401);
 
