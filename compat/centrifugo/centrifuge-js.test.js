@@ -6,7 +6,7 @@ import { after, before, test } from "node:test";
 import { Centrifuge } from "centrifuge";
 import WebSocket from "ws";
 
-import { Herald, token, waitFor } from "./harness.js";
+import { Herald, sleep, token, waitFor } from "./harness.js";
 
 let herald;
 const clients = [];
@@ -115,4 +115,42 @@ test("presence, presence stats, history and client publications", async () => {
   await waitFor(() => a.seen.leaves.some((i) => i.user === "bob"), "bob's leave");
 
   await assert.rejects(ada.client.rpc("getUser", {}), (e) => e.code === 108, "RPC is not available");
+});
+
+test("refreshes short-lived connection and subscription tokens without dropping anything", async () => {
+  let connectionTokens = 0;
+  let subscriptionTokens = 0;
+  const c = new Centrifuge(herald.url, {
+    websocket: WebSocket,
+    getToken: async () => {
+      connectionTokens++;
+      return token("carol", 3);
+    },
+  });
+  clients.push(c);
+  const connected = new Promise((ok) => c.once("connected", ok));
+  c.connect();
+  await connected;
+  const disconnects = [];
+  c.on("disconnected", (ctx) => disconnects.push(ctx));
+  c.on("connecting", (ctx) => disconnects.push(ctx));
+  const sub = c.newSubscription("private:carol", {
+    getToken: async (ctx) => {
+      subscriptionTokens++;
+      return token("carol", 3, undefined, { channel: ctx.channel });
+    },
+  });
+  const pubs = [];
+  sub.on("publication", (ctx) => pubs.push(ctx.data));
+  sub.subscribe();
+  await waitFor(() => sub.state === "subscribed", "subscribed with a token");
+  sub.on("subscribing", (ctx) => disconnects.push(ctx));
+  // Both tokens expire after 3 s (+1 s leeway); the SDK refreshes them before that.
+  await waitFor(() => connectionTokens >= 3 && subscriptionTokens >= 3, "two refreshes of each", 15000);
+  await sleep(500);
+  await herald.api("publish", { channel: "private:carol", data: { ok: true } });
+  await waitFor(() => pubs.length === 1, "a publication after the refreshes");
+  assert.equal(c.state, "connected");
+  assert.equal(sub.state, "subscribed");
+  assert.deepEqual(disconnects, [], "never disconnected or resubscribed");
 });

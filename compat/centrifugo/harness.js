@@ -30,14 +30,17 @@ presence = true
 join_leave = true
 history_size = 1000
 
+[channels.namespaces.private]
+subscribe = "token"
+
 [websocket]
 ping_interval = "2s"
 `;
 
 /** An HS256 connection token for `user`, valid `ttl` seconds (what a Centrifugo backend mints). */
-export function token(user, ttl = 3600, info) {
+export function token(user, ttl = 3600, info, claims) {
   const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
-  const payload = { sub: user, exp: Math.floor(Date.now() / 1000) + ttl, info };
+  const payload = { sub: user, exp: Math.floor(Date.now() / 1000) + ttl, info, ...claims };
   const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64(payload)}`;
   return `${body}.${createHmac("sha256", SECRET).update(body).digest("base64url")}`;
 }
