@@ -222,6 +222,9 @@ pub struct ReplyContext<'a> {
     /// Whether the subscribed channel keeps history: Herald positions and recovers every
     /// such channel (Centrifugo's `force_recovery` and `force_positioning`).
     pub recoverable: bool,
+    /// The tags of the result's publications, by index (v1's publications carry none); empty
+    /// when there are none.
+    pub tags: &'a [Option<&'a BTreeMap<String, String>>],
 }
 
 /// Centrifugo's error codes (100–199, its own table): a Herald code's nearest, and whether the
@@ -318,6 +321,10 @@ fn publication(p: &Publication, tags: Option<&BTreeMap<String, String>>) -> Valu
     Value::Object(out)
 }
 
+fn publications(list: &[Publication], ctx: &ReplyContext<'_>) -> Value {
+    list.iter().enumerate().map(|(i, p)| publication(p, ctx.tags.get(i).copied().flatten())).collect()
+}
+
 fn ttl(expires_at: u64, now: u64) -> u64 {
     expires_at.saturating_sub(now).max(1)
 }
@@ -336,7 +343,7 @@ fn subscribe_result(r: &SubscribeResult, ctx: &ReplyContext<'_>) -> Value {
         out.insert("recovered".into(), recovered.into());
     }
     if !r.publications.is_empty() {
-        out.insert("publications".into(), r.publications.iter().map(|p| publication(p, None)).collect());
+        out.insert("publications".into(), publications(&r.publications, ctx));
     }
     if let Some(at) = r.expires {
         out.insert("expires".into(), true.into());
@@ -370,7 +377,7 @@ pub fn encode_reply(id: u32, result: &ReplyResult, ctx: &ReplyContext<'_>) -> Ve
             json!({
                 "epoch": h.epoch,
                 "offset": h.offset,
-                "publications": h.publications.iter().map(|p| publication(p, None)).collect::<Vec<_>>(),
+                "publications": publications(&h.publications, ctx),
             }),
         ),
         ReplyResult::Presence(p) => {
@@ -462,7 +469,7 @@ mod tests {
     use super::*;
 
     fn ctx() -> ReplyContext<'static> {
-        ReplyContext { now: 1000, client: "c1", version: "1", expires_at: 1060, recoverable: true }
+        ReplyContext { now: 1000, client: "c1", version: "1", expires_at: 1060, recoverable: true, tags: &[] }
     }
 
     #[test]

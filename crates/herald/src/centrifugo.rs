@@ -49,7 +49,7 @@ impl Encoder for CentrifugoEncoder {
             // Pusher's client events have no Centrifugo counterpart.
             ChannelEvent::Client { .. } => return None,
         };
-        let ctx = ReplyContext { now: 0, client: "", version: "", expires_at: 0, recoverable: false };
+        let ctx = ReplyContext { now: 0, client: "", version: "", expires_at: 0, recoverable: false, tags: &[] };
         let mut push = encode_push(channel, &body, &ctx);
         // The joining connection's info, as Centrifugo's `conn_info`.
         if let Some(info) = info.and_then(|i| serde_json::from_str::<serde_json::Value>(i).ok()) {

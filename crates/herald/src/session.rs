@@ -87,7 +87,7 @@ impl Dialect {
 
 /// The context of a reply that is not about the connection itself (a subscription's).
 fn channel_context(recoverable: bool) -> ReplyContext<'static> {
-    ReplyContext { now: unix_now(), client: "", version: crate::VERSION, expires_at: 0, recoverable }
+    ReplyContext { now: unix_now(), client: "", version: crate::VERSION, expires_at: 0, recoverable, tags: &[] }
 }
 
 /// A client's state, independent of the socket: tested by feeding it frames.
@@ -246,7 +246,13 @@ impl Session {
 
     /// Sends a reply in this session's dialect.
     fn reply(&self, id: u32, result: ReplyResult) {
+        self.reply_tagged(id, result, &[]);
+    }
+
+    /// Sends a reply whose publications have these tags (by index; Centrifugo shows them).
+    fn reply_tagged(&self, id: u32, result: ReplyResult, tags: &[Option<&crate::engine::Tags>]) {
         let ctx = ReplyContext {
+            tags,
             now: unix_now(),
             client: self.client.as_deref().unwrap_or(""),
             version: crate::VERSION,
@@ -340,7 +346,9 @@ impl Session {
             let name = channel.to_string();
             let (dialect, ctx) = (self.dialect, channel_context(ns.history_size > 0));
             let joined = self
-                .join(&channel, ns, None, |result| Bytes::from(dialect.push(&name, PushBody::Subscribe(result), &ctx)))
+                .join(&channel, ns, None, |result, tags| {
+                    Bytes::from(dialect.push(&name, PushBody::Subscribe(result), &ReplyContext { tags, ..ctx }))
+                })
                 .await;
             if let Err((_, message)) = joined {
                 tracing::warn!(session = self.id, channel = %channel, %message, "server-side subscription failed");
@@ -419,8 +427,9 @@ impl Session {
         });
         let (dialect, ctx) = (self.dialect, channel_context(ns.history_size > 0));
         let joined = self
-            .join(&channel, ns, recover, |result| {
-                Bytes::from(dialect.reply(id, ReplyResult::Subscribe(SubscribeResult { expires, ..result }), &ctx))
+            .join(&channel, ns, recover, |result, tags| {
+                let result = ReplyResult::Subscribe(SubscribeResult { expires, ..result });
+                Bytes::from(dialect.reply(id, result, &ReplyContext { tags, ..ctx }))
             })
             .await;
         if joined.is_err() {
@@ -459,7 +468,7 @@ impl Session {
         channel: &ChannelName,
         ns: &NamespaceOptions,
         recover: Option<StreamPosition>,
-        frame: impl FnOnce(SubscribeResult) -> Bytes,
+        frame: impl FnOnce(SubscribeResult, &[Option<&crate::engine::Tags>]) -> Bytes,
     ) -> Result<(), Refusal> {
         let node = self.node.clone();
         let sub = Subscriber { id: self.id, outbox: self.outbox.clone(), encoder: self.dialect.encoder() };
@@ -468,13 +477,15 @@ impl Session {
         self.subscriptions.insert(channel.shared().clone());
         let result = node
             .subscribe(channel, ns, sub, recover, |history, recovered| {
-                Some(frame(SubscribeResult {
+                let tags: Vec<_> = history.publications.iter().map(|p| p.tags.as_deref()).collect();
+                let result = SubscribeResult {
                     epoch: history.position.epoch.to_string(),
                     offset: history.position.offset,
                     recovered,
                     publications: history.publications.iter().map(to_wire).collect(),
                     expires: None,
-                }))
+                };
+                Some(frame(result, &tags))
             })
             .await;
         match result {
@@ -687,7 +698,8 @@ impl Session {
             offset: h.position.offset,
             publications: h.publications.iter().map(to_wire).collect(),
         };
-        self.reply(id, ReplyResult::History(result));
+        let tags: Vec<_> = h.publications.iter().map(|p| p.tags.as_deref()).collect();
+        self.reply_tagged(id, ReplyResult::History(result), &tags);
         Ok(())
     }
 

@@ -399,6 +399,17 @@ async fn centrifugos_server_api_shape_publishes_with_tags_and_answers_in_result(
     };
     assert_eq!(p["pub"], json!({"offset": 1, "data": {"a": 1}, "tags": {"k": "v"}}), "tags reach the subscriber");
 
+    // Tags stay with the publication in history and recovery too.
+    let r = c.request("history", json!({"channel": "chat:room", "limit": -1})).await;
+    assert_eq!(r["history"]["publications"][0]["tags"], json!({"k": "v"}), "{r}");
+    let (mut late, _) = Cent::connected(server.addr, None).await;
+    let epoch = r["history"]["epoch"].clone();
+    let r = late.request("subscribe", json!({"channel": "news", "recover": true, "epoch": "x"})).await;
+    assert_eq!(r["subscribe"]["recovered"], false, "{r}");
+    let body = json!({"channel": "chat:room", "recover": true, "epoch": epoch, "offset": 0});
+    let r = late.request("subscribe", body).await;
+    assert_eq!(r["subscribe"]["publications"][0]["tags"], json!({"k": "v"}), "{r}");
+    drop(late);
     let (_, r) = cent_api(server.addr, "presence_stats", json!({"channel": "chat:room"}), "k").await;
     assert_eq!(r["result"], json!({"num_clients": 1, "num_users": 1}));
     let (_, r) = cent_api(server.addr, "presence", json!({"channel": "chat:room"}), "k").await;
