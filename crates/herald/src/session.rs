@@ -47,7 +47,7 @@ impl Dialect {
     /// Encodes a reply.
     fn reply(self, id: u32, result: ReplyResult, ctx: &ReplyContext<'_>) -> Vec<u8> {
         match self {
-            Self::Native => ServerFrame::Reply { id, result }.encode().into_bytes(),
+            Self::Native => native_reply(id, &result),
             Self::Centrifugo => centrifugo::encode_reply(id, &result, ctx),
         }
     }
@@ -82,6 +82,23 @@ impl Dialect {
             Self::Native => (code.as_u16(), code.reason()),
             Self::Centrifugo => centrifugo::close_code(code),
         }
+    }
+}
+
+/// A native reply, written straight into its buffer (as before dialects: no intermediate string).
+fn native_reply(id: u32, result: &ReplyResult) -> Vec<u8> {
+    use herald_protocol::encode_reply;
+    match result {
+        ReplyResult::Connect(r) => encode_reply(id, "connect", r),
+        ReplyResult::Subscribe(r) => encode_reply(id, "subscribe", r),
+        ReplyResult::Unsubscribe => encode_reply(id, "unsubscribe", &serde_json::json!({})),
+        ReplyResult::Publish(r) => encode_reply(id, "publish", r),
+        ReplyResult::History(r) => encode_reply(id, "history", r),
+        ReplyResult::Presence(r) => encode_reply(id, "presence", r),
+        ReplyResult::PresenceStats(r) => encode_reply(id, "presence_stats", r),
+        ReplyResult::Refresh(r) => encode_reply(id, "refresh", r),
+        ReplyResult::SubRefresh(r) => encode_reply(id, "sub_refresh", r),
+        ReplyResult::Error(e) => encode_reply(id, "error", e),
     }
 }
 
