@@ -446,3 +446,26 @@ async fn centrifugos_server_api_shape_publishes_with_tags_and_answers_in_result(
     assert_eq!(closed.map(|(code, _)| code), Some(3503));
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_frame_of_many_commands_is_rate_limited_per_command_then_closed() {
+    let server = TestServer::start(config()).await;
+    let (mut c, _) = Cent::connected(server.addr, None).await;
+    // One frame, 1000 commands: each line counts against `limits.commands_per_second`.
+    let lines: Vec<String> =
+        (2..1002).map(|id| json!({"id": id, "history": {"channel": "news"}}).to_string()).collect();
+    c.send(lines.join("\n")).await;
+    let (mut answered, mut refused) = (0, 0);
+    let closed = loop {
+        match c.next().await {
+            Ok(f) if f.get("history").is_some() => answered += 1,
+            Ok(f) if f["error"]["code"] == 111 => refused += 1,
+            Ok(f) => panic!("unexpected {f}"),
+            Err(close) => break close,
+        }
+    };
+    assert_eq!(closed.map(|(code, _)| code), Some(3013), "too many requests");
+    assert!((190..=210).contains(&answered), "about the burst of 200 carried out: {answered}");
+    assert!((90..=110).contains(&refused), "then max_refusals told to slow down: {refused}");
+    server.shutdown().await;
+}
