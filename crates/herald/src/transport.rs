@@ -39,8 +39,16 @@ pub async fn connect(State(node): State<Arc<Node>>, req: Request) -> Response {
 pub async fn centrifugo(State(node): State<Arc<Node>>, req: Request) -> Response {
     let settings = node.ws_settings.clone();
     let ctx = node.ws.clone();
-    ws::upgrade(req, &ctx, settings, &[], move |socket| {
-        crate::session::run(node, socket, crate::session::Dialect::Centrifugo)
+    // A protobuf client is accepted only to be told why it cannot stay: a browser would
+    // otherwise fail the handshake with no reason to show.
+    ws::upgrade(req, &ctx, settings, &["centrifuge-protobuf"], move |mut socket| async move {
+        if socket.protocol() == Some("centrifuge-protobuf") {
+            socket
+                .close(ws::CloseCode::UNSUPPORTED_DATA, "Herald speaks Centrifugo's JSON protocol only, not protobuf");
+            while let Ok(Some(_)) = socket.recv().await {}
+            return;
+        }
+        crate::session::run(node, socket, crate::session::Dialect::Centrifugo).await
     })
 }
 

@@ -469,3 +469,23 @@ async fn a_frame_of_many_commands_is_rate_limited_per_command_then_closed() {
     assert!((90..=110).contains(&refused), "then max_refusals told to slow down: {refused}");
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_protobuf_client_is_told_json_only() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let server = TestServer::start(config()).await;
+    let mut req = format!("ws://{}/connection/websocket", server.addr).into_client_request().expect("request");
+    req.headers_mut().insert("sec-websocket-protocol", "centrifuge-protobuf".parse().expect("header"));
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.expect("handshake");
+    assert_eq!(resp.headers()["sec-websocket-protocol"], "centrifuge-protobuf");
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("in time") {
+            Some(Ok(Message::Close(f))) => break f.expect("close frame"),
+            Some(Ok(_)) => continue,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(u16::from(close.code), 1003);
+    assert!(close.reason.contains("JSON"), "{}", close.reason);
+    server.shutdown().await;
+}
