@@ -209,8 +209,12 @@ impl Session {
                 for line in centrifugo::parse_frame(bytes) {
                     match line {
                         // Centrifugo's asynchronous messages go to an app's own handler; Herald
-                        // has none, and `send` has no reply to carry an error.
-                        Ok(centrifugo::Line::Send) => {}
+                        // has none, and `send` has no reply to carry an error. It still counts
+                        // as a command, so a flood of them ends in a close like any other.
+                        Ok(centrifugo::Line::Send) => {
+                            let verdict = self.limiter.command(Instant::now());
+                            let _ = self.rate_limited(verdict);
+                        }
                         Ok(centrifugo::Line::Frame(frame)) => self.handle_one(Ok(frame)).await,
                         Err(e) => self.handle_one(Err(e)).await,
                     }

@@ -467,6 +467,18 @@ async fn a_frame_of_many_commands_is_rate_limited_per_command_then_closed() {
     assert_eq!(closed.map(|(code, _)| code), Some(3013), "too many requests");
     assert!((190..=210).contains(&answered), "about the burst of 200 carried out: {answered}");
     assert!((90..=110).contains(&refused), "then max_refusals told to slow down: {refused}");
+
+    // `send` has no reply, but a flood of them is limited all the same.
+    let (mut c, _) = Cent::connected(server.addr, None).await;
+    let sends: Vec<String> = (0..1000).map(|n| json!({"send": {"data": n}}).to_string()).collect();
+    c.send(sends.join("\n")).await;
+    let closed = loop {
+        match c.next().await {
+            Ok(_) => continue,
+            Err(close) => break close,
+        }
+    };
+    assert_eq!(closed.map(|(code, _)| code), Some(3013));
     server.shutdown().await;
 }
 
