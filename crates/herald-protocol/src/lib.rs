@@ -1,10 +1,12 @@
 //! Herald's wire protocol: the frames clients and servers exchange, and the one table of error
 //! and close codes. No I/O.
 //!
-//! Layout: `message` (protocol v1 frames: parse and encode, both directions), `codes` (error
+//! Layout: `centrifugo` (Centrifugo's client protocol, translated to and from v1's types),
+//! `message` (protocol v1 frames: parse and encode, both directions), `codes` (error
 //! and close codes with their meaning and retry advice), `error` (the JSON error body shared by
 //! the protocol and the HTTP API).
 
+pub mod centrifugo;
 mod codes;
 mod error;
 mod message;

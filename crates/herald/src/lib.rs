@@ -12,8 +12,10 @@
 //! - `rules`: what every door shares: permission checks, the publication size limit, the code an
 //!   engine failure gets.
 //! - `limits`: per-connection rate limits (token buckets, refusals that end in a close).
-//! - `session`: one native-protocol client: commands, permissions, subscriptions, pings.
-//! - `transport`: `/connect`, `/ws/<channel>`, `/sse/<channel>`.
+//! - `session`: one client of the native or the Centrifugo protocol: commands, permissions,
+//!   subscriptions, pings.
+//! - `centrifugo`: the Centrifugo door's encoder (its wire translation is in `herald-protocol`).
+//! - `transport`: `/connect`, `/connection/websocket`, `/ws/<channel>`, `/sse/<channel>`.
 //! - `api`: the HTTP API for backends (`POST /api/<method>`).
 //! - `ws`: our WebSocket layer (RFC 6455 framing, RFC 7692 deflate, prepared frames).
 //! - `web`: `/herald.js`, the demo pages, `--demo` setup, the close for non-endpoint WebSockets.
@@ -28,6 +30,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod centrifugo;
 pub mod channel;
 pub mod config;
 pub mod engine;

@@ -133,12 +133,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
 fn router(node: Arc<Node>, origins: Arc<OriginPolicy>) -> Router {
     let api = Router::new()
         .route("/api/{method}", any(api::dispatch))
+        .route("/centrifugo/api/{method}", any(crate::centrifugo::api))
         .layer(axum::middleware::from_fn_with_state(origins, origin::api_layer));
     let mut r = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/connect", any(transport::connect))
+        .route("/connection/websocket", any(transport::centrifugo))
         .route("/ws/{*channel}", any(transport::raw_ws))
         .route("/sse/{*channel}", get(transport::sse))
         .merge(api);

@@ -1,15 +1,18 @@
-//! One native-protocol client (`/connect`): decodes commands, enforces what namespaces allow,
-//! keeps its subscriptions, answers on its outbox, and runs app-level pings a browser can see.
+//! One client of the native protocol (`/connect`) or of Centrifugo's (`/connection/websocket`,
+//! the same rules in another wire format: [`Dialect`]): decodes commands, enforces what
+//! namespaces allow, keeps its subscriptions, answers on its outbox, and runs app-level pings a
+//! browser can see.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use herald_protocol::centrifugo::{self, ReplyContext};
 use herald_protocol::{
-    encode_error, encode_reply, ChannelRequest, ClientFrame, ClientInfo, CloseCode, Command, ConnectRequest,
-    ConnectResult, ErrorCode, HistoryRequest, HistoryResult, PresenceClient, PresenceResult, PresenceStatsResult,
-    Publication, PublishRequest, PublishResult, PushBody, RefreshRequest, RefreshResult, ServerFrame,
-    SubRefreshRequest, SubRefreshResult, SubscribeRequest, SubscribeResult, UnsubscribeRequest, Unsubscribed,
+    ChannelRequest, ClientFrame, ClientInfo, CloseCode, Command, ConnectRequest, ConnectResult, ErrorCode,
+    HistoryRequest, HistoryResult, PresenceClient, PresenceResult, PresenceStatsResult, Publication, PublishRequest,
+    PublishResult, PushBody, RefreshRequest, RefreshResult, ReplyResult, ServerFrame, SubRefreshRequest,
+    SubRefreshResult, SubscribeRequest, SubscribeResult, UnsubscribeRequest, Unsubscribed,
 };
 use serde_json::value::RawValue;
 use tokio::time::Instant;
@@ -29,10 +32,86 @@ impl From<ChannelError> for (ErrorCode, String) {
     }
 }
 
+/// The wire format a session speaks. Both run the same commands under the same rules; they
+/// differ in field names, error and close numbers, and framing (see `herald_protocol::centrifugo`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// Herald's protocol v1 (`/connect`).
+    Native,
+    /// Centrifugo's client protocol, JSON (`/connection/websocket`), for centrifuge-js and its
+    /// sibling SDKs.
+    Centrifugo,
+}
+
+impl Dialect {
+    /// Encodes a reply.
+    fn reply(self, id: u32, result: ReplyResult, ctx: &ReplyContext<'_>) -> Vec<u8> {
+        match self {
+            Self::Native => native_reply(id, &result),
+            Self::Centrifugo => centrifugo::encode_reply(id, &result, ctx),
+        }
+    }
+
+    /// Encodes a push that is not a publication.
+    fn push(self, channel: &str, body: PushBody, ctx: &ReplyContext<'_>) -> Vec<u8> {
+        match self {
+            Self::Native => ServerFrame::Push { channel: channel.to_owned(), body }.encode().into_bytes(),
+            Self::Centrifugo => centrifugo::encode_push(channel, &body, ctx),
+        }
+    }
+
+    /// Encodes an error reply (without an id for a frame that had none).
+    fn error(self, id: Option<u32>, code: ErrorCode, message: &str) -> Vec<u8> {
+        match self {
+            Self::Native => herald_protocol::encode_error(id, code, message),
+            Self::Centrifugo => centrifugo::encode_error(id, code, message),
+        }
+    }
+
+    /// How this dialect's subscribers get publications and channel events.
+    fn encoder(self) -> &'static dyn Encoder {
+        match self {
+            Self::Native => &NATIVE,
+            Self::Centrifugo => &crate::centrifugo::CENTRIFUGO,
+        }
+    }
+
+    /// The close code and reason for a Herald close.
+    fn close(self, code: CloseCode) -> (u16, &'static str) {
+        match self {
+            Self::Native => (code.as_u16(), code.reason()),
+            Self::Centrifugo => centrifugo::close_code(code),
+        }
+    }
+}
+
+/// A native reply, written straight into its buffer (as before dialects: no intermediate string).
+fn native_reply(id: u32, result: &ReplyResult) -> Vec<u8> {
+    use herald_protocol::encode_reply;
+    match result {
+        ReplyResult::Connect(r) => encode_reply(id, "connect", r),
+        ReplyResult::Subscribe(r) => encode_reply(id, "subscribe", r),
+        ReplyResult::Unsubscribe => encode_reply(id, "unsubscribe", &serde_json::json!({})),
+        ReplyResult::Publish(r) => encode_reply(id, "publish", r),
+        ReplyResult::History(r) => encode_reply(id, "history", r),
+        ReplyResult::Presence(r) => encode_reply(id, "presence", r),
+        ReplyResult::PresenceStats(r) => encode_reply(id, "presence_stats", r),
+        ReplyResult::Refresh(r) => encode_reply(id, "refresh", r),
+        ReplyResult::SubRefresh(r) => encode_reply(id, "sub_refresh", r),
+        ReplyResult::Error(e) => encode_reply(id, "error", e),
+    }
+}
+
+/// The context of a reply that is not about the connection itself (a subscription's).
+fn channel_context(recoverable: bool) -> ReplyContext<'static> {
+    ReplyContext { now: unix_now(), client: "", version: crate::VERSION, expires_at: 0, recoverable, tags: &[] }
+}
+
 /// A client's state, independent of the socket: tested by feeding it frames.
 #[derive(Debug)]
 pub struct Session {
     node: Arc<Node>,
+    dialect: Dialect,
     /// Subscriber id in the hub.
     id: u64,
     outbox: Outbox,
@@ -96,8 +175,13 @@ struct TokenSubscription {
 
 impl Session {
     pub fn new(node: Arc<Node>, outbox: Outbox) -> Self {
+        Self::with_dialect(node, outbox, Dialect::Native)
+    }
+
+    pub fn with_dialect(node: Arc<Node>, outbox: Outbox, dialect: Dialect) -> Self {
         let id = node.next_id();
         Self {
+            dialect,
             limiter: ConnectionLimiter::new(&node.config.limits, Instant::now()),
             close_with: None,
             node,
@@ -117,8 +201,32 @@ impl Session {
     }
 
     /// Handles one text frame; errors are answered on the outbox and the connection goes on.
+    /// A Centrifugo frame may carry several commands, one per line.
     pub async fn handle(&mut self, bytes: &[u8]) {
-        let parsed = ClientFrame::parse(bytes);
+        match self.dialect {
+            Dialect::Native => self.handle_one(ClientFrame::parse(bytes)).await,
+            Dialect::Centrifugo => {
+                for line in centrifugo::parse_frame(bytes) {
+                    match line {
+                        // Centrifugo's asynchronous messages go to an app's own handler; Herald
+                        // has none, and `send` has no reply to carry an error. It still counts
+                        // as a command, so a flood of them ends in a close like any other.
+                        Ok(centrifugo::Line::Send) => {
+                            let verdict = self.limiter.command(Instant::now());
+                            let _ = self.rate_limited(verdict);
+                        }
+                        Ok(centrifugo::Line::Frame(frame)) => self.handle_one(Ok(frame)).await,
+                        Err(e) => self.handle_one(Err(e)).await,
+                    }
+                    if self.close_with.is_some() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle_one(&mut self, parsed: Result<ClientFrame, herald_protocol::FrameError>) {
         let verdict = self.limiter.command(Instant::now());
         if let Err((code, message)) = self.rate_limited(verdict) {
             let id = match &parsed {
@@ -126,7 +234,7 @@ impl Session {
                 Ok(ClientFrame::Pong) => return,
                 Err(e) => e.id,
             };
-            self.send(encode_error(id, code, &message));
+            self.send(self.dialect.error(id, code, &message));
             return;
         }
         match parsed {
@@ -147,14 +255,32 @@ impl Session {
                 };
                 if let Err((code, message)) = result {
                     tracing::debug!(session = self.id, command = name, code = code.as_u16(), %message, "refused");
-                    self.send(encode_error(Some(id), code, &message));
+                    self.send(self.dialect.error(Some(id), code, &message));
                 }
             }
             Err(e) => {
                 tracing::debug!(session = self.id, error = %e.message, "unreadable frame");
-                self.send(encode_error(e.id, e.code, &e.message));
+                self.send(self.dialect.error(e.id, e.code, &e.message));
             }
         }
+    }
+
+    /// Sends a reply in this session's dialect.
+    fn reply(&self, id: u32, result: ReplyResult) {
+        self.reply_tagged(id, result, &[]);
+    }
+
+    /// Sends a reply whose publications have these tags (by index; Centrifugo shows them).
+    fn reply_tagged(&self, id: u32, result: ReplyResult, tags: &[Option<&crate::engine::Tags>]) {
+        let ctx = ReplyContext {
+            tags,
+            now: unix_now(),
+            client: self.client.as_deref().unwrap_or(""),
+            version: crate::VERSION,
+            expires_at: self.expires_at,
+            recoverable: false,
+        };
+        self.send(self.dialect.reply(id, result, &ctx));
     }
 
     fn send(&self, frame: Vec<u8>) {
@@ -236,15 +362,15 @@ impl Session {
         // Queued before the reply: a client that saw its reply knows the event is on its way.
         node.webhooks.connect(&self.user, &client, "native");
         self.client = Some(client);
-        self.send(encode_reply(id, "connect", &reply));
+        self.reply(id, ReplyResult::Connect(reply));
         // Server-side subscriptions: each announced by a `subscribe` push sent under the
         // channel's lock, so it precedes the channel's first publication.
         for (channel, ns) in claimed {
             let name = channel.to_string();
+            let (dialect, ctx) = (self.dialect, channel_context(ns.history_size > 0));
             let joined = self
-                .join(&channel, ns, None, |result| {
-                    let push = ServerFrame::Push { channel: name, body: PushBody::Subscribe(result) };
-                    Bytes::from(push.encode())
+                .join(&channel, ns, None, |result, tags| {
+                    Bytes::from(dialect.push(&name, PushBody::Subscribe(result), &ReplyContext { tags, ..ctx }))
                 })
                 .await;
             if let Err((_, message)) = joined {
@@ -322,9 +448,11 @@ impl Session {
             self.token_subscriptions.insert(channel.shared().clone(), granted);
             at
         });
+        let (dialect, ctx) = (self.dialect, channel_context(ns.history_size > 0));
         let joined = self
-            .join(&channel, ns, recover, |result| {
-                Bytes::from(encode_reply(id, "subscribe", &SubscribeResult { expires, ..result }))
+            .join(&channel, ns, recover, |result, tags| {
+                let result = ReplyResult::Subscribe(SubscribeResult { expires, ..result });
+                Bytes::from(dialect.reply(id, result, &ReplyContext { tags, ..ctx }))
             })
             .await;
         if joined.is_err() {
@@ -363,22 +491,24 @@ impl Session {
         channel: &ChannelName,
         ns: &NamespaceOptions,
         recover: Option<StreamPosition>,
-        frame: impl FnOnce(SubscribeResult) -> Bytes,
+        frame: impl FnOnce(SubscribeResult, &[Option<&crate::engine::Tags>]) -> Bytes,
     ) -> Result<(), Refusal> {
         let node = self.node.clone();
-        let sub = Subscriber { id: self.id, outbox: self.outbox.clone(), encoder: &NATIVE };
+        let sub = Subscriber { id: self.id, outbox: self.outbox.clone(), encoder: self.dialect.encoder() };
         // Recorded before awaiting, so a session cancelled mid-subscribe still leaves the
         // channel when it is dropped.
         self.subscriptions.insert(channel.shared().clone());
         let result = node
             .subscribe(channel, ns, sub, recover, |history, recovered| {
-                Some(frame(SubscribeResult {
+                let tags: Vec<_> = history.publications.iter().map(|p| p.tags.as_deref()).collect();
+                let result = SubscribeResult {
                     epoch: history.position.epoch.to_string(),
                     offset: history.position.offset,
                     recovered,
                     publications: history.publications.iter().map(to_wire).collect(),
                     expires: None,
-                }))
+                };
+                Some(frame(result, &tags))
             })
             .await;
         match result {
@@ -461,7 +591,7 @@ impl Session {
             self.node.unsubscribe(channel.as_str(), self.id);
             self.presence_remove(channel.as_str()).await;
         }
-        self.send(encode_reply(id, "unsubscribe", &serde_json::json!({})));
+        self.reply(id, ReplyResult::Unsubscribe);
         Ok(())
     }
 
@@ -479,7 +609,7 @@ impl Session {
             .publish(&channel, ns, Publish { info, ..Publish::data(Bytes::copy_from_slice(data.as_bytes())) })
             .await
             .map_err(|e| crate::rules::engine_refusal(&e))?;
-        self.send(encode_reply(id, "publish", &PublishResult { epoch: pos.epoch.to_string(), offset: pos.offset }));
+        self.reply(id, ReplyResult::Publish(PublishResult { epoch: pos.epoch.to_string(), offset: pos.offset }));
         Ok(())
     }
 
@@ -496,7 +626,7 @@ impl Session {
             return Err(refuse(ErrorCode::Unauthorized, "a refreshed token must be for the same user"));
         }
         self.expires_at = claims.expires_at;
-        self.send(encode_reply(id, "refresh", &RefreshResult { expires: claims.expires_at }));
+        self.reply(id, ReplyResult::Refresh(RefreshResult { expires: claims.expires_at }));
         Ok(())
     }
 
@@ -509,7 +639,7 @@ impl Session {
         let expires = granted.expires_at;
         // The new `info` shows in presence from the next refresh (every ping interval).
         self.token_subscriptions.insert(channel.shared().clone(), granted);
-        self.send(encode_reply(id, "sub_refresh", &SubRefreshResult { expires }));
+        self.reply(id, ReplyResult::SubRefresh(SubRefreshResult { expires }));
         Ok(())
     }
 
@@ -552,7 +682,7 @@ impl Session {
                 let code = ErrorCode::SubscriptionExpired;
                 let body =
                     PushBody::Unsubscribe(Unsubscribed { code: Some(code.as_u16()), reason: code.message().into() });
-                self.send(ServerFrame::Push { channel: channel.to_string(), body }.encode().into_bytes());
+                self.send(self.dialect.push(&channel, body, &channel_context(false)));
                 tracing::debug!(session = self.id, channel = %channel, "subscription token expired");
             }
         }
@@ -591,7 +721,8 @@ impl Session {
             offset: h.position.offset,
             publications: h.publications.iter().map(to_wire).collect(),
         };
-        self.send(encode_reply(id, "history", &result));
+        let tags: Vec<_> = h.publications.iter().map(|p| p.tags.as_deref()).collect();
+        self.reply_tagged(id, ReplyResult::History(result), &tags);
         Ok(())
     }
 
@@ -605,10 +736,10 @@ impl Session {
         if stats {
             let s = engine.presence_stats(channel.as_str()).await.map_err(internal)?;
             let result = PresenceStatsResult { clients: s.clients as u64, users: s.users as u64 };
-            self.send(encode_reply(id, "presence_stats", &result));
+            self.reply(id, ReplyResult::PresenceStats(result));
         } else {
             let list = engine.presence(channel.as_str()).await.map_err(internal)?;
-            self.send(encode_reply(id, "presence", &presence_result(list)));
+            self.reply(id, ReplyResult::Presence(presence_result(list)));
         }
         Ok(())
     }
@@ -623,8 +754,7 @@ impl Session {
                     self.node.unsubscribe(&name, self.id);
                     self.presence_remove(&name).await;
                     let body = PushBody::Unsubscribe(Unsubscribed::default());
-                    let push = ServerFrame::Push { channel: name.to_string(), body };
-                    self.send(push.encode().into_bytes());
+                    self.send(self.dialect.push(&name, body, &channel_context(false)));
                 }
                 None
             }
@@ -726,18 +856,19 @@ impl Drop for Session {
 /// is freed once the client has connected.
 // An `async fn` here measured 392 bytes larger: it kept the socket argument twice.
 #[allow(clippy::manual_async_fn)]
-pub fn run(node: Arc<Node>, mut socket: WebSocket) -> impl std::future::Future<Output = ()> + Send {
+pub fn run(node: Arc<Node>, mut socket: WebSocket, dialect: Dialect) -> impl std::future::Future<Output = ()> + Send {
     async move {
         let _count = node.session_guard();
         socket.disable_keepalive();
-        let mut session = Session::new(node.clone(), socket.outbox().clone());
+        let mut session = Session::with_dialect(node.clone(), socket.outbox().clone(), dialect);
         let every = node.config.websocket.ping_interval;
         let pong_timeout = node.config.websocket.pong_timeout;
         let mut ping = tokio::time::interval_at(Instant::now() + every, every);
         let mut connect_by = Some(Box::pin(tokio::time::sleep(node.config.websocket.handshake_timeout)));
         let mut closing = false;
         let close = |socket: &mut WebSocket, code: CloseCode| {
-            socket.close(ws::CloseCode(code.as_u16()), code.reason());
+            let (code, reason) = dialect.close(code);
+            socket.close(ws::CloseCode(code), reason);
         };
         let mut inbox: Option<tokio::sync::mpsc::Receiver<Control>> = None;
         let mut registered = String::new();
@@ -759,6 +890,10 @@ pub fn run(node: Arc<Node>, mut socket: WebSocket) -> impl std::future::Future<O
             tokio::select! {
                 Some(control) = async { inbox.as_mut()?.recv().await }, if inbox.is_some() && !closing => {
                     if let Some((code, reason)) = Box::pin(session.control(control)).await {
+                        let (code, reason) = match dialect {
+                            Dialect::Native => (code, reason),
+                            Dialect::Centrifugo => centrifugo::close_number(code, &reason),
+                        };
                         socket.close(ws::CloseCode(code), &reason);
                         closing = true;
                     }
@@ -776,7 +911,11 @@ pub fn run(node: Arc<Node>, mut socket: WebSocket) -> impl std::future::Future<O
                         }
                     }
                     Ok(Some(Message::Binary(_))) => {
-                        socket.close(ws::CloseCode::UNSUPPORTED_DATA, "herald.v1 is JSON in text frames");
+                        let reason = match dialect {
+                            Dialect::Native => "herald.v1 is JSON in text frames",
+                            Dialect::Centrifugo => "Herald speaks Centrifugo's JSON protocol only, not protobuf",
+                        };
+                        socket.close(ws::CloseCode::UNSUPPORTED_DATA, reason);
                         closing = true;
                     }
                     Ok(None) => break,

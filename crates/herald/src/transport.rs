@@ -1,4 +1,5 @@
-//! Client-facing endpoints: `/connect` (native protocol over WebSocket), `/ws/<channel>` (raw
+//! Client-facing endpoints: `/connect` (native protocol over WebSocket), `/connection/websocket`
+//! (Centrifugo's client protocol), `/ws/<channel>` (raw
 //! WebSocket: each publication's data, no envelope) and `/sse/<channel>` (Server-Sent Events).
 
 use std::collections::VecDeque;
@@ -27,7 +28,28 @@ use crate::ws::{self, Outbox, SendMode};
 pub async fn connect(State(node): State<Arc<Node>>, req: Request) -> Response {
     let settings = node.ws_settings.clone();
     let ctx = node.ws.clone();
-    ws::upgrade(req, &ctx, settings, &[herald_protocol::SUBPROTOCOL], move |socket| crate::session::run(node, socket))
+    ws::upgrade(req, &ctx, settings, &[herald_protocol::SUBPROTOCOL], move |socket| {
+        crate::session::run(node, socket, crate::session::Dialect::Native)
+    })
+}
+
+/// `GET /connection/websocket`: Centrifugo's client protocol (JSON), so centrifuge-js,
+/// centrifuge-python and their sibling SDKs connect unmodified. Same sessions and rules as
+/// `/connect`, another wire format.
+pub async fn centrifugo(State(node): State<Arc<Node>>, req: Request) -> Response {
+    let settings = node.ws_settings.clone();
+    let ctx = node.ws.clone();
+    // A protobuf client is accepted only to be told why it cannot stay: a browser would
+    // otherwise fail the handshake with no reason to show.
+    ws::upgrade(req, &ctx, settings, &["centrifuge-protobuf"], move |mut socket| async move {
+        if socket.protocol() == Some("centrifuge-protobuf") {
+            socket
+                .close(ws::CloseCode::UNSUPPORTED_DATA, "Herald speaks Centrifugo's JSON protocol only, not protobuf");
+            while let Ok(Some(_)) = socket.recv().await {}
+            return;
+        }
+        crate::session::run(node, socket, crate::session::Dialect::Centrifugo).await
+    })
 }
 
 /// Checks that an anonymous client may subscribe to `name` (the raw transports have no

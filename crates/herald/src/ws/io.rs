@@ -206,7 +206,7 @@ mod tests {
         let ctx = WsContext { shutdown: Default::default(), tracker: Default::default(), metrics: WsMetrics::new() };
         let node = Arc::new(Node::new(Arc::new(config), ctx, None));
         let (ws, mut client) = pipe(Settings::default()).await;
-        let session = tokio::spawn(crate::session::run(node.clone(), ws));
+        let session = tokio::spawn(crate::session::run(node.clone(), ws, crate::session::Dialect::Native));
         let reply = |c: &'static str| ClientMessage::text(c);
         client.send(reply(r#"{"id":1,"connect":{}}"#)).await.expect("send");
         let connected: serde_json::Value = serde_json::from_str(&next_text(&mut client).await).expect("json");
