@@ -127,7 +127,7 @@ fn key_matches(api: &crate::config::ApiConfig, given: &str) -> bool {
 
 /// The request body, bounded in size (a declared `Content-Length` over the limit is refused
 /// before anything is read) and in time (`api.body_timeout`).
-async fn read_body(node: &Node, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(node: &Node, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
     let limit = node.config.api.max_body_size;
     let too_large = || {
         metrics::counter!("herald_http_refused_total", "reason" => "body_too_large").increment(1);

@@ -12,6 +12,8 @@
 //! - `limits`: per-connection rate limits (token buckets, refusals that end in a close).
 //! - `session`: one native-protocol client: commands, permissions, subscriptions, pings.
 //! - `transport`: `/connect`, `/ws/<channel>`, `/sse/<channel>`.
+//! - `pusher`: Pusher Channels protocol 7 on `/app/<key>` (pusher-js, Laravel Echo) and the Pusher
+//!   HTTP API on `/apps/<id>/...` (the `pusher` server SDKs).
 //! - `api`: the HTTP API for backends (`POST /api/<method>`).
 //! - `ws`: our WebSocket layer (RFC 6455 framing, RFC 7692 deflate, prepared frames).
 //! - `web`: `/herald.js`, the demo pages, `--demo` setup, the close for non-endpoint WebSockets.
@@ -33,6 +35,7 @@ pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod origin;
+pub mod pusher;
 pub mod secret;
 pub mod server;
 pub mod session;

@@ -138,6 +138,8 @@ fn router(node: Arc<Node>, origins: Arc<OriginPolicy>) -> Router {
         .route("/connect", any(transport::connect))
         .route("/ws/{*channel}", any(transport::raw_ws))
         .route("/sse/{*channel}", get(transport::sse))
+        .route("/app/{key}", any(crate::pusher::door::connect))
+        .route("/apps/{id}/{*rest}", any(crate::pusher::api::dispatch))
         .merge(api);
     if node.config.testing.echo {
         r = r.route("/_echo", any(echo));

@@ -103,7 +103,10 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 /// close (instead of whatever that path answers a GET, which a browser never shows).
 pub async fn websocket_gate(State(node): State<Arc<Node>>, req: Request, next: axum::middleware::Next) -> Response {
     let path = req.uri().path();
-    let endpoint = path == "/connect" || path.starts_with("/ws/") || (path == "/_echo" && node.config.testing.echo);
+    let endpoint = path == "/connect"
+        || path.starts_with("/ws/")
+        || path.starts_with("/app/")
+        || (path == "/_echo" && node.config.testing.echo);
     if is_upgrade(req.headers()) && !endpoint {
         return not_an_endpoint(&node, req);
     }
