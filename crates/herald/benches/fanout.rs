@@ -9,7 +9,9 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures_util::FutureExt;
 use herald::engine::{PublicationRecord, StreamPosition};
-use herald::hub::{Format, Hub, Subscriber};
+use herald::hub::{Encoder, Hub, Subscriber};
+use herald::session::NATIVE;
+use herald::transport::RAW;
 use herald::ws::{Outbox, SendMode};
 
 /// Publications per measured iteration: a writer finds this many frames at each wake-up.
@@ -18,14 +20,14 @@ const BURST: u64 = 4;
 fn fanout(c: &mut Criterion) {
     let mut g = c.benchmark_group("fanout");
     let data = Bytes::from(format!("{{\"seq\":1,\"pad\":\"{}\"}}", "x".repeat(80)));
-    for (subscribers, format) in
-        [(100usize, Format::Native), (1000, Format::Native), (10_000, Format::Native), (1000, Format::Raw)]
-    {
+    let encoders: [(usize, &'static dyn Encoder, &str); 4] =
+        [(100, &NATIVE, "Native"), (1000, &NATIVE, "Native"), (10_000, &NATIVE, "Native"), (1000, &RAW, "Raw")];
+    for (subscribers, encoder, format) in encoders {
         let hub = Hub::new();
         let channel: Arc<str> = Arc::from("bench:fanout");
         let outboxes: Vec<Outbox> = (0..subscribers).map(|_| Outbox::new(1 << 20, SendMode::PLAIN)).collect();
         for (id, outbox) in outboxes.iter().enumerate() {
-            let sub = Subscriber { id: id as u64, outbox: outbox.clone(), format };
+            let sub = Subscriber { id: id as u64, outbox: outbox.clone(), encoder };
             hub.subscribe(&channel, sub).expect("subscribe");
             hub.activate(&channel, id as u64, None, 0).expect("activate");
         }
@@ -33,11 +35,11 @@ fn fanout(c: &mut Criterion) {
         let mut offset = 0u64;
         let mut batch = VecDeque::new();
         g.throughput(Throughput::Elements(subscribers as u64 * BURST));
-        g.bench_function(format!("{subscribers} subscribers, {format:?}, {BURST} publications"), |b| {
+        g.bench_function(format!("{subscribers} subscribers, {format}, {BURST} publications"), |b| {
             b.iter(|| {
                 for _ in 0..BURST {
                     offset += 1;
-                    let record = PublicationRecord { offset, data: data.clone(), info: None };
+                    let record = PublicationRecord { offset, data: data.clone(), ..Default::default() };
                     hub.deliver(&channel, &position, &record);
                 }
                 // What each connection's writer does when it wakes: take the queued frames.

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::channel::{glob_match, ChannelName, NamespaceOptions};
-use crate::engine::{EngineError, HistoryQuery, StreamPosition};
+use crate::engine::{EngineError, HistoryQuery, Publish, StreamPosition};
 use crate::http_error::ApiError;
 use crate::node::{Control, Node};
 use crate::origin::RequestOrigin;
@@ -171,17 +171,13 @@ fn channel<'a>(node: &'a Node, name: &str) -> Result<(ChannelName, &'a Namespace
 }
 
 fn engine_error(e: EngineError) -> ApiError {
-    ApiError::new(e.code(), e.to_string())
+    let (code, message) = crate::rules::engine_refusal(&e);
+    ApiError::new(code, message)
 }
 
 fn check_size(node: &Node, data: &RawValue) -> Result<Bytes, ApiError> {
-    let max = node.config.channels.max_publication_size;
-    if data.get().len() > max {
-        return Err(ApiError::new(
-            ErrorCode::TooLarge,
-            format!("publication data is larger than {max} bytes (channels.max_publication_size)"),
-        ));
-    }
+    crate::rules::check_publication_size(&node.config.channels, data.get().len())
+        .map_err(|(code, message)| ApiError::new(code, message))?;
     Ok(Bytes::copy_from_slice(data.get().as_bytes()))
 }
 
@@ -195,7 +191,7 @@ struct PublishBody {
 async fn publish(node: &Node, body: PublishBody) -> Result<PublishResult, ApiError> {
     let (channel, ns) = channel(node, &body.channel)?;
     let data = check_size(node, &body.data)?;
-    let p = node.publish(&channel, ns, data, None).await.map_err(engine_error)?;
+    let p = node.publish(&channel, ns, Publish::data(data)).await.map_err(engine_error)?;
     Ok(PublishResult { epoch: p.epoch.to_string(), offset: p.offset })
 }
 
@@ -227,7 +223,7 @@ async fn broadcast(node: &Node, body: BroadcastBody) -> Result<BroadcastResult, 
     let data = check_size(node, &body.data)?;
     let mut results = Vec::with_capacity(channels.len());
     for (c, ns) in channels {
-        let p = node.publish(&c, ns, data.clone(), None).await.map_err(engine_error)?;
+        let p = node.publish(&c, ns, Publish::data(data.clone())).await.map_err(engine_error)?;
         results.push(ChannelResult {
             channel: c.to_string(),
             position: PublishResult { epoch: p.epoch.to_string(), offset: p.offset },

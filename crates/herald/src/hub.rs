@@ -1,7 +1,9 @@
-//! The node-local map channel → subscribers. A publication is encoded once per format (native
-//! envelope, raw data, SSE event) and the same bytes are queued for every subscriber. One lock
-//! per channel keeps a single order per channel; channels are spread over shards so no lock is
-//! global. A subscriber whose queue overflows is closed (4001) and removed, never waited for.
+//! The node-local map channel → subscribers. The hub knows no wire format: each front door
+//! (native protocol, raw WebSocket, SSE, Pusher, ...) gives its subscribers an [`Encoder`], and
+//! a publication is encoded once per encoder and the same bytes are queued for every subscriber
+//! that uses it. One lock per channel keeps a single order per channel; channels are spread
+//! over shards so no lock is global. A subscriber whose queue overflows is closed (4001) and
+//! removed, never waited for.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -10,27 +12,123 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use bytes::Bytes;
 use herald_protocol::{ClientInfo, CloseCode};
+use serde::{Deserialize, Serialize};
 
 use crate::engine::{PublicationRecord, StreamPosition};
 use crate::ws::{self, CloseFrame, Outbox, Prepared, SendError};
 
-/// How a subscriber wants publications.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// Native protocol: `{"push":{"channel":..,"pub":{..}}}` in a WebSocket text frame.
-    Native,
-    /// The publication's data alone, in a WebSocket text frame (`/ws/<channel>`).
-    Raw,
-    /// A Server-Sent Event with `id:` = offset (`/sse/<channel>`).
-    Sse,
+/// How many encoders can exist at once: each has a distinct [`Encoder::slot`] below this.
+pub const SLOTS: usize = 8;
+
+/// How one front door puts publications and channel events on its wire. One static value per
+/// door; the hub calls it at most once per publication (or event) and shares the result.
+pub trait Encoder: Send + Sync + std::fmt::Debug + 'static {
+    /// This encoding's cache slot, distinct for every encoder and below [`SLOTS`].
+    fn slot(&self) -> usize;
+    /// The frame for a stored publication of `channel` in stream `epoch`.
+    fn publication(&self, channel: &str, epoch: &str, record: &PublicationRecord) -> Frame;
+    /// The frame for an event that is not a publication; `None`: this door does not show it.
+    fn event(&self, _channel: &str, _event: &ChannelEvent) -> Option<Frame> {
+        None
+    }
+    /// What kind of connection its subscribers have (how they are closed).
+    fn sink(&self) -> Sink {
+        Sink::WebSocket
+    }
 }
 
-/// One subscription: where to queue, in which format.
+/// What a subscriber's outbox feeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sink {
+    /// A WebSocket: messages are frames; it is closed with a close code.
+    WebSocket,
+    /// A byte stream (SSE): bytes go out as they are; it ends without a code.
+    Stream,
+}
+
+/// An encoded message, ready to queue.
+#[derive(Debug)]
+pub enum Frame {
+    /// A WebSocket message (prepared once, compressed or not per connection). Boxed: a
+    /// publication keeps a cell per encoder, most of them empty.
+    Ws(Box<Prepared>),
+    /// Bytes written as they are (an event stream).
+    Raw(Bytes),
+}
+
+impl Frame {
+    /// A WebSocket text message.
+    pub fn text(text: impl Into<Bytes>) -> Self {
+        Self::Ws(Box::new(Prepared::text(text.into())))
+    }
+
+    fn queue(&self, outbox: &Outbox) -> Result<(), SendError> {
+        match self {
+            Self::Ws(p) => outbox.send_prepared(p),
+            Self::Raw(b) => outbox.push(b.clone()),
+        }
+    }
+}
+
+/// Something that happens on a channel besides a publication: not stored, not numbered, sent
+/// to the subscribers of every node (through the engine's broadcast, as [`ChannelEvent::encode`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum ChannelEvent {
+    /// A user's first connection joined the channel's presence.
+    Join {
+        client: ClientInfo,
+        /// The connection's info (JSON) from its token or channel auth.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        info: Option<String>,
+    },
+    /// A user's last connection left.
+    Leave { client: ClientInfo },
+    /// A message one client sends to the others (Pusher's `client-*` events).
+    Client {
+        event: String,
+        /// The event's data (JSON).
+        data: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+        /// The sender's connection id: it does not get its own event back.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exclude: Option<u64>,
+    },
+}
+
+impl ChannelEvent {
+    /// The bytes the engine carries between nodes.
+    pub fn encode(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec(self).unwrap_or_default())
+    }
+
+    /// Reads [`ChannelEvent::encode`]'s bytes back; `None` for bytes that are not an event.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        serde_json::from_slice(bytes).ok()
+    }
+
+    fn exclude(&self) -> Option<u64> {
+        match self {
+            Self::Client { exclude, .. } => *exclude,
+            _ => None,
+        }
+    }
+}
+
+/// One subscription: where to queue, with which encoder.
 #[derive(Debug, Clone)]
 pub struct Subscriber {
+    /// The connection's id ([`crate::node::Node::next_id`]), the same for all its subscriptions.
     pub id: u64,
     pub outbox: Outbox,
-    pub format: Format,
+    pub encoder: &'static dyn Encoder,
+}
+
+impl Subscriber {
+    fn sink(&self) -> Sink {
+        self.encoder.sink()
+    }
 }
 
 /// A publication with its encodings, each made on first use and shared afterwards.
@@ -38,12 +136,8 @@ pub struct Subscriber {
 pub struct Delivery {
     channel: Arc<str>,
     epoch: Arc<str>,
-    offset: u64,
-    data: Bytes,
-    info: Option<ClientInfo>,
-    native: OnceLock<Prepared>,
-    raw: OnceLock<Prepared>,
-    sse: OnceLock<Bytes>,
+    record: PublicationRecord,
+    encoded: [OnceLock<Frame>; SLOTS],
 }
 
 impl Delivery {
@@ -51,43 +145,22 @@ impl Delivery {
         Self {
             channel: Arc::from(channel),
             epoch: position.epoch.clone(),
-            offset: record.offset,
-            data: record.data.clone(),
-            info: record.info.clone(),
-            native: OnceLock::new(),
-            raw: OnceLock::new(),
-            sse: OnceLock::new(),
+            record: record.clone(),
+            encoded: Default::default(),
         }
+    }
+
+    fn offset(&self) -> u64 {
+        self.record.offset
     }
 
     fn queue(&self, sub: &Subscriber) -> Result<(), SendError> {
-        match sub.format {
-            Format::Native => sub.outbox.send_prepared(self.native.get_or_init(|| {
-                let push =
-                    herald_protocol::encode_pub_push(&self.channel, Some(self.offset), &self.data, self.info.as_ref());
-                Prepared::text(Bytes::from(push))
-            })),
-            Format::Raw => sub.outbox.send_prepared(self.raw.get_or_init(|| Prepared::text(self.data.clone()))),
-            Format::Sse => {
-                sub.outbox.push(self.sse.get_or_init(|| sse_event(&self.epoch, self.offset, &self.data)).clone())
-            }
+        let encode = || sub.encoder.publication(&self.channel, &self.epoch, &self.record);
+        match self.encoded.get(sub.encoder.slot()) {
+            Some(cell) => cell.get_or_init(encode).queue(&sub.outbox),
+            None => encode().queue(&sub.outbox),
         }
     }
-}
-
-/// `id: <epoch>:<offset>` and the data, one `data:` line per line of JSON (SSE cannot carry
-/// raw newlines; EventSource joins the lines back with `\n`). The id carries the epoch so that
-/// `Last-Event-ID` can resume exactly, or tell that it cannot.
-pub fn sse_event(epoch: &str, offset: u64, data: &[u8]) -> Bytes {
-    let mut out = Vec::with_capacity(data.len() + 32);
-    out.extend_from_slice(format!("id: {epoch}:{offset}\n").as_bytes());
-    for line in data.split(|b| *b == b'\n') {
-        out.extend_from_slice(b"data: ");
-        out.extend_from_slice(line.strip_suffix(b"\r").unwrap_or(line));
-        out.push(b'\n');
-    }
-    out.push(b'\n');
-    Bytes::from(out)
 }
 
 #[derive(Debug)]
@@ -214,15 +287,17 @@ impl Hub {
         member.floor = offset;
         let held = member.pending.take().unwrap_or_default();
         let sent = reply
-            .map_or(Ok(()), |text| match member.sub.format {
+            .map_or(Ok(()), |text| match member.sub.sink() {
                 // An event stream carries the text as it is; WebSockets get a text frame.
-                Format::Sse => member.sub.outbox.push(text),
-                _ => member.sub.outbox.send_text(text),
+                Sink::Stream => member.sub.outbox.push(text),
+                Sink::WebSocket => member.sub.outbox.send_text(text),
             })
             .and_then(|()| {
-                for d in held.iter().filter(|d| d.offset > offset) {
-                    d.queue(&member.sub)?;
-                    member.floor = d.offset;
+                for d in held.iter().filter(|d| d.offset() > offset) {
+                    if d.record.exclude != Some(member.sub.id) {
+                        d.queue(&member.sub)?;
+                    }
+                    member.floor = d.offset();
                 }
                 Ok(())
             });
@@ -294,6 +369,10 @@ impl Hub {
             if record.offset <= m.floor {
                 continue;
             }
+            if record.exclude == Some(m.sub.id) {
+                m.floor = record.offset;
+                continue;
+            }
             match delivery.queue(&m.sub) {
                 Ok(()) => m.floor = record.offset,
                 Err(SendError::Full) => {
@@ -315,15 +394,27 @@ impl Hub {
         }
     }
 
-    /// Sends a frame that is not a publication (a join or leave push) to the channel's live
-    /// native-protocol subscribers. Not stored, not numbered.
-    pub fn notify(&self, channel: &str, text: Bytes) {
+    /// Sends `event` (not stored, not numbered) to the channel's live subscribers whose door
+    /// shows it, encoded once per encoder.
+    pub fn notify(&self, channel: &str, event: &ChannelEvent) {
         let Some(state) = lock(self.shard(channel)).get(channel).cloned() else { return };
         let inner = lock(&state.inner);
-        let prepared = Prepared::text(text);
-        for m in inner.members.iter().filter(|m| m.pending.is_none() && m.sub.format == Format::Native) {
-            if m.sub.outbox.send_prepared(&prepared) == Err(SendError::Full) {
-                slow_consumer(&m.sub, channel);
+        let encoded: [OnceLock<Option<Frame>>; SLOTS] = Default::default();
+        let exclude = event.exclude();
+        for m in inner.members.iter().filter(|m| m.pending.is_none() && Some(m.sub.id) != exclude) {
+            let encode = || m.sub.encoder.event(channel, event);
+            let uncached;
+            let frame = match encoded.get(m.sub.encoder.slot()) {
+                Some(cell) => cell.get_or_init(encode),
+                None => {
+                    uncached = encode();
+                    &uncached
+                }
+            };
+            if let Some(frame) = frame {
+                if frame.queue(&m.sub.outbox) == Err(SendError::Full) {
+                    slow_consumer(&m.sub, channel);
+                }
             }
         }
     }
@@ -350,9 +441,9 @@ impl Hub {
         };
         self.drop_if_empty(channel);
         for sub in &members {
-            match sub.format {
-                Format::Sse => sub.outbox.finish(),
-                _ => {
+            match sub.sink() {
+                Sink::Stream => sub.outbox.finish(),
+                Sink::WebSocket => {
                     let code = CloseCode::ServerError;
                     let frame =
                         CloseFrame::new(ws::CloseCode(code.as_u16()), "missed publications; reconnect and recover");
@@ -390,12 +481,12 @@ impl Hub {
 /// Cuts off a subscriber whose queue overflowed: close 4001 (WebSocket), or the end of the
 /// stream (SSE has no close frame). It reconnects and recovers.
 fn slow_consumer(sub: &Subscriber, channel: &str) {
-    match sub.format {
-        Format::Sse => {
+    match sub.sink() {
+        Sink::Stream => {
             sub.outbox.finish();
             metrics::counter!("herald_slow_consumers_total").increment(1);
         }
-        _ => close_slow_consumer(&sub.outbox),
+        Sink::WebSocket => close_slow_consumer(&sub.outbox),
     }
     tracing::debug!(subscriber = sub.id, channel, "slow consumer disconnected");
 }
@@ -416,8 +507,49 @@ mod tests {
     use super::*;
     use crate::ws::SendMode;
 
-    fn sub(id: u64, limit: usize, format: Format) -> Subscriber {
-        Subscriber { id, outbox: Outbox::new(limit, SendMode::PLAIN), format }
+    /// The data alone in a text frame; join/leave as `join <user>`.
+    #[derive(Debug)]
+    struct Text;
+    impl Encoder for Text {
+        fn slot(&self) -> usize {
+            0
+        }
+        fn publication(&self, _: &str, _: &str, record: &PublicationRecord) -> Frame {
+            Frame::text(record.data.clone())
+        }
+        fn event(&self, _: &str, event: &ChannelEvent) -> Option<Frame> {
+            match event {
+                ChannelEvent::Join { client, .. } => Some(Frame::text(format!("join {}", client.user))),
+                _ => None,
+            }
+        }
+    }
+
+    /// `<epoch>:<offset> <data>` as bytes on a stream; shows client events.
+    #[derive(Debug)]
+    struct Stream;
+    impl Encoder for Stream {
+        fn slot(&self) -> usize {
+            1
+        }
+        fn publication(&self, _: &str, epoch: &str, record: &PublicationRecord) -> Frame {
+            let mut out = format!("{epoch}:{} ", record.offset).into_bytes();
+            out.extend_from_slice(&record.data);
+            Frame::Raw(Bytes::from(out))
+        }
+        fn event(&self, _: &str, event: &ChannelEvent) -> Option<Frame> {
+            match event {
+                ChannelEvent::Client { data, .. } => Some(Frame::Raw(Bytes::from(data.clone()))),
+                _ => None,
+            }
+        }
+        fn sink(&self) -> Sink {
+            Sink::Stream
+        }
+    }
+
+    fn sub(id: u64, limit: usize, encoder: &'static dyn Encoder) -> Subscriber {
+        Subscriber { id, outbox: Outbox::new(limit, SendMode::PLAIN), encoder }
     }
 
     fn frames(o: &Outbox) -> Vec<Bytes> {
@@ -437,7 +569,7 @@ mod tests {
 
     fn publish(hub: &Hub, channel: &str, offset: u64, data: &'static [u8]) {
         let pos = StreamPosition { epoch: Arc::from("e"), offset };
-        hub.deliver(channel, &pos, &PublicationRecord { offset, data: Bytes::from_static(data), info: None });
+        hub.deliver(channel, &pos, &PublicationRecord { offset, data: Bytes::from_static(data), ..Default::default() });
     }
 
     fn join(hub: &Hub, ch: &Arc<str>, s: &Subscriber, offset: u64) {
@@ -449,7 +581,7 @@ mod tests {
     fn each_subscriber_gets_the_same_bytes_in_order_after_its_reply() {
         let hub = Hub::new();
         let ch: Arc<str> = Arc::from("news");
-        let (a, b) = (sub(1, 1 << 20, Format::Native), sub(2, 1 << 20, Format::Native));
+        let (a, b) = (sub(1, 1 << 20, &Text), sub(2, 1 << 20, &Text));
         join(&hub, &ch, &a, 0);
         join(&hub, &ch, &b, 0);
         for i in 1..=3 {
@@ -458,7 +590,7 @@ mod tests {
         let (fa, fb) = (frames(&a.outbox), frames(&b.outbox));
         assert_eq!(fa.len(), 4);
         assert_eq!(payload(&fa[0]), b"reply 0");
-        assert_eq!(payload(&fa[1]), br#"{"push":{"channel":"news","pub":{"offset":1,"data":1}}}"#);
+        assert_eq!(payload(&fa[1]), b"1");
         assert_eq!(fa[3].as_ptr(), fb[3].as_ptr(), "encoded once, shared");
         assert_eq!(hub.subscription_count(), 2);
     }
@@ -467,7 +599,7 @@ mod tests {
     fn publications_during_the_reply_are_held_and_deduplicated() {
         let hub = Hub::new();
         let ch: Arc<str> = Arc::from("c");
-        let s = sub(1, 1 << 20, Format::Raw);
+        let s = sub(1, 1 << 20, &Text);
         hub.subscribe(&ch, s.clone()).expect("subscribe");
         // Published while the history was being read: 5 is covered by the reply, 6 and 7 not.
         publish(&hub, "c", 5, b"5");
@@ -481,25 +613,60 @@ mod tests {
     }
 
     #[test]
-    fn formats_are_encoded_per_kind() {
+    fn each_encoder_encodes_once_for_its_subscribers() {
         let hub = Hub::new();
         let ch: Arc<str> = Arc::from("t");
-        let (raw, sse) = (sub(1, 1 << 20, Format::Raw), sub(2, 1 << 20, Format::Sse));
+        let (raw, sse) = (sub(1, 1 << 20, &Text), sub(2, 1 << 20, &Stream));
         for s in [&raw, &sse] {
             hub.subscribe(&ch, s.clone()).expect("subscribe");
             hub.activate("t", s.id, None, 0).expect("activate");
         }
         publish(&hub, "t", 1, b"{\n\"a\":1}");
         assert_eq!(payload(&frames(&raw.outbox)[0]), b"{\n\"a\":1}");
-        assert_eq!(frames(&sse.outbox)[0], Bytes::from_static(b"id: e:1\ndata: {\ndata: \"a\":1}\n\n"));
+        assert_eq!(frames(&sse.outbox)[0], Bytes::from_static(b"e:1 {\n\"a\":1}"));
+        let sse2 = sub(3, 1 << 20, &Stream);
+        hub.subscribe(&ch, sse2.clone()).expect("subscribe");
+        hub.activate("t", 3, None, 1).expect("activate");
+        publish(&hub, "t", 2, b"2");
+        let (a, b) = (frames(&sse.outbox), frames(&sse2.outbox));
+        assert_eq!(a[0].as_ptr(), b[0].as_ptr(), "one encoding per encoder, shared");
+    }
+
+    #[test]
+    fn the_excluded_connection_skips_a_publication_and_its_own_event() {
+        let hub = Hub::new();
+        let ch: Arc<str> = Arc::from("x");
+        let (a, b) = (sub(1, 1 << 20, &Stream), sub(2, 1 << 20, &Stream));
+        join(&hub, &ch, &a, 0);
+        join(&hub, &ch, &b, 0);
+        let pos = StreamPosition { epoch: Arc::from("e"), offset: 1 };
+        let record =
+            PublicationRecord { offset: 1, data: Bytes::from_static(b"1"), exclude: Some(1), ..Default::default() };
+        hub.deliver("x", &pos, &record);
+        let event = ChannelEvent::Client { event: "client-x".into(), data: "{}".into(), user: None, exclude: Some(2) };
+        hub.notify("x", &event);
+        hub.notify("x", &ChannelEvent::Join { client: ClientInfo::default(), info: None });
+        let (fa, fb) = (frames(&a.outbox), frames(&b.outbox));
+        assert_eq!(fa.iter().skip(1).map(|f| f.to_vec()).collect::<Vec<_>>(), [b"{}".to_vec()]);
+        assert_eq!(fb.iter().skip(1).map(|f| f.to_vec()).collect::<Vec<_>>(), [b"e:1 1".to_vec()]);
+    }
+
+    #[test]
+    fn channel_events_cross_nodes_as_bytes_and_back() {
+        let join = ChannelEvent::Join {
+            client: ClientInfo { user: "u".into(), client: "c".into() },
+            info: Some(r#"{"name":"Ann"}"#.into()),
+        };
+        assert_eq!(ChannelEvent::decode(&join.encode()), Some(join));
+        assert_eq!(ChannelEvent::decode(b"not an event"), None);
     }
 
     #[test]
     fn a_slow_subscriber_is_closed_and_removed_without_affecting_others() {
         let hub = Hub::new();
         let ch: Arc<str> = Arc::from("fast");
-        let slow = sub(1, 100, Format::Raw);
-        let fast = sub(2, 1 << 20, Format::Raw);
+        let slow = sub(1, 100, &Text);
+        let fast = sub(2, 1 << 20, &Text);
         for s in [&slow, &fast] {
             hub.subscribe(&ch, s.clone()).expect("subscribe");
             hub.activate("fast", s.id, None, 0).expect("activate");
@@ -517,8 +684,8 @@ mod tests {
     fn the_last_unsubscribe_drops_the_channel() {
         let hub = Hub::new();
         let ch: Arc<str> = Arc::from("x");
-        join(&hub, &ch, &sub(1, 1024, Format::Raw), 0);
-        assert_eq!(hub.subscribe(&ch, sub(1, 1024, Format::Raw)), Err(SubscribeError::AlreadySubscribed));
+        join(&hub, &ch, &sub(1, 1024, &Text), 0);
+        assert_eq!(hub.subscribe(&ch, sub(1, 1024, &Text)), Err(SubscribeError::AlreadySubscribed));
         assert!(hub.unsubscribe("x", 1));
         assert!(!hub.unsubscribe("x", 1));
         assert_eq!(hub.channel_count(), 0);

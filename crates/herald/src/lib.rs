@@ -9,6 +9,8 @@
 //!   conformance suite).
 //! - `hub`: channel → subscribers; encode once, fan out, cut off slow consumers.
 //! - `node`: this node's shared state (config, hub, counters).
+//! - `rules`: what every door shares: permission checks, the publication size limit, the code an
+//!   engine failure gets.
 //! - `limits`: per-connection rate limits (token buckets, refusals that end in a close).
 //! - `session`: one native-protocol client: commands, permissions, subscriptions, pings.
 //! - `transport`: `/connect`, `/ws/<channel>`, `/sse/<channel>`.
@@ -36,6 +38,7 @@ pub mod metrics;
 pub mod node;
 pub mod origin;
 pub mod pusher;
+pub mod rules;
 pub mod secret;
 pub mod server;
 pub mod session;

@@ -13,9 +13,9 @@ use crate::channel::{ChannelName, NamespaceOptions};
 use crate::config::Config;
 use crate::engine::{
     Delivery, Engine, EngineError, EngineLimits, History, HistoryPolicy, HistoryQuery, MemoryEngine, PublicationRecord,
-    StreamPosition,
+    Publish, StreamPosition,
 };
-use crate::hub::{Hub, SubscribeError, Subscriber};
+use crate::hub::{ChannelEvent, Hub, SubscribeError, Subscriber};
 use crate::ws::{self, WsContext};
 
 /// Shared state of one node.
@@ -36,6 +36,8 @@ pub struct Node {
     users: std::sync::Mutex<UserSessions>,
     ready: AtomicBool,
     started: Instant,
+    /// This node's random number: the high half of every connection id.
+    node_number: u32,
     next_id: AtomicU64,
     sessions: AtomicUsize,
 }
@@ -76,25 +78,28 @@ impl Node {
             users: Default::default(),
             ready: AtomicBool::new(true),
             started: Instant::now(),
+            node_number: rand::random(),
             next_id: AtomicU64::new(1),
             sessions: AtomicUsize::new(0),
         }
     }
 
-    /// A node-unique id for a subscriber.
+    /// An id for a connection (and each of its subscriptions), unique in the cluster: the high
+    /// 32 bits are this node's random number, the low 32 bits count its connections.
     pub fn next_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff;
+        (u64::from(self.node_number) << 32) | n
     }
 
-    /// Publishes `data` (valid JSON) to `channel`: the single path for the API and clients.
+    /// Publishes to `channel` (`publication.data` is valid JSON): the single path for every
+    /// door and the API.
     pub async fn publish(
         &self,
         channel: &ChannelName,
         ns: &NamespaceOptions,
-        data: Bytes,
-        info: Option<ClientInfo>,
+        publication: Publish,
     ) -> Result<StreamPosition, EngineError> {
-        let result = self.engine.publish(channel.as_str(), data, info, policy(ns)).await;
+        let result = self.engine.publish(channel.as_str(), publication, policy(ns)).await;
         match &result {
             Ok(_) => metrics::counter!("herald_publications_total").increment(1),
             Err(e) => {
@@ -160,10 +165,10 @@ impl Node {
         removed
     }
 
-    /// Sends a join or leave push to `channel`'s subscribers on every node.
-    pub async fn broadcast(&self, channel: &str, text: Bytes) {
-        if let Err(e) = self.engine.broadcast(channel, text).await {
-            tracing::warn!(channel, error = %e, "join/leave push not sent");
+    /// Sends `event` (a join, a leave, a client event) to `channel`'s subscribers on every node.
+    pub async fn broadcast(&self, channel: &str, event: &ChannelEvent) {
+        if let Err(e) = self.engine.broadcast(channel, event.encode()).await {
+            tracing::warn!(channel, error = %e, "channel event not sent");
         }
     }
 
@@ -192,12 +197,8 @@ impl Node {
                 continue;
             }
             for entry in left {
-                let info = ClientInfo { user: entry.user, client: entry.client };
-                let push = herald_protocol::ServerFrame::Push {
-                    channel: channel.to_string(),
-                    body: herald_protocol::PushBody::Leave(info),
-                };
-                self.broadcast(&channel, Bytes::from(push.encode())).await;
+                let client = ClientInfo { user: entry.user, client: entry.client };
+                self.broadcast(&channel, &ChannelEvent::Leave { client }).await;
             }
         }
     }
@@ -308,7 +309,10 @@ impl Delivery for HubDelivery {
     }
 
     fn notify(&self, channel: &str, text: Bytes) {
-        self.0.notify(channel, text);
+        match ChannelEvent::decode(&text) {
+            Some(event) => self.0.notify(channel, &event),
+            None => tracing::warn!(channel, "unreadable channel event from the engine dropped"),
+        }
     }
 
     fn has_subscribers(&self, channel: &str) -> bool {

@@ -15,17 +15,13 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use crate::channel::{Access, ChannelError, ChannelName, NamespaceOptions};
-use crate::engine::{HistoryQuery, PresenceChange, PresenceEntry, PublicationRecord, StreamPosition};
-use crate::hub::{Format, SubscribeError, Subscriber};
+use crate::engine::{HistoryQuery, PresenceChange, PresenceEntry, PublicationRecord, Publish, StreamPosition};
+use crate::hub::{ChannelEvent, Encoder, Frame, SubscribeError, Subscriber};
 use crate::limits::{ConnectionLimiter, Verdict};
 use crate::node::{Control, Node, SubscribeFailure};
 use crate::ws::{self, Message, Outbox, WebSocket};
 
-type Refusal = (ErrorCode, String);
-
-fn refuse(code: ErrorCode, message: impl Into<String>) -> Refusal {
-    (code, message.into())
-}
+use crate::rules::{refuse, Identity, Refusal};
 
 impl From<ChannelError> for (ErrorCode, String) {
     fn from(e: ChannelError) -> Self {
@@ -353,22 +349,9 @@ impl Session {
     /// Whether this client may do what `access` asks on `channel` (beside the channel's own
     /// user list).
     fn allowed(&self, access: Access, channel: &ChannelName) -> Result<(), Refusal> {
-        if !channel.allows_user(&self.user) {
-            return Err(refuse(ErrorCode::PermissionDenied, "permission denied"));
-        }
-        match access {
-            Access::Anonymous => Ok(()),
-            Access::Authenticated if !self.user.is_empty() => Ok(()),
-            Access::Authenticated => {
-                Err(refuse(ErrorCode::PermissionDenied, "permission denied: connect with a token"))
-            }
-            Access::Token if self.token_subscriptions.contains_key(channel.as_str()) => Ok(()),
-            Access::Token => Err(refuse(
-                ErrorCode::TokenRequired,
-                "this namespace needs a subscription token: subscribe with one first",
-            )),
-            Access::None => Err(refuse(ErrorCode::PermissionDenied, "permission denied")),
-        }
+        let who =
+            Identity { user: &self.user, has_channel_token: self.token_subscriptions.contains_key(channel.as_str()) };
+        crate::rules::check(access, channel, who)
     }
 
     /// Subscribes this connection to `channel`; `frame` makes the first frame the client gets
@@ -381,7 +364,7 @@ impl Session {
         frame: impl FnOnce(SubscribeResult) -> Bytes,
     ) -> Result<(), Refusal> {
         let node = self.node.clone();
-        let sub = Subscriber { id: self.id, outbox: self.outbox.clone(), format: Format::Native };
+        let sub = Subscriber { id: self.id, outbox: self.outbox.clone(), encoder: &NATIVE };
         // Recorded before awaiting, so a session cancelled mid-subscribe still leaves the
         // channel when it is dropped.
         self.subscriptions.insert(channel.shared().clone());
@@ -419,11 +402,11 @@ impl Session {
     async fn presence_add(&self, channel: &ChannelName, join_leave: bool) {
         let entry = self.presence_entry(channel.as_str());
         let ttl = self.presence_ttl();
-        let info = ClientInfo { user: entry.user.clone(), client: entry.client.clone() };
+        let client = ClientInfo { user: entry.user.clone(), client: entry.client.clone() };
+        let info = entry.info.as_ref().map(|i| String::from_utf8_lossy(i).into_owned());
         match self.node.engine.presence_add(channel.as_str(), entry, ttl).await {
             Ok(PresenceChange::UserJoined) if join_leave => {
-                let push = ServerFrame::Push { channel: channel.to_string(), body: PushBody::Join(info) };
-                self.node.broadcast(channel.as_str(), Bytes::from(push.encode())).await;
+                self.node.broadcast(channel.as_str(), &ChannelEvent::Join { client, info }).await;
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(channel = %channel, error = %e, "presence not recorded"),
@@ -438,9 +421,8 @@ impl Session {
         }
         match self.node.engine.presence_remove(channel, client).await {
             Ok((PresenceChange::UserLeft, Some(entry))) if ns.join_leave => {
-                let info = ClientInfo { user: entry.user, client: entry.client };
-                let push = ServerFrame::Push { channel: channel.to_owned(), body: PushBody::Leave(info) };
-                self.node.broadcast(channel, Bytes::from(push.encode())).await;
+                let client = ClientInfo { user: entry.user, client: entry.client };
+                self.node.broadcast(channel, &ChannelEvent::Leave { client }).await;
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(channel, error = %e, "presence not removed"),
@@ -487,17 +469,14 @@ impl Session {
         let (channel, ns) = cfg.resolve(&req.channel)?;
         self.allowed(ns.publish.level(Access::Anonymous), &channel)?;
         let data = req.data.get();
-        if data.len() > cfg.max_publication_size {
-            let max = cfg.max_publication_size;
-            return Err(refuse(ErrorCode::TooLarge, format!("publication data is larger than {max} bytes")));
-        }
+        crate::rules::check_publication_size(cfg, data.len())?;
         let verdict = self.limiter.publication(Instant::now());
         self.rate_limited(verdict)?;
         let info = self.client.as_ref().map(|c| ClientInfo { user: self.user.clone(), client: c.clone() });
         let pos = node
-            .publish(&channel, ns, Bytes::copy_from_slice(data.as_bytes()), info)
+            .publish(&channel, ns, Publish { info, ..Publish::data(Bytes::copy_from_slice(data.as_bytes())) })
             .await
-            .map_err(|e| refuse(e.code(), e.to_string()))?;
+            .map_err(|e| crate::rules::engine_refusal(&e))?;
         self.send(encode_reply(id, "publish", &PublishResult { epoch: pos.epoch.to_string(), offset: pos.offset }));
         Ok(())
     }
@@ -689,6 +668,34 @@ pub(crate) fn to_wire(p: &PublicationRecord) -> Publication {
         .and_then(|s| RawValue::from_string(s.to_owned()).ok())
         .unwrap_or_else(|| RawValue::from_string("null".into()).unwrap_or_else(|_| unreachable!("null is JSON")));
     Publication { offset: Some(p.offset), data, info: p.info.clone() }
+}
+
+/// The native protocol's encoding: `{"push":{"channel":..,"pub":{..}}}` in a text frame; join
+/// and leave pushes; client events are not part of it.
+#[derive(Debug)]
+pub struct NativeEncoder;
+
+/// The native protocol's encoder, shared by every native subscription.
+pub static NATIVE: NativeEncoder = NativeEncoder;
+
+impl Encoder for NativeEncoder {
+    fn slot(&self) -> usize {
+        0
+    }
+
+    fn publication(&self, channel: &str, _epoch: &str, record: &PublicationRecord) -> Frame {
+        let push = herald_protocol::encode_pub_push(channel, Some(record.offset), &record.data, record.info.as_ref());
+        Frame::text(push)
+    }
+
+    fn event(&self, channel: &str, event: &ChannelEvent) -> Option<Frame> {
+        let body = match event {
+            ChannelEvent::Join { client, .. } => PushBody::Join(client.clone()),
+            ChannelEvent::Leave { client } => PushBody::Leave(client.clone()),
+            ChannelEvent::Client { .. } => return None,
+        };
+        Some(Frame::text(ServerFrame::Push { channel: channel.to_owned(), body }.encode()))
+    }
 }
 
 impl Drop for Session {

@@ -15,10 +15,12 @@ use http::{header, HeaderMap};
 
 use crate::channel::{Access, ChannelName, NamespaceOptions};
 use crate::engine::StreamPosition;
+use crate::engine::{PublicationRecord, Publish};
 use crate::http_error::ApiError;
-use crate::hub::{sse_event, Format, Subscriber};
+use crate::hub::{Encoder, Frame, Sink, Subscriber};
 use crate::node::{Node, SubscriptionGuard};
 use crate::origin::Origins;
+use crate::rules::Identity;
 use crate::ws::{self, Outbox, SendMode};
 
 /// `GET /connect`: the native protocol.
@@ -33,9 +35,13 @@ pub async fn connect(State(node): State<Arc<Node>>, req: Request) -> Response {
 fn anonymous_subscribe<'a>(node: &'a Node, name: &str) -> Result<(ChannelName, &'a NamespaceOptions), ApiError> {
     let (channel, ns) =
         node.config.channels.resolve(name).map_err(|e| ApiError::new(ErrorCode::InvalidChannel, e.to_string()))?;
-    if ns.subscribe.level(Access::Anonymous) != Access::Anonymous || !channel.allows_user("") {
-        return Err(ApiError::new(ErrorCode::PermissionDenied, "permission denied"));
-    }
+    // A raw client can present no token: whatever is not open to anyone is refused.
+    let access = match ns.subscribe.level(Access::Anonymous) {
+        Access::Anonymous => Access::Anonymous,
+        _ => Access::None,
+    };
+    crate::rules::check(access, &channel, Identity::ANONYMOUS)
+        .map_err(|(code, message)| ApiError::new(code, message))?;
     Ok((channel, ns))
 }
 
@@ -58,7 +64,7 @@ pub async fn raw_ws(State(node): State<Arc<Node>>, Path(name): Path<String>, req
         let Ok((channel, ns)) = anonymous_subscribe(&node, &name) else { return };
         let _count = node.session_guard();
         let id = node.next_id();
-        let sub = Subscriber { id, outbox: socket.outbox().clone(), format: Format::Raw };
+        let sub = Subscriber { id, outbox: socket.outbox().clone(), encoder: &RAW };
         if node.subscribe(&channel, ns, sub, None, |_, _| None).await.is_err() {
             return;
         }
@@ -80,7 +86,7 @@ async fn raw_publish(
 ) -> Result<(), (ws::CloseCode, &'static str)> {
     let refused = herald_protocol::CloseCode::PublishNotAllowed;
     // A raw client has no identity: only an anonymous publish rule lets it publish.
-    if ns.publish.level(Access::Anonymous) != Access::Anonymous || !channel.allows_user("") {
+    if crate::rules::check(ns.publish.level(Access::Anonymous), channel, Identity::ANONYMOUS).is_err() {
         return Err((ws::CloseCode(refused.as_u16()), refused.reason()));
     }
     let ws::Message::Text(text) = msg else {
@@ -92,10 +98,10 @@ async fn raw_publish(
         // The frame is valid UTF-8 (the WebSocket layer checked), so this is lossless.
         Bytes::from(serde_json::Value::String(String::from_utf8_lossy(&text).into_owned()).to_string())
     };
-    if data.len() > node.config.channels.max_publication_size {
+    if crate::rules::check_publication_size(&node.config.channels, data.len()).is_err() {
         return Err((ws::CloseCode::MESSAGE_TOO_BIG, "publication larger than channels.max_publication_size"));
     }
-    match node.publish(channel, ns, data, None).await {
+    match node.publish(channel, ns, Publish::data(data)).await {
         Ok(_) => Ok(()),
         Err(e) => {
             tracing::warn!(channel = %channel, error = %e, "raw websocket publish failed");
@@ -130,7 +136,7 @@ pub async fn sse(
         .map(|v| v.to_str().ok().and_then(parse_event_id).unwrap_or_else(crate::node::no_position));
     let id = node.next_id();
     let outbox = Outbox::new(node.config.websocket.max_queue_bytes, SendMode::PLAIN);
-    let sub = Subscriber { id, outbox: outbox.clone(), format: Format::Sse };
+    let sub = Subscriber { id, outbox: outbox.clone(), encoder: &SSE };
     let subscribed = node
         .subscribe(&channel, ns, sub, resume, |history, recovered| {
             let mut out = BytesMut::from(&b"retry: 1000\n: subscribed\n\n"[..]);
@@ -219,5 +225,70 @@ impl SseStream {
 impl Drop for SseStream {
     fn drop(&mut self) {
         metrics::gauge!("herald_connections", "transport" => "sse").decrement(1.0);
+    }
+}
+
+/// `/ws/<channel>`'s encoding: the publication's data alone in a text frame; no events.
+#[derive(Debug)]
+pub struct RawEncoder;
+
+/// The raw WebSocket door's encoder.
+pub static RAW: RawEncoder = RawEncoder;
+
+impl Encoder for RawEncoder {
+    fn slot(&self) -> usize {
+        1
+    }
+
+    fn publication(&self, _channel: &str, _epoch: &str, record: &PublicationRecord) -> Frame {
+        Frame::text(record.data.clone())
+    }
+}
+
+/// `/sse/<channel>`'s encoding: one Server-Sent Event per publication; no other events.
+#[derive(Debug)]
+pub struct SseEncoder;
+
+/// The SSE door's encoder.
+pub static SSE: SseEncoder = SseEncoder;
+
+impl Encoder for SseEncoder {
+    fn slot(&self) -> usize {
+        2
+    }
+
+    fn publication(&self, _channel: &str, epoch: &str, record: &PublicationRecord) -> Frame {
+        Frame::Raw(sse_event(epoch, record.offset, &record.data))
+    }
+
+    fn sink(&self) -> Sink {
+        Sink::Stream
+    }
+}
+
+/// `id: <epoch>:<offset>` and the data, one `data:` line per line of JSON (SSE cannot carry
+/// raw newlines; EventSource joins the lines back with `\n`). The id carries the epoch so that
+/// `Last-Event-ID` can resume exactly, or tell that it cannot.
+pub fn sse_event(epoch: &str, offset: u64, data: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(data.len() + 32);
+    out.extend_from_slice(format!("id: {epoch}:{offset}\n").as_bytes());
+    for line in data.split(|b| *b == b'\n') {
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(line.strip_suffix(b"\r").unwrap_or(line));
+        out.push(b'\n');
+    }
+    out.push(b'\n');
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_sse_event_splits_lines_and_carries_the_position() {
+        let record = PublicationRecord { offset: 1, data: Bytes::from_static(b"{\n\"a\":1}"), ..Default::default() };
+        let Frame::Raw(bytes) = SSE.publication("t", "e", &record) else { panic!("SSE is a byte stream") };
+        assert_eq!(bytes, Bytes::from_static(b"id: e:1\ndata: {\ndata: \"a\":1}\n\n"));
     }
 }

@@ -241,7 +241,7 @@ pub async fn run_ticker(node: Arc<Node>, stop: tokio_util::sync::CancellationTok
         };
         let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
         let data = serde_json::json!({ "time": ms as u64, "quotes": quotes });
-        if let Err(e) = node.publish(&channel, &ns, Bytes::from(data.to_string()), None).await {
+        if let Err(e) = node.publish(&channel, &ns, crate::engine::Publish::data(Bytes::from(data.to_string()))).await {
             tracing::warn!(error = %e, "demo ticker: publish failed");
         }
     }

@@ -71,7 +71,7 @@ pub(crate) async fn offsets_increase_by_one_and_delivery_follows_storage(engine:
     let first = e.history("c", HistoryQuery::default()).await.expect("read");
     assert_eq!(first.position.offset, 0, "a new channel starts at 0");
     for i in 1..=20 {
-        let pos = e.publish("c", data(i), None, KEEP).await.expect("publish");
+        let pos = e.publish("c", Publish::data(data(i)), KEEP).await.expect("publish");
         assert_eq!(pos, StreamPosition { epoch: first.position.epoch.clone(), offset: i }, "same epoch, +1");
     }
     let seen = rec.wait_for(20).await;
@@ -89,7 +89,7 @@ pub(crate) async fn offsets_increase_by_one_and_delivery_follows_storage(engine:
 pub(crate) async fn history_windows(engine: impl Engine) {
     let (e, _) = with_recorder(engine);
     for i in 1..=8 {
-        e.publish("h", data(i), None, KEEP).await.expect("publish");
+        e.publish("h", Publish::data(data(i)), KEEP).await.expect("publish");
     }
     let offsets = |h: &History| h.publications.iter().map(|p| p.offset).collect::<Vec<_>>();
     let all = e.history("h", HistoryQuery { limit: 100, ..Default::default() }).await.expect("read");
@@ -118,7 +118,7 @@ pub(crate) async fn history_windows(engine: impl Engine) {
 pub(crate) async fn history_expires_by_age(engine: impl Engine) {
     let (e, _) = with_recorder(engine);
     let short = HistoryPolicy { size: 10, ttl: Duration::from_millis(100) };
-    let pos = e.publish("t", data(1), None, short).await.expect("publish");
+    let pos = e.publish("t", Publish::data(data(1)), short).await.expect("publish");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let h = e
         .history("t", HistoryQuery { since: since(&pos.epoch, 0), limit: 100, ..Default::default() })
@@ -131,8 +131,8 @@ pub(crate) async fn history_expires_by_age(engine: impl Engine) {
 pub(crate) async fn channels_without_history_keep_positions(engine: impl Engine) {
     let (e, rec) = with_recorder(engine);
     e.listen("n").await.expect("listen");
-    let a = e.publish("n", data(1), None, HistoryPolicy::NONE).await.expect("publish");
-    let b = e.publish("n", data(2), None, HistoryPolicy::NONE).await.expect("publish");
+    let a = e.publish("n", Publish::data(data(1)), HistoryPolicy::NONE).await.expect("publish");
+    let b = e.publish("n", Publish::data(data(2)), HistoryPolicy::NONE).await.expect("publish");
     assert_eq!((b.offset, &b.epoch), (a.offset + 1, &a.epoch));
     let h = e
         .history("n", HistoryQuery { since: since(&b.epoch, b.offset), limit: 100, ..Default::default() })
@@ -184,7 +184,7 @@ pub(crate) async fn concurrent_publishers_keep_one_order(engine: impl Engine) {
             let e = e.clone();
             tokio::spawn(async move {
                 for i in 0..250 {
-                    e.publish("race", data(i), None, KEEP).await.expect("publish");
+                    e.publish("race", Publish::data(data(i)), KEEP).await.expect("publish");
                 }
             })
         })
@@ -214,7 +214,7 @@ pub(crate) async fn reading_creates_nothing_and_the_first_publication_continues(
     let h = e.history("ghost", HistoryQuery { since: Some(read.clone()), limit: 10, ..Default::default() }).await;
     assert!(h.expect("read").complete, "nothing missed yet");
     // The first publication continues from the position the readers were told.
-    let pos = e.publish("ghost", data(1), None, KEEP).await.expect("publish");
+    let pos = e.publish("ghost", Publish::data(data(1)), KEEP).await.expect("publish");
     assert_eq!(pos, StreamPosition { epoch: read.epoch.clone(), offset: 1 });
     let h = e.history("ghost", HistoryQuery { since: Some(read), limit: 10, ..Default::default() }).await;
     let h = h.expect("read");
@@ -242,13 +242,13 @@ pub(crate) async fn a_recreated_stream_never_recovers_an_old_position(engine: im
     let short = HistoryPolicy { size: 10, ttl: Duration::from_millis(50) };
     let mut old = None;
     for i in 1..=3 {
-        old = Some(e.publish("again", data(i), None, short).await.expect("publish"));
+        old = Some(e.publish("again", Publish::data(data(i)), short).await.expect("publish"));
     }
     let old = old.expect("published");
     tokio::time::sleep(Duration::from_millis(150)).await;
     e.sweep();
     let empty = e.history("again", HistoryQuery::default()).await.expect("read");
-    let new = e.publish("again", data(9), None, short).await.expect("publish");
+    let new = e.publish("again", Publish::data(data(9)), short).await.expect("publish");
     if new.epoch == old.epoch {
         // The engine kept the stream: it must simply go on.
         assert_eq!(new.offset, old.offset + 1);

@@ -11,11 +11,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::{self, BoxFuture};
-use herald_protocol::ClientInfo;
 
 use super::{
     Delivery, Engine, EngineError, EngineLimits, EngineStats, History, HistoryPolicy, HistoryQuery, PresenceChange,
-    PresenceEntry, PresenceStats, PublicationRecord, StreamPosition,
+    PresenceEntry, PresenceStats, PublicationRecord, Publish, StreamPosition,
 };
 
 /// How long a channel with no history keeps its position after its last publication or read.
@@ -184,8 +183,9 @@ impl Default for MemoryEngine {
 }
 
 /// What a publication counts against `max_history_bytes`: its data and its info.
-fn record_bytes(data: &Bytes, info: Option<&ClientInfo>) -> usize {
-    data.len() + info.map_or(0, |i| i.user.len() + i.client.len())
+fn record_bytes(p: &Publish) -> usize {
+    let tags = p.tags.as_ref().map_or(0, |t| t.iter().map(|(k, v)| k.len() + v.len()).sum());
+    p.data.len() + p.info.as_ref().map_or(0, |i| i.user.len() + i.client.len()) + tags
 }
 
 impl MemoryEngine {
@@ -279,8 +279,7 @@ impl MemoryEngine {
     fn publish_now(
         &self,
         channel: &str,
-        data: Bytes,
-        info: Option<ClientInfo>,
+        publication: Publish,
         policy: HistoryPolicy,
     ) -> Result<StreamPosition, EngineError> {
         let now = Instant::now();
@@ -289,12 +288,12 @@ impl MemoryEngine {
         if !s.live {
             // Forgotten by the sweeper right after we looked it up: look again.
             drop(s);
-            return self.publish_now(channel, data, info, policy);
+            return self.publish_now(channel, publication, policy);
         }
         s.ttl = policy.ttl.max(if policy.size == 0 { IDLE_POSITION_TTL } else { Duration::ZERO });
         let freed = s.expire(now);
         self.release(freed);
-        let size = record_bytes(&data, info.as_ref());
+        let size = record_bytes(&publication);
         // What keeping this publication pushes out of the channel's own history.
         let drop_n = if policy.size == 0 { s.history.len() } else { (s.history.len() + 1).saturating_sub(policy.size) };
         let freeing: usize = s.history.iter().take(drop_n).map(|x| x.bytes).sum();
@@ -311,9 +310,11 @@ impl MemoryEngine {
         }
         s.offset += 1;
         s.touched = now;
-        let record = PublicationRecord { offset: s.offset, data, info };
+        let record = publication.into_record(s.offset);
         if policy.size > 0 {
-            s.history.push_back(Stored { record: record.clone(), at: now, bytes: size });
+            // The exclusion is for the live delivery only.
+            let stored = PublicationRecord { exclude: None, ..record.clone() };
+            s.history.push_back(Stored { record: stored, at: now, bytes: size });
             s.bytes += size;
         }
         let position = s.position();
@@ -440,11 +441,10 @@ impl Engine for MemoryEngine {
     fn publish<'a>(
         &'a self,
         channel: &'a str,
-        data: Bytes,
-        info: Option<ClientInfo>,
+        publication: Publish,
         policy: HistoryPolicy,
     ) -> BoxFuture<'a, Result<StreamPosition, EngineError>> {
-        Box::pin(future::ready(self.publish_now(channel, data, info, policy)))
+        Box::pin(future::ready(self.publish_now(channel, publication, policy)))
     }
 
     fn history<'a>(&'a self, channel: &'a str, query: HistoryQuery) -> BoxFuture<'a, Result<History, EngineError>> {
@@ -519,13 +519,13 @@ mod tests {
     fn idle_channels_are_forgotten_and_come_back_with_a_new_epoch() {
         let e = MemoryEngine::new();
         let policy = HistoryPolicy { size: 10, ttl: Duration::from_millis(1) };
-        let first = e.publish_now("c", Bytes::from_static(b"1"), None, policy).expect("publish");
+        let first = e.publish_now("c", Publish::data(Bytes::from_static(b"1")), policy).expect("publish");
         std::thread::sleep(Duration::from_millis(5));
         // History expired; the stream is still touched recently, then idle past its TTL.
         e.sweep_now();
         assert_eq!(e.stream_count(), 0);
         assert_eq!(e.stats().history_bytes, 0);
-        let second = e.publish_now("c", Bytes::from_static(b"1"), None, policy).expect("publish");
+        let second = e.publish_now("c", Publish::data(Bytes::from_static(b"1")), policy).expect("publish");
         assert_eq!(second.offset, 1);
         assert_ne!(second.epoch, first.epoch);
     }
@@ -546,13 +546,13 @@ mod tests {
         let e = MemoryEngine::new();
         e.set_delivery(Arc::new(Listening));
         let policy = HistoryPolicy { size: 10, ttl: Duration::from_millis(1) };
-        let first = e.publish_now("c", Bytes::from_static(b"1"), None, policy).expect("publish");
-        e.publish_now("quiet", Bytes::from_static(b"1"), None, policy).expect("publish");
+        let first = e.publish_now("c", Publish::data(Bytes::from_static(b"1")), policy).expect("publish");
+        e.publish_now("quiet", Publish::data(Bytes::from_static(b"1")), policy).expect("publish");
         std::thread::sleep(Duration::from_millis(5));
         e.sweep_now();
         assert_eq!(e.stats().history_bytes, 0, "history expires all the same");
         assert_eq!(e.stream_count(), 1, "only the stream nobody listens to is forgotten");
-        let second = e.publish_now("c", Bytes::from_static(b"2"), None, policy).expect("publish");
+        let second = e.publish_now("c", Publish::data(Bytes::from_static(b"2")), policy).expect("publish");
         assert_eq!((second.epoch, second.offset), (first.epoch, 2), "live subscribers see no new epoch");
     }
 
@@ -561,7 +561,7 @@ mod tests {
         let e = MemoryEngine::new();
         e.history("s", HistoryQuery::default()).await.expect("read");
         assert_eq!(e.stats().channels, 0, "reading creates nothing");
-        e.publish("s", Bytes::from_static(b"1"), None, HistoryPolicy::NONE).await.expect("publish");
+        e.publish("s", Publish::data(Bytes::from_static(b"1")), HistoryPolicy::NONE).await.expect("publish");
         assert_eq!(e.stats().channels, 1);
     }
 
@@ -571,21 +571,21 @@ mod tests {
         let e = MemoryEngine::with_limits(limits);
         let keep = HistoryPolicy { size: 3, ttl: Duration::from_secs(60) };
         let four = || Bytes::from_static(b"1234");
-        e.publish_now("a", four(), None, keep).expect("a");
-        e.publish_now("b", four(), None, keep).expect("b");
-        assert_eq!(e.publish_now("c", four(), None, keep), Err(EngineError::TooManyChannels { max: 2 }));
+        e.publish_now("a", Publish::data(four()), keep).expect("a");
+        e.publish_now("b", Publish::data(four()), keep).expect("b");
+        assert_eq!(e.publish_now("c", Publish::data(four()), keep), Err(EngineError::TooManyChannels { max: 2 }));
         assert_eq!(e.stats(), EngineStats { channels: 2, history_bytes: 8 });
         // 8 + 4 > 10: refused, and channel `a` keeps its position.
-        assert_eq!(e.publish_now("a", four(), None, keep), Err(EngineError::HistoryFull { max: 10 }));
+        assert_eq!(e.publish_now("a", Publish::data(four()), keep), Err(EngineError::HistoryFull { max: 10 }));
         let h = e.history_now("a", HistoryQuery { limit: 10, ..Default::default() });
         assert_eq!((h.position.offset, h.publications.len()), (1, 1));
         // A channel without history is not limited by bytes.
-        e.publish_now("b", four(), None, HistoryPolicy::NONE).expect("no history");
+        e.publish_now("b", Publish::data(four()), HistoryPolicy::NONE).expect("no history");
         assert_eq!(e.stats(), EngineStats { channels: 2, history_bytes: 4 }, "b's history was dropped");
         // Room made by a channel's own size bound counts.
         let one = HistoryPolicy { size: 1, ..keep };
         for _ in 0..5 {
-            e.publish_now("a", four(), None, one).expect("replaces its own");
+            e.publish_now("a", Publish::data(four()), one).expect("replaces its own");
         }
         assert_eq!(e.stats().history_bytes, 4);
     }
@@ -595,9 +595,9 @@ mod tests {
         let e = MemoryEngine::with_limits(EngineLimits { max_channels: 10, max_history_bytes: 3 });
         let keep = HistoryPolicy { size: 3, ttl: Duration::from_secs(60) };
         let before = e.history_now("x", HistoryQuery::default()).position;
-        assert!(e.publish_now("x", Bytes::from_static(b"1234"), None, keep).is_err());
+        assert!(e.publish_now("x", Publish::data(Bytes::from_static(b"1234")), keep).is_err());
         assert_eq!(e.stats(), EngineStats::default());
-        let pos = e.publish_now("x", Bytes::from_static(b"1"), None, keep).expect("fits");
+        let pos = e.publish_now("x", Publish::data(Bytes::from_static(b"1")), keep).expect("fits");
         assert_eq!(pos, StreamPosition { epoch: before.epoch, offset: 1 }, "the position read before continues");
     }
 

@@ -34,12 +34,42 @@ pub struct StreamPosition {
 }
 
 /// One stored publication.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PublicationRecord {
     pub offset: u64,
     /// The publication's JSON.
     pub data: Bytes,
     pub info: Option<ClientInfo>,
+    /// Key/value metadata stored with the publication (a door's event name, app tags).
+    pub tags: Option<Arc<Tags>>,
+    /// A connection id (`Node::next_id`) that must not receive this publication live (the
+    /// publisher's own connection). Travels with the publication, is never stored in history.
+    pub exclude: Option<u64>,
+}
+
+/// A publication's key/value metadata.
+pub type Tags = std::collections::BTreeMap<String, String>;
+
+/// What a door asks an engine to publish.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Publish {
+    /// Valid JSON.
+    pub data: Bytes,
+    pub info: Option<ClientInfo>,
+    pub tags: Option<Arc<Tags>>,
+    pub exclude: Option<u64>,
+}
+
+impl Publish {
+    /// A publication of `data` (valid JSON) with nothing else.
+    pub fn data(data: Bytes) -> Self {
+        Self { data, ..Self::default() }
+    }
+
+    /// The record it becomes at `offset`.
+    pub fn into_record(self, offset: u64) -> PublicationRecord {
+        PublicationRecord { offset, data: self.data, info: self.info, tags: self.tags, exclude: self.exclude }
+    }
 }
 
 /// How a channel keeps history (from its namespace's options).
@@ -233,8 +263,7 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
     fn publish<'a>(
         &'a self,
         channel: &'a str,
-        data: Bytes,
-        info: Option<ClientInfo>,
+        publication: Publish,
         policy: HistoryPolicy,
     ) -> BoxFuture<'a, Result<StreamPosition, EngineError>>;
 
@@ -247,8 +276,9 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
     /// The node may have lost its last local subscriber of `channel`.
     fn release(&self, _channel: &str) {}
 
-    /// Sends `text` (a join or leave push) to `channel`'s subscribers on every node through
-    /// [`Delivery::notify`].
+    /// Sends `text` (an encoded [`crate::hub::ChannelEvent`]: a join, a leave, a client event)
+    /// to `channel`'s subscribers on every node through [`Delivery::notify`]. The engine
+    /// carries the bytes as they are.
     fn broadcast<'a>(&'a self, channel: &'a str, text: Bytes) -> BoxFuture<'a, Result<(), EngineError>>;
 
     /// Reads history (see [`HistoryQuery`]).

@@ -57,7 +57,7 @@ use self::scripts::{
 };
 use super::{
     Delivery, Engine, EngineError, EngineStats, History, HistoryPolicy, HistoryQuery, PresenceChange, PresenceEntry,
-    PresenceStats, PublicationRecord, StreamPosition,
+    PresenceStats, PublicationRecord, Publish, StreamPosition,
 };
 
 /// Length of an epoch window, and the least time a channel's metadata outlives its last
@@ -285,10 +285,11 @@ impl Inner {
     async fn publish(
         &self,
         channel: &str,
-        data: Bytes,
-        info: Option<ClientInfo>,
+        publication: Publish,
         policy: HistoryPolicy,
     ) -> Result<StreamPosition, EngineError> {
+        // Tags and the live exclusion do not cross Redis yet.
+        let Publish { data, info, .. } = publication;
         let base = self.base(false).await?;
         let mut conn = self.conn().await?;
         let life_ms = policy.ttl.as_millis().clamp(1, u64::MAX as u128) as u64;
@@ -335,7 +336,7 @@ impl Inner {
         for (offset, body) in entries {
             let (info, data) = decode_body(Bytes::from(body))
                 .ok_or_else(|| EngineError::Unavailable(format!("redis: unreadable history entry in `{channel}`")))?;
-            publications.push(PublicationRecord { offset, data, info });
+            publications.push(PublicationRecord { offset, data, info, ..Default::default() });
         }
         if query.reverse {
             publications.reverse();
@@ -613,7 +614,10 @@ fn decode_publication(payload: Bytes) -> Option<(StreamPosition, PublicationReco
     let nl = rest.iter().position(|b| *b == b'\n')?;
     let epoch = std::str::from_utf8(&rest[..nl]).ok()?;
     let (info, data) = decode_body(rest.slice(nl + 1..))?;
-    Some((StreamPosition { epoch: Arc::from(epoch), offset }, PublicationRecord { offset, data, info }))
+    Some((
+        StreamPosition { epoch: Arc::from(epoch), offset },
+        PublicationRecord { offset, data, info, ..Default::default() },
+    ))
 }
 
 /// A presence entry as stored: `<user length>:<user><info JSON>`.
@@ -716,11 +720,10 @@ impl Engine for RedisEngine {
     fn publish<'a>(
         &'a self,
         channel: &'a str,
-        data: Bytes,
-        info: Option<ClientInfo>,
+        publication: Publish,
         policy: HistoryPolicy,
     ) -> BoxFuture<'a, Result<StreamPosition, EngineError>> {
-        Box::pin(self.inner.bounded(self.inner.publish(channel, data, info, policy)))
+        Box::pin(self.inner.bounded(self.inner.publish(channel, publication, policy)))
     }
 
     fn history<'a>(&'a self, channel: &'a str, query: HistoryQuery) -> BoxFuture<'a, Result<History, EngineError>> {
@@ -834,9 +837,13 @@ mod tests {
         e.presence_stats("ghost").await.expect("stats");
         let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut raw).await.expect("keys");
         assert_eq!(keys, ["{t}:base"], "reads wrote nothing but the prefix's epoch base");
-        e.publish("ghost", Bytes::from_static(b"1"), None, HistoryPolicy { size: 1, ttl: Duration::from_secs(5) })
-            .await
-            .expect("publish");
+        e.publish(
+            "ghost",
+            Publish::data(Bytes::from_static(b"1")),
+            HistoryPolicy { size: 1, ttl: Duration::from_secs(5) },
+        )
+        .await
+        .expect("publish");
         let mut keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut raw).await.expect("keys");
         keys.sort();
         assert_eq!(keys, ["{t:ghost}:meta", "{t:ghost}:stream", "{t}:base"]);
@@ -852,7 +859,7 @@ mod tests {
         };
         let keep = HistoryPolicy { size: 10, ttl: Duration::from_secs(60) };
         e.listen("g").await.expect("listen");
-        e.publish("g", Bytes::from_static(b"1"), None, keep).await.expect("publish");
+        e.publish("g", Publish::data(Bytes::from_static(b"1")), keep).await.expect("publish");
         assert_eq!(rec.wait_for(1).await.len(), 1);
         // Offset 2 is stored but its pub/sub message never reaches this node (written straight
         // into Redis, as a message lost on the link would be); 3 arrives normally.
@@ -878,7 +885,7 @@ mod tests {
             .query_async(&mut raw)
             .await
             .expect("xadd");
-        e.publish("g", Bytes::from_static(b"3"), None, keep).await.expect("publish");
+        e.publish("g", Publish::data(Bytes::from_static(b"3")), keep).await.expect("publish");
         let seen = rec.wait_for(3).await;
         let got: Vec<(u64, Bytes)> = seen.iter().map(|(_, _, r)| (r.offset, r.data.clone())).collect();
         assert_eq!(got, [(1, Bytes::from_static(b"1")), (2, Bytes::from_static(b"2")), (3, Bytes::from_static(b"3"))]);
@@ -915,7 +922,7 @@ mod tests {
         let keep = HistoryPolicy { size: 10, ttl: Duration::from_secs(60) };
         e.listen("f").await.expect("listen");
         for i in 1..=2 {
-            e.publish("f", Bytes::from(i.to_string()), None, keep).await.expect("publish");
+            e.publish("f", Publish::data(Bytes::from(i.to_string())), keep).await.expect("publish");
         }
         assert_eq!(rec.wait_for(2).await.len(), 2);
         // Redis forgets the channel (as when its keys expire), and a new base makes the next
@@ -923,7 +930,7 @@ mod tests {
         let mut raw = raw(&e).await;
         let _: () = redis::cmd("FLUSHALL").query_async(&mut raw).await.expect("flush");
         let fresh = e.inner.base(true).await.expect("base");
-        let pos = e.publish("f", Bytes::from_static(b"9"), None, keep).await.expect("publish");
+        let pos = e.publish("f", Publish::data(Bytes::from_static(b"9")), keep).await.expect("publish");
         assert!(pos.epoch.starts_with(&*fresh) && pos.offset == 1, "{pos:?}");
         for _ in 0..500 {
             if !rec.lost.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
