@@ -482,3 +482,30 @@ async fn apps_do_not_see_each_others_channels() {
     assert_eq!(list, json!({"channels": {"news": {}}}));
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_pusher_client_that_does_not_read_is_closed_4100_so_it_reconnects() {
+    let mut c = config();
+    c.websocket.max_queue_bytes = 64 << 10;
+    let server = TestServer::start(c).await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(64 << 10).expect("SO_RCVBUF");
+    let stream = socket.connect(server.addr).await.expect("connect");
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{}/app/{KEY}?protocol=7", server.addr), stream)
+        .await
+        .expect("upgrade");
+    let mut c = Client { ws, socket_id: String::new() };
+    assert_eq!(c.next().await["event"], "pusher:connection_established");
+    assert_eq!(c.subscribe("flood", None).await["event"], "pusher_internal:subscription_succeeded");
+    // 18 MB of publications while the client reads nothing: far beyond the socket buffers
+    // (the kernel may grow the server's send buffer to a few MB) and the 64 KiB queue.
+    let data = json!({"channel": "flood", "data": "x".repeat(60_000)}).to_string();
+    for _ in 0..300 {
+        let (status, _) = api(server.addr, "publish", &data, None).await;
+        assert_eq!(status, 200);
+    }
+    // Pusher's 4000-4099 would tell pusher-js never to come back; 4100 means "back off, retry".
+    assert_eq!(c.closed().await, 4100);
+    server.shutdown().await;
+}

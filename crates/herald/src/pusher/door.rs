@@ -72,7 +72,15 @@ impl Encoder for PusherEncoder {
     fn sink(&self) -> Sink {
         Sink::WebSocket
     }
+
+    fn slow_consumer_close(&self) -> (u16, &'static str) {
+        (close::OVER_CAPACITY, SLOW)
+    }
 }
+
+/// Why a Pusher client that does not read fast enough is closed (4100: reconnect after a
+/// back-off; Herald's own 4001 would tell pusher-js never to reconnect).
+const SLOW: &str = "Over capacity: this connection did not read its messages fast enough";
 
 /// The encoder for apps whose default event name is `event_name`: one per distinct name for
 /// the life of the process (a handful, from the configuration), so subscribers can hold a
@@ -252,7 +260,7 @@ impl Connection {
 
     fn send(&self, frame: Bytes) {
         if self.outbox.send_text(frame) == Err(ws::SendError::Full) {
-            crate::hub::close_slow_consumer(&self.outbox);
+            crate::hub::close_slow_consumer_with(&self.outbox, (close::OVER_CAPACITY, SLOW));
         }
     }
 
