@@ -240,10 +240,11 @@ impl PusherConfig {
                     return Err(format!("app {name}: another app has the same `id` or `key`"));
                 }
                 if a.namespace == b.namespace {
+                    let ns = if a.namespace.is_empty() { "none".to_owned() } else { format!("`{}`", a.namespace) };
                     return Err(format!(
-                        "apps `{}` and `{}` share namespace `{}`: each app needs its own (set `namespace`) so \
+                        "apps `{}` and `{}` share a namespace ({ns}): each app needs its own (set `namespace`) so \
                          that apps never see each other's channels",
-                        b.id, a.id, a.namespace
+                        b.id, a.id
                     ));
                 }
             }
@@ -328,7 +329,7 @@ mod tests {
             apps: vec![app(""), PusherApp { id: "2".into(), key: "k2".into(), ..app("") }],
             ..Default::default()
         };
-        assert!(cfg.validate(&channels).expect_err("shared").contains("share namespace"));
+        assert!(cfg.validate(&channels).expect_err("shared").contains("share a namespace"));
         cfg.apps[1].namespace = "b".into();
         cfg.validate(&channels).expect("valid");
         cfg.apps[1].namespace = "nope".into();
