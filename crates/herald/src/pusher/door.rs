@@ -142,7 +142,8 @@ async fn run(node: Arc<Node>, key: String, protocol: Option<String>, mut socket:
     let pong_timeout = node.config.websocket.pong_timeout;
     let every = node.config.websocket.ping_interval.min(activity).min(pong_timeout);
     let mut tick = tokio::time::interval_at(Instant::now() + every, every);
-    let mut pinged = false;
+    // When the server's `pusher:ping` went out, while no message has come since.
+    let mut pinged: Option<Instant> = None;
     let mut closing = false;
     let mut signin_by =
         conn.app().user_authentication.then(|| Box::pin(tokio::time::sleep(node.config.pusher.signin_timeout)));
@@ -166,7 +167,7 @@ async fn run(node: Arc<Node>, key: String, protocol: Option<String>, mut socket:
             }
             received = socket.recv() => match received {
                 Ok(Some(Message::Text(bytes))) => {
-                    pinged = false;
+                    pinged = None;
                     Box::pin(conn.handle(&bytes)).await;
                     if let Some((code, reason)) = conn.close_with.take() {
                         socket.close(ws::CloseCode(code), &reason);
@@ -184,12 +185,13 @@ async fn run(node: Arc<Node>, key: String, protocol: Option<String>, mut socket:
             },
             _ = tick.tick(), if !closing => {
                 let silent = socket.last_seen().elapsed();
-                if silent >= activity + pong_timeout || (pinged && silent >= activity) {
+                let unanswered = pinged.is_some_and(|at| at.elapsed() >= pong_timeout && socket.last_seen() <= at);
+                if unanswered || silent >= activity + pong_timeout {
                     socket.close(ws::CloseCode(close::PONG_TIMEOUT), "Pong reply not received");
                     closing = true;
-                } else if silent >= activity && !pinged {
+                } else if silent >= activity && pinged.is_none() {
                     conn.send(protocol::event("pusher:ping", None, "{}"));
-                    pinged = true;
+                    pinged = Some(Instant::now());
                 }
                 Box::pin(conn.refresh_presence()).await;
             }
