@@ -509,3 +509,68 @@ async fn a_pusher_client_that_does_not_read_is_closed_4100_so_it_reconnects() {
     assert_eq!(c.closed().await, 4100);
     server.shutdown().await;
 }
+
+fn redis_config(redis: &herald::engine::redis::test_server::RedisServer) -> Config {
+    let mut c = config();
+    c.engine.kind = herald::config::EngineKind::Redis;
+    c.engine.redis.url = redis.url();
+    c.engine.redis.timeout = Duration::from_millis(500);
+    c
+}
+
+/// Two nodes sharing one real `redis-server`: members, client events and publications cross
+/// nodes.
+#[tokio::test]
+async fn across_two_nodes_with_redis() {
+    let redis = herald::engine::redis::test_server::RedisServer::start().expect("redis-server");
+    let (one, two) = (TestServer::start(redis_config(&redis)).await, TestServer::start(redis_config(&redis)).await);
+    let mut a = Client::open(one.addr, KEY).await;
+    let mut b = Client::open(two.addr, KEY).await;
+    assert_ne!(a.socket_id, b.socket_id);
+    a.subscribe("presence-x", Some(("1", json!({"n": 1})))).await;
+    let ok = b.subscribe("presence-x", Some(("2", json!({"n": 2})))).await;
+    let data: Value = serde_json::from_str(ok["data"].as_str().expect("string")).expect("json");
+    assert_eq!(data["presence"]["count"], 2, "shared presence: {data}");
+    assert_eq!(a.next().await["event"], "pusher_internal:member_added", "through Redis");
+
+    b.send(json!({"event": "client-hi", "channel": "presence-x", "data": {"from": 2}})).await;
+    let got = a.next().await;
+    assert_eq!((got["event"].as_str(), got["user_id"].as_str()), (Some("client-hi"), Some("2")), "{got}");
+    b.silent(Duration::from_millis(200)).await;
+
+    let body = json!({"name": "f", "channel": "presence-x", "data": "2"}).to_string();
+    let (status, _) = pusher_api(two.addr, "POST", "/apps/1/events", "", &body).await;
+    assert_eq!(status, 200);
+    for c in [&mut a, &mut b] {
+        let got = c.next().await;
+        assert_eq!((got["channel"].as_str(), got["data"].as_str()), (Some("presence-x"), Some("2")), "{got}");
+    }
+
+    b.ws.close(None).await.expect("close");
+    let removed = a.next().await;
+    assert_eq!(removed["event"], "pusher_internal:member_removed", "{removed}");
+    one.shutdown().await;
+    two.shutdown().await;
+}
+
+/// What the Redis engine does not carry yet: a publication's tags (the Pusher event name) and
+/// its excluded connection are dropped on the way through Redis, so Pusher clients get the
+/// app's default event name and `socket_id` exclusion does not hold (see
+/// docs/migrating-from-pusher.md). Run with `--ignored` once the engine carries them.
+#[tokio::test]
+#[ignore = "the Redis engine drops PublicationRecord::tags and ::exclude"]
+async fn event_names_and_socket_id_exclusion_survive_redis() {
+    let redis = herald::engine::redis::test_server::RedisServer::start().expect("redis-server");
+    let (one, two) = (TestServer::start(redis_config(&redis)).await, TestServer::start(redis_config(&redis)).await);
+    let mut a = Client::open(one.addr, KEY).await;
+    let mut b = Client::open(two.addr, KEY).await;
+    a.subscribe("x", None).await;
+    b.subscribe("x", None).await;
+    let body = json!({"name": "e", "channel": "x", "data": "1", "socket_id": b.socket_id}).to_string();
+    let (status, _) = pusher_api(one.addr, "POST", "/apps/1/events", "", &body).await;
+    assert_eq!(status, 200);
+    assert_eq!(a.next().await["event"], "e");
+    b.silent(Duration::from_millis(300)).await;
+    one.shutdown().await;
+    two.shutdown().await;
+}
