@@ -221,20 +221,34 @@ impl Target {
     /// Opens a connection to `node` (modulo the node count) that is ready to receive
     /// `channel`'s messages; `None`: just connected.
     async fn open(&self, node: usize, source: Option<std::net::IpAddr>, channel: Option<&str>) -> anyhow::Result<Ws> {
+        self.open_timed(node, source, channel).await.map(|(ws, _)| ws)
+    }
+
+    /// [`Target::open`], also telling how long the TCP connect and WebSocket upgrade took
+    /// (the rest is Herald's `connect` and `subscribe` commands).
+    async fn open_timed(
+        &self,
+        node: usize,
+        source: Option<std::net::IpAddr>,
+        channel: Option<&str>,
+    ) -> anyhow::Result<(Ws, Duration)> {
         let (addr, url) = &self.nodes[node % self.nodes.len()];
         let ready = async {
+            let started = Instant::now();
             match self.kind {
                 TargetKind::Herald => {
                     let mut ws = conn::open(*addr, source, url).await?;
+                    let handshake = started.elapsed();
                     conn::herald_connect(&mut ws).await?;
                     if let Some(channel) = channel {
                         conn::herald_subscribe(&mut ws, 2, channel).await?;
                     }
-                    Ok(ws)
+                    Ok((ws, handshake))
                 }
                 TargetKind::Raw => {
                     let url = url.replace("{channel}", channel.unwrap_or("connect"));
-                    conn::open(*addr, source, &url).await
+                    let ws = conn::open(*addr, source, &url).await?;
+                    Ok((ws, started.elapsed()))
                 }
                 TargetKind::Pusher => {
                     let mut ws = conn::open(*addr, source, url).await?;

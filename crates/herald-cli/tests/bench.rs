@@ -1,5 +1,6 @@
 //! `herald bench` against a real `herald serve`: a short fan-out loses nothing, on one node and
-//! spread over two Redis-backed nodes.
+//! spread over two Redis-backed nodes. And against a server that stalls: the stall shows up as
+//! latency (no coordinated omission).
 
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -89,7 +90,133 @@ fn fanout_against_herald_loses_nothing() {
     assert_eq!(v["duplicated"], 0, "{v}");
     assert_eq!(v["reordered"], 0, "{v}");
     assert_eq!(v["publish_errors"], 0, "{v}");
-    // 2 channels × 20/s × 2.5 s, each to 10 subscribers.
-    assert!(v["received"].as_u64().expect("received") >= 800, "{v}");
+    // 2 channels × 20/s × 2.5 s on an open-loop schedule: 100 publications are due, each
+    // either published or counted as unsent; each published one reaches 10 subscribers.
+    let (published, unsent) = (v["publications"].as_u64().expect("n"), v["unsent"].as_u64().expect("unsent"));
+    assert_eq!(published + unsent, 100, "{v}");
+    assert!(published >= 80, "{v}");
+    assert_eq!(v["received"].as_u64().expect("received"), published * 10, "{v}");
+    assert_eq!(v["subscribers_unfinished"], 0, "{v}");
+    assert_eq!(v["latency_from"], "schedule", "{v}");
     assert!(v["latency_ms"]["count"].as_u64().expect("count") > 0, "{v}");
+    // The three times from the client's side.
+    assert_eq!(v["connect_ms"]["count"], 20, "{v}");
+    assert_eq!(v["subscribed_ms"]["count"], 20, "{v}");
+    assert!(v["publish_ms"]["count"].as_u64().expect("count") >= 60, "{v}");
+}
+
+/// A minimal raw pub/sub server on 127.0.0.1: a WebSocket on any path subscribes, a `POST`
+/// publishes its body to every subscriber. After its `after`-th publication it stops reading
+/// the publisher's connection for `stall`, as a server stalled by a GC pause or a full core
+/// would: the load generator's requests pile up unanswered and it is held back.
+fn stalling_server(after: u64, stall: Duration) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            let (tx, _) = tokio::sync::broadcast::channel::<String>(1 << 16);
+            while let Ok((stream, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut first = [0u8; 4];
+                    if stream.peek(&mut first).await.is_err() {
+                        return;
+                    }
+                    if &first == b"GET " {
+                        subscriber(stream, tx.subscribe()).await;
+                    } else {
+                        publisher(stream, tx, after, stall).await;
+                    }
+                });
+            }
+        });
+    });
+    addr
+}
+
+async fn subscriber(stream: tokio::net::TcpStream, mut rx: tokio::sync::broadcast::Receiver<String>) {
+    use futures_util::SinkExt as _;
+    let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
+    while let Ok(text) = rx.recv().await {
+        if ws.send(tokio_tungstenite::tungstenite::Message::text(text)).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn publisher(
+    mut stream: tokio::net::TcpStream,
+    tx: tokio::sync::broadcast::Sender<String>,
+    after: u64,
+    stall: Duration,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (mut buf, mut chunk, mut count) = (Vec::new(), vec![0u8; 64 << 10], 0u64);
+    loop {
+        let Ok(n) = stream.read(&mut chunk).await else { return };
+        if n == 0 {
+            return;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut answers = Vec::new();
+        // Every complete request in the buffer: head, then a Content-Length body.
+        while let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() < head_end + 4 + length {
+                break;
+            }
+            let body = String::from_utf8_lossy(&buf[head_end + 4..head_end + 4 + length]).into_owned();
+            buf.drain(..head_end + 4 + length);
+            let _ = tx.send(body);
+            answers.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+            count += 1;
+            if count == after {
+                if stream.write_all(&answers).await.is_err() {
+                    return;
+                }
+                answers.clear();
+                tokio::time::sleep(stall).await;
+            }
+        }
+        if stream.write_all(&answers).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[test]
+fn a_stalled_server_shows_up_as_latency() {
+    // 1,000 publications/s; the server stops reading them for a second after the 1,500th
+    // (1.5 s into the schedule, 1 s into the measured window). More than the publisher's
+    // 512 requests in flight are due meanwhile, so it is held back.
+    let addr = stalling_server(1500, Duration::from_secs(1));
+    let out = herald()
+        .args(["bench", "fanout", "--target", "raw", "--source-ips", "0"])
+        .args(["--sub-url", &format!("ws://{addr}/sub/{{channel}}")])
+        .args(["--pub-url", &format!("http://{addr}/pub/{{channel}}")])
+        .args(["--subscribers", "2", "--channels", "1", "--publishers", "1"])
+        .args(["--rate", "1000", "--duration", "3", "--warmup", "0.5"])
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().expect("JSON line")).expect("JSON");
+    // Written late, stamped on time: the messages due during the stall carry it as latency.
+    let behind = v["publisher_behind_max_ms"].as_f64().expect("behind");
+    assert!(behind >= 400.0, "the publisher was held back by the stall: {v}");
+    let max = v["latency_ms"]["max"].as_f64().expect("max");
+    assert!(max >= 400.0, "the stall is in the latencies: {v}");
+    // Everything due was published or counted as unsent; nothing published was lost.
+    let (published, unsent) = (v["publications"].as_u64().expect("n"), v["unsent"].as_u64().expect("unsent"));
+    assert_eq!(published + unsent, 3500, "{v}");
+    assert_eq!(v["lost"], 0, "{v}");
+    assert_eq!(v["received"].as_u64().expect("received"), 2 * published, "{v}");
 }

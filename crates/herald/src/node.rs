@@ -65,7 +65,10 @@ impl Node {
             max_history_bytes: config.limits.max_history_bytes,
         };
         let engine = make_engine(&config, limits);
-        engine.set_delivery(Arc::new(HubDelivery(hub.clone())));
+        engine.set_delivery(Arc::new(HubDelivery {
+            hub: hub.clone(),
+            queue_time: metrics::histogram!("herald_publish_queue_seconds"),
+        }));
         Self {
             ws_settings: Arc::new(config.websocket.clone()),
             echo_settings,
@@ -300,27 +303,42 @@ pub enum SubscribeFailure {
     Engine(EngineError),
 }
 
-/// Hands the engine's publications to the local hub.
-struct HubDelivery(Arc<Hub>);
+/// Hands the engine's publications to the local hub, timing each fan-out.
+struct HubDelivery {
+    hub: Arc<Hub>,
+    /// `herald_publish_queue_seconds`: a handle, so no registry look-up per publication.
+    queue_time: metrics::Histogram,
+}
 
 impl Delivery for HubDelivery {
+    /// The engine calls this as soon as it has the publication (the memory engine inside
+    /// `publish`, the Redis engine when pub/sub brings it), so the time around the hub's
+    /// fan-out is "accepted → queued for every local subscriber". One clock pair per
+    /// publication, none per subscriber; channels with no subscriber here are not timed.
+    /// If the fan-out ever returns before every subscriber is queued (work handed to other
+    /// tasks), this timing must move to where the last one is queued.
     fn deliver(&self, channel: &str, position: &StreamPosition, publication: &PublicationRecord) {
-        self.0.deliver(channel, position, publication);
+        if !self.hub.has_channel(channel) {
+            return;
+        }
+        let started = Instant::now();
+        self.hub.deliver(channel, position, publication);
+        self.queue_time.record(started.elapsed().as_secs_f64());
     }
 
     fn notify(&self, channel: &str, text: Bytes) {
         match ChannelEvent::decode(&text) {
-            Some(event) => self.0.notify(channel, &event),
+            Some(event) => self.hub.notify(channel, &event),
             None => tracing::warn!(channel, "unreadable channel event from the engine dropped"),
         }
     }
 
     fn has_subscribers(&self, channel: &str) -> bool {
-        self.0.has_channel(channel)
+        self.hub.has_channel(channel)
     }
 
     fn lost(&self, channel: &str) {
-        let n = self.0.lost(channel);
+        let n = self.hub.lost(channel);
         tracing::warn!(
             channel,
             subscribers = n,

@@ -267,3 +267,46 @@ async fn shutdown_closes_native_clients_with_1001() {
     }
     stopping.await.expect("stopped");
 }
+
+/// A value of `/metrics` (0 when absent).
+async fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
+    let (head, mut s) = raw_request(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.expect("metrics");
+    body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn the_times_of_a_push_are_measured_inside_the_server() {
+    let server = TestServer::start(config()).await;
+    let mut sub = Native::connected(server.addr).await;
+    sub.request("subscribe", json!({"channel": "timed"})).await;
+    // Counters are process-wide and other tests run meanwhile: compare growth, not values.
+    let queued_before = metric(server.addr, "herald_publish_queue_seconds_count").await;
+    let written_before = metric(server.addr, "herald_queue_write_seconds_count").await;
+    // One at a time, each read before the next: every push is a batch of its own.
+    let n = 3 * 64;
+    for seq in 0..n {
+        let (status, _) =
+            api(server.addr, "publish", &json!({"channel": "timed", "data": seq}).to_string(), None).await;
+        assert_eq!(status, 200);
+        assert_eq!(data_of(&sub.push().await), &json!(seq));
+    }
+    // Publications to a channel nobody here subscribes to are not fan-outs and are not timed.
+    api(server.addr, "publish", r#"{"channel":"untimed","data":1}"#, None).await;
+    let queued = metric(server.addr, "herald_publish_queue_seconds_count").await - queued_before;
+    let written = metric(server.addr, "herald_queue_write_seconds_count").await - written_before;
+    assert!(queued >= f64::from(n), "{queued} fan-outs timed for {n} publications");
+    // 192 batches on this connection: 3 of them sampled (others' connections may add more).
+    assert!(written >= 3.0, "{written} writes timed for {n} single-frame batches");
+    let (_, mut s) = raw_request(server.addr, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.expect("metrics");
+    for bucket in
+        [r#"herald_publish_queue_seconds_bucket{le="0.0001"}"#, r#"herald_queue_write_seconds_bucket{le="0.001"}"#]
+    {
+        assert!(body.contains(bucket), "{bucket} missing from /metrics:\n{body}");
+    }
+    server.shutdown().await;
+}

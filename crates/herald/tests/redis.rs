@@ -7,6 +7,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -385,6 +386,79 @@ async fn concurrent_publishers_on_every_node_give_every_subscriber_one_order() {
             Some(r) => assert_eq!(&per_channel, r, "subscriber {i} saw another order"),
         }
     }
+    for node in n {
+        node.shutdown().await;
+    }
+}
+
+/// Writes a CA, a certificate for 127.0.0.1 (for Redis) and one for the nodes, signed by
+/// the CA, into `dir`; returns Redis's files and the nodes' certificate and key.
+fn pki(dir: &std::path::Path) -> std::io::Result<(herald::engine::redis::test_server::Tls, PathBuf, PathBuf)> {
+    let err = |e: rcgen::Error| std::io::Error::other(e.to_string());
+    let params = |names: Vec<String>, cn: &str| {
+        let mut p = rcgen::CertificateParams::new(names).map_err(err)?;
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        Ok::<_, std::io::Error>(p)
+    };
+    let ca_key = rcgen::KeyPair::generate().map_err(err)?;
+    let mut ca_params = params(Vec::new(), "test CA")?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).map_err(err)?;
+    let write = |name: &str, pem: String| -> std::io::Result<PathBuf> {
+        let p = dir.join(name);
+        std::fs::write(&p, pem)?;
+        Ok(p)
+    };
+    let redis_key = rcgen::KeyPair::generate().map_err(err)?;
+    let redis = params(vec!["127.0.0.1".into()], "redis")?.signed_by(&redis_key, &ca, &ca_key).map_err(err)?;
+    let node_key = rcgen::KeyPair::generate().map_err(err)?;
+    let node = params(vec!["node".into()], "node")?.signed_by(&node_key, &ca, &ca_key).map_err(err)?;
+    let tls = herald::engine::redis::test_server::Tls {
+        cert: write("redis.pem", redis.pem())?,
+        key: write("redis-key.pem", redis_key.serialize_pem())?,
+        ca: write("ca.pem", ca.pem())?,
+    };
+    Ok((tls, write("node.pem", node.pem())?, write("node-key.pem", node_key.serialize_pem())?))
+}
+
+/// `rediss://` through the configuration: two nodes on a Redis that accepts only TLS with
+/// client certificates share a channel and its history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_share_a_redis_over_tls() {
+    let mut files = None;
+    let redis = RedisServer::start_tls(|dir| {
+        let (tls, cert, key) = pki(dir)?;
+        files = Some((tls.ca.clone(), cert, key));
+        Ok(tls)
+    })
+    .expect("redis-server with TLS (Debian's build has --tls-port)");
+    let (ca, cert, key) = files.expect("pki");
+    assert!(redis.url().starts_with("rediss://"));
+    let mut n = Vec::new();
+    for _ in 0..2 {
+        let mut c = config(&redis, "herald");
+        (c.engine.redis.tls_ca, c.engine.redis.tls_cert, c.engine.redis.tls_key) =
+            (ca.clone(), cert.clone(), key.clone());
+        c.validate().expect("valid");
+        n.push(TestServer::start(c).await);
+    }
+    let mut sub = Native::connected(n[1].addr).await;
+    let r = sub.request("subscribe", json!({"channel": "news"})).await;
+    assert_eq!(r["subscribe"]["offset"], 0, "{r}");
+    for seq in 1..=3 {
+        publish(n[0].addr, "news", seq).await;
+    }
+    for seq in 1..=3 {
+        let p = sub.push().await;
+        assert_eq!(
+            (p["push"]["pub"]["offset"].as_u64(), p["push"]["pub"]["data"]["seq"].as_u64()),
+            (Some(seq), Some(seq))
+        );
+    }
+    let (status, body) = api(n[1].addr, "history", &json!({"channel": "news", "limit": 10}).to_string(), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(offsets(&body["publications"]), [1, 2, 3]);
     for node in n {
         node.shutdown().await;
     }

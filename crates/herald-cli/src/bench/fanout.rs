@@ -1,5 +1,10 @@
 //! `herald bench fanout`: subscribers spread over channels, a publisher at a fixed rate (or as
 //! fast as the path sustains), and what arrived: how fast, how late, lost, twice, out of order.
+//!
+//! Honest by construction: at a fixed rate, latency is measured from each message's scheduled
+//! send time (a stalled server shows up, see `publisher`); a message counts as delivered once
+//! per subscriber (duplicates are counted apart, never as deliveries); and whatever a
+//! subscriber had not received when the bounded drain ends is lost.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,7 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::conn::{Sources, Ws};
 use super::hist::AtomicHistogram;
-use super::publisher::{self, Pace, Shared};
+use super::publisher::{self, Pace, Plan, Shared};
 use super::seq::{SeqReport, SeqTracker};
 use super::{latency_json, latency_line, now_ns, open_many, parse_payload, procfs, round1, Target, TargetArgs};
 
@@ -58,7 +63,10 @@ pub(super) struct FanoutArgs {
 #[derive(Debug)]
 struct Ctx {
     shared: Arc<Shared>,
+    /// Scheduled send time → delivery, ns, after the warm-up.
     latency: AtomicHistogram,
+    /// Subscribers' TCP connect and WebSocket upgrade, ns.
+    handshake: AtomicHistogram,
     /// Publications stamped before this (ns since the epoch) are warm-up.
     measure_from_ns: AtomicU64,
 }
@@ -66,7 +74,6 @@ struct Ctx {
 /// How a subscriber ended.
 #[derive(Debug)]
 struct Ended {
-    channel: usize,
     seqs: SeqTracker,
     /// Why the connection ended before the run did.
     dropped: Option<String>,
@@ -88,10 +95,12 @@ async fn subscriber(mut ws: Ws, channel: usize, herald: bool, ctx: Arc<Ctx>, mut
                     }
                 } else if let Some((seq, ts)) = parse_payload(t) {
                     let now = now_ns();
-                    seqs.record(seq);
-                    ctx.shared.delivered[channel].fetch_add(1, Ordering::Relaxed);
-                    if ts >= ctx.measure_from_ns.load(Ordering::Relaxed) {
-                        ctx.latency.record(now.saturating_sub(ts));
+                    // A duplicate is neither a delivery nor a latency sample.
+                    if seqs.record(seq) {
+                        ctx.shared.delivered[channel].fetch_add(1, Ordering::Relaxed);
+                        if ts >= ctx.measure_from_ns.load(Ordering::Relaxed) {
+                            ctx.latency.record(now.saturating_sub(ts));
+                        }
                     }
                 }
             }
@@ -101,7 +110,7 @@ async fn subscriber(mut ws: Ws, channel: usize, herald: bool, ctx: Arc<Ctx>, mut
             None => break Some("the connection ended".to_owned()),
         }
     };
-    Ended { channel, seqs, dropped }
+    Ended { seqs, dropped }
 }
 
 pub(super) async fn run(args: FanoutArgs) -> anyhow::Result<String> {
@@ -116,6 +125,7 @@ pub(super) async fn run(args: FanoutArgs) -> anyhow::Result<String> {
     let ctx = Arc::new(Ctx {
         shared: Arc::new(Shared::new(per_channel)),
         latency: AtomicHistogram::new(),
+        handshake: AtomicHistogram::new(),
         measure_from_ns: AtomicU64::new(u64::MAX),
     });
     let pace = if args.max { Pace::Max { lag: 20 } } else { Pace::Rate(args.rate) };
@@ -138,8 +148,10 @@ pub(super) async fn run(args: FanoutArgs) -> anyhow::Result<String> {
         let source = sources.pick(i);
         let channel = i % names.len();
         async move {
-            let ws = target.open(target.node_of(i, names.len()), source, Some(&names[channel])).await?;
-            Ok(tokio::spawn(subscriber(ws, channel, herald, ctx, stop)))
+            let (ws, handshake) =
+                target.open_timed(target.node_of(i, names.len()), source, Some(&names[channel])).await?;
+            ctx.handshake.record(handshake.as_nanos() as u64);
+            Ok((channel, tokio::spawn(subscriber(ws, channel, herald, ctx, stop))))
         }
     })
     .await;
@@ -150,17 +162,21 @@ pub(super) async fn run(args: FanoutArgs) -> anyhow::Result<String> {
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    // The schedule.
-    let start = Instant::now() + Duration::from_millis(100);
+    // The schedule, on both clocks: the monotonic one for pacing, the wall clock (which the
+    // subscribers subtract from) for the stamps.
+    let (now, wall) = (Instant::now(), now_ns());
+    let start = now + Duration::from_millis(100);
     let measure_from = start + args.warmup;
     let end = measure_from + args.duration;
-    ctx.measure_from_ns.store(now_ns() + (measure_from - Instant::now()).as_nanos() as u64, Ordering::Relaxed);
+    let start_ns = wall + (start - now).as_nanos() as u64;
+    ctx.measure_from_ns.store(start_ns + args.warmup.as_nanos() as u64, Ordering::Relaxed);
+    let plan = Plan { start, start_ns, measure_from, end };
     let shared = &*ctx.shared;
 
     let publishers = args.publishers.clamp(1, args.channels);
     let publishing = futures_util::future::join_all((0..publishers).map(|p| {
         let channels: Vec<usize> = (p..args.channels).step_by(publishers).collect();
-        publisher::run(&target, &names, channels, pace, args.payload, start, end, shared)
+        publisher::run(&target, &names, channels, pace, args.payload, plan, shared)
     }));
     let watching = async {
         tokio::time::sleep_until(measure_from.into()).await;
@@ -187,7 +203,7 @@ pub(super) async fn run(args: FanoutArgs) -> anyhow::Result<String> {
 
     // Late deliveries: wait until all arrived, or none came for a second.
     let drain_until = Instant::now() + args.drain;
-    let connected: u64 = opened.opened.iter().filter(|h| !h.is_finished()).count() as u64;
+    let connected: u64 = opened.opened.iter().filter(|(_, h)| !h.is_finished()).count() as u64;
     let mut last = (Instant::now(), shared.delivered_total());
     while Instant::now() < drain_until {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -205,23 +221,36 @@ pub(super) async fn run(args: FanoutArgs) -> anyhow::Result<String> {
     let _ = stop_tx.send(true);
 
     let mut total = SeqReport::default();
-    let (mut with_loss, mut dropped, mut first_drop) = (0u64, 0u64, None);
-    for handle in opened.opened {
-        let Ok(Ok(ended)) = tokio::time::timeout(Duration::from_secs(5), handle).await else { continue };
-        let r = ended.seqs.report(shared.accepted[ended.channel].load(Ordering::Relaxed));
+    let (mut with_loss, mut dropped, mut unfinished, mut first_drop) = (0u64, 0u64, 0u64, None);
+    for (channel, mut handle) in opened.opened {
+        let accepted = shared.accepted[channel].load(Ordering::Relaxed);
+        let r = match tokio::time::timeout(Duration::from_secs(5), &mut handle).await {
+            Ok(Ok(ended)) => {
+                if let Some(why) = ended.dropped {
+                    dropped += 1;
+                    first_drop.get_or_insert(why);
+                }
+                ended.seqs.report(accepted)
+            }
+            // Stuck or failed: what it received cannot be read, so it counts as receiving nothing.
+            _ => {
+                handle.abort();
+                unfinished += 1;
+                SeqReport::unfinished(accepted)
+            }
+        };
         if r.lost > 0 {
             with_loss += 1;
         }
         total.add(r);
-        if let Some(why) = ended.dropped {
-            dropped += 1;
-            first_drop.get_or_insert(why);
-        }
     }
 
     let secs = args.duration.as_secs_f64();
     let deliveries_per_s = window_deliveries as f64 / secs;
     let latency = ctx.latency.snapshot();
+    let (handshake, api) = (ctx.handshake.snapshot(), shared.api.snapshot());
+    let unsent = shared.unsent.load(Ordering::Relaxed);
+    let behind_max_ns = shared.behind_max_ns.load(Ordering::Relaxed);
     let cpu_us_per_delivery = server_cpu.map(|c| c * 1e6 / window_deliveries.max(1) as f64);
     let server_cpu_pct = server_cpu.map(|c| 100.0 * c / secs);
     let offered = if args.max { None } else { Some(args.rate * args.subscribers as f64) };
@@ -240,11 +269,23 @@ pub(super) async fn run(args: FanoutArgs) -> anyhow::Result<String> {
         secs,
         window_publications as f64 / secs
     );
-    println!("  latency: {}", latency_line(&latency));
+    let from = if args.max { "publish" } else { "scheduled send" };
+    println!("  latency ({from} -> delivered): {}", latency_line(&latency));
+    println!("  publish -> accepted (API round trip): {}", latency_line(&api));
+    println!("  connect (TCP + WebSocket upgrade): {}", latency_line(&handshake));
+    println!("  connect to subscribed: {}", latency_line(&opened.latencies));
     println!(
-        "  lost {} (subscribers with loss: {with_loss}), duplicated {}, reordered {}, dropped connections {dropped}",
+        "  lost {} (subscribers with loss: {with_loss}, unfinished: {unfinished}), duplicated {}, reordered {}, \
+         dropped connections {dropped}",
         total.lost, total.duplicated, total.reordered
     );
+    if unsent > 0 || behind_max_ns > 100_000_000 {
+        println!(
+            "  publisher behind schedule: up to {:.1} ms late, {unsent} publications due but never sent \
+             (the server, or this machine, could not take them)",
+            behind_max_ns as f64 / 1e6
+        );
+    }
     if let (Some(us), Some(pct)) = (cpu_us_per_delivery, server_cpu_pct) {
         println!("  server CPU: {pct:.0}%, {us:.2} µs per delivery");
     }
@@ -273,10 +314,17 @@ pub(super) async fn run(args: FanoutArgs) -> anyhow::Result<String> {
         "publish_errors": errors,
         "offered_deliveries_per_s": offered,
         "deliveries_per_s": deliveries_per_s.round(),
+        "latency_from": if args.max { "publish" } else { "schedule" },
         "latency_ms": latency_json(&latency),
+        "publish_ms": latency_json(&api),
+        "connect_ms": latency_json(&handshake),
+        "subscribed_ms": latency_json(&opened.latencies),
+        "unsent": unsent,
+        "publisher_behind_max_ms": super::ms(behind_max_ns),
         "received": total.received,
         "lost": total.lost,
         "subscribers_with_loss": with_loss,
+        "subscribers_unfinished": unfinished,
         "duplicated": total.duplicated,
         "reordered": total.reordered,
         "dropped_connections": dropped,

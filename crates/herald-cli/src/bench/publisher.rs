@@ -4,8 +4,15 @@
 //! A connection owns a fixed list of channels and publishes to them in turn, so the k-th
 //! request (and the k-th response, HTTP/1.1 answers in order) of a connection is for channel
 //! `channels[k % len]` with seq `k / len`: no bookkeeping per request.
+//!
+//! At a fixed rate the schedule is open-loop: request k is due at `start + k / rate` and its
+//! payload carries that time, not the time it was written. A publisher held back by a slow
+//! server writes late but keeps the due times, so the stall shows up as latency instead of
+//! vanishing (coordinated omission); what was due but never written is counted as unsent.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -13,6 +20,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore};
 
+use super::hist::AtomicHistogram;
 use super::{now_ns, payload, Target};
 
 /// Requests written at once.
@@ -32,6 +40,68 @@ pub(super) enum Pace {
     Max { lag: u64 },
 }
 
+/// When a run publishes: `start` and `end` of the schedule, and `start` as nanoseconds since
+/// the Unix epoch (the clock the subscribers subtract from).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Plan {
+    pub(super) start: Instant,
+    pub(super) start_ns: u64,
+    /// Responses to requests written from here on are timed (`Shared::api`).
+    pub(super) measure_from: Instant,
+    pub(super) end: Instant,
+}
+
+/// An open-loop schedule: `rate` requests per second on one connection, request `k` due
+/// `k / rate` after the start whatever happened to the ones before.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Schedule {
+    rate: f64,
+}
+
+impl Schedule {
+    pub(super) fn new(rate: f64) -> Self {
+        Self { rate }
+    }
+
+    /// When request `k` is due, after the start.
+    pub(super) fn due(&self, k: u64) -> Duration {
+        Duration::from_secs_f64(k as f64 / self.rate)
+    }
+
+    /// How many requests are due `elapsed` after the start (those with `due(k) <= elapsed`).
+    pub(super) fn due_by(&self, elapsed: Duration) -> u64 {
+        (elapsed.as_secs_f64() * self.rate).floor() as u64 + 1
+    }
+
+    /// How many requests the schedule holds before `length` (those with `due(k) < length`).
+    pub(super) fn total(&self, length: Duration) -> u64 {
+        (length.as_secs_f64() * self.rate).ceil() as u64
+    }
+}
+
+/// When each written request went out, by batches, so its response can be timed: requests
+/// `..end` of a batch were written at one instant. Responses come in request order.
+#[derive(Debug, Default)]
+pub(super) struct SendTimes {
+    batches: VecDeque<(u64, Instant)>,
+}
+
+impl SendTimes {
+    /// Requests up to (not including) `end` were written at `at`.
+    pub(super) fn sent(&mut self, end: u64, at: Instant) {
+        self.batches.push_back((end, at));
+    }
+
+    /// When request `k` was written; forgets the batches before it. `None` for a request not
+    /// written (a response the server sent on its own).
+    pub(super) fn answered(&mut self, k: u64) -> Option<Instant> {
+        while self.batches.front().is_some_and(|&(end, _)| end <= k) {
+            self.batches.pop_front();
+        }
+        self.batches.front().map(|&(_, at)| at)
+    }
+}
+
 /// Counters shared by publishers, subscribers and the progress line.
 #[derive(Debug)]
 pub(super) struct Shared {
@@ -45,6 +115,13 @@ pub(super) struct Shared {
     pub(super) subscribers: Vec<u64>,
     pub(super) errors: AtomicU64,
     pub(super) first_error: std::sync::Mutex<Option<String>>,
+    /// Publish round trips (request written → response read), ns, after the warm-up.
+    pub(super) api: AtomicHistogram,
+    /// Requests due in the schedule but never written: the server held the publisher back
+    /// (or this machine could not keep up) until the end.
+    pub(super) unsent: AtomicU64,
+    /// The latest a request was written after its due time, ns.
+    pub(super) behind_max_ns: AtomicU64,
 }
 
 impl Shared {
@@ -56,6 +133,9 @@ impl Shared {
             subscribers,
             errors: AtomicU64::new(0),
             first_error: std::sync::Mutex::new(None),
+            api: AtomicHistogram::new(),
+            unsent: AtomicU64::new(0),
+            behind_max_ns: AtomicU64::new(0),
         }
     }
 
@@ -86,17 +166,15 @@ impl Shared {
     }
 }
 
-/// Publishes to `channels` (indexes into `names`) from `start` until `end`, then waits (up to
-/// 10 s) for the last responses.
-#[allow(clippy::too_many_arguments)]
+/// Publishes to `channels` (indexes into `names`) from `plan.start` until `plan.end`, then
+/// waits (up to 10 s) for the last responses.
 pub(super) async fn run(
     target: &Target,
     names: &[String],
     channels: Vec<usize>,
     pace: Pace,
     payload_size: usize,
-    start: Instant,
-    end: Instant,
+    plan: Plan,
     shared: &Shared,
 ) -> anyhow::Result<()> {
     let (addr, _) = target.publish_endpoint();
@@ -108,19 +186,29 @@ pub(super) async fn run(
     let sent = AtomicU64::new(0);
     let done = AtomicBool::new(false);
     let wake = Notify::new();
-    let writer =
-        write_requests(write, target, names, &channels, pace, payload_size, start, end, shared, &window, &sent);
+    let times = Mutex::new(SendTimes::default());
+    let link = Link { window: &window, sent: &sent, times: &times };
+    let writer = write_requests(write, target, names, &channels, pace, payload_size, plan, shared, &link);
     let writer = async {
         let r = writer.await;
         done.store(true, Ordering::Release);
         wake.notify_one();
         r
     };
-    let reader = read_responses(read, &channels, shared, &window, &sent, &done, &wake);
-    let reader = async { tokio::time::timeout_at((end + Duration::from_secs(10)).into(), reader).await };
+    let reader = read_responses(read, &channels, shared, &link, plan.measure_from, &done, &wake);
+    let reader = async { tokio::time::timeout_at((plan.end + Duration::from_secs(10)).into(), reader).await };
     let (w, r) = tokio::join!(writer, reader);
     w?;
     r.context("the server did not answer every publish in time")?
+}
+
+/// What the writer and the reader of one publisher connection share.
+struct Link<'a> {
+    /// Requests awaiting their response.
+    window: &'a Semaphore,
+    /// Requests written.
+    sent: &'a AtomicU64,
+    times: &'a Mutex<SendTimes>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -131,28 +219,37 @@ async fn write_requests(
     channels: &[usize],
     pace: Pace,
     payload_size: usize,
-    start: Instant,
-    end: Instant,
+    plan: Plan,
     shared: &Shared,
-    window: &Semaphore,
-    sent: &AtomicU64,
+    link: &Link<'_>,
 ) -> anyhow::Result<()> {
-    let per_connection = channels.len() as f64;
+    let Plan { start, start_ns, end, .. } = plan;
+    let schedule = match pace {
+        Pace::Rate(r) => Some(Schedule::new(r * channels.len() as f64)),
+        Pace::Max { .. } => None,
+    };
     let mut buf = Vec::with_capacity(64 * 1024);
     let mut body = Vec::with_capacity(payload_size + 64);
     let mut k: u64 = 0;
+    // Whatever the schedule held that was not written by the end.
+    let unsent = |k: u64| {
+        if let Some(s) = schedule {
+            shared.unsent.fetch_add(s.total(end - start).saturating_sub(k), Ordering::Relaxed);
+        }
+    };
     loop {
         let now = Instant::now();
         if now >= end {
+            unsent(k);
             return Ok(());
         }
         let want = match pace {
             Pace::Rate(r) => {
-                let due = (now.saturating_duration_since(start).as_secs_f64() * r * per_connection) as u64;
-                if due <= k {
-                    // Next one due at (k + 1) / rate; the timer's resolution is 1 ms.
-                    let at = start + Duration::from_secs_f64((k + 1) as f64 / (r * per_connection));
-                    tokio::time::sleep_until(at.min(end).into()).await;
+                let schedule = Schedule::new(r * channels.len() as f64);
+                let due = schedule.due_by(now.saturating_duration_since(start));
+                if now < start || due <= k {
+                    // The timer's resolution is 1 ms; a late wake-up is made up by a batch.
+                    tokio::time::sleep_until((start + schedule.due(k)).min(end).into()).await;
                     continue;
                 }
                 (due - k).min(BATCH)
@@ -165,23 +262,32 @@ async fn write_requests(
                 BATCH
             }
         };
-        let n = (window.available_permits() as u64).clamp(1, want);
-        match tokio::time::timeout_at(end.into(), window.acquire_many(n as u32)).await {
+        let n = (link.window.available_permits() as u64).clamp(1, want);
+        match tokio::time::timeout_at(end.into(), link.window.acquire_many(n as u32)).await {
             Ok(Ok(permit)) => permit.forget(),
-            _ => return Ok(()),
+            _ => {
+                unsent(k);
+                return Ok(());
+            }
         }
         buf.clear();
+        let written_ns = now_ns();
         for _ in 0..n {
             let ch = channels[(k % channels.len() as u64) as usize];
             let seq = k / channels.len() as u64;
+            // The due time, or (as fast as possible: no schedule) the time of writing.
+            let ts = schedule.map_or(written_ns, |s| start_ns + s.due(k).as_nanos() as u64);
+            shared.behind_max_ns.fetch_max(written_ns.saturating_sub(ts), Ordering::Relaxed);
             body.clear();
-            payload(&mut body, seq, now_ns(), payload_size);
+            payload(&mut body, seq, ts, payload_size);
             target.publish_request(&mut buf, &names[ch], &body);
             shared.sent[ch].fetch_add(1, Ordering::Relaxed);
             k += 1;
         }
+        // Before the write: a server too slow to read is part of the round trip.
+        link.times.lock().unwrap_or_else(|e| e.into_inner()).sent(k, Instant::now());
         write.write_all(&buf).await.context("the publisher's connection failed")?;
-        sent.store(k, Ordering::Release);
+        link.sent.store(k, Ordering::Release);
     }
 }
 
@@ -189,11 +295,12 @@ async fn read_responses(
     mut read: tokio::net::tcp::ReadHalf<'_>,
     channels: &[usize],
     shared: &Shared,
-    window: &Semaphore,
-    sent: &AtomicU64,
+    link: &Link<'_>,
+    measure_from: Instant,
     done: &AtomicBool,
     wake: &Notify,
 ) -> anyhow::Result<()> {
+    let (window, sent) = (link.window, link.sent);
     let mut buf = Vec::with_capacity(64 * 1024);
     let mut start = 0;
     let mut k: u64 = 0;
@@ -219,8 +326,13 @@ async fn read_responses(
         if n == 0 {
             anyhow::bail!("the server closed the publisher's connection after {k} responses");
         }
+        let now = Instant::now();
         while let Some(response) = parse_response(&buf[start..])? {
             let ch = channels[(k % channels.len() as u64) as usize];
+            let written = link.times.lock().unwrap_or_else(|e| e.into_inner()).answered(k);
+            if let Some(at) = written.filter(|&at| at >= measure_from) {
+                shared.api.record(now.saturating_duration_since(at).as_nanos() as u64);
+            }
             if (200..300).contains(&response.status) {
                 shared.accepted[ch].fetch_add(1, Ordering::Relaxed);
             } else {
@@ -338,6 +450,44 @@ mod tests {
         for cut in 0..parsed.len {
             assert_eq!(parse_response(&r[..cut]).expect("ok"), None, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn the_schedule_is_open_loop() {
+        // 4 requests per second: due at 0, 250, 500, 750 ms, ...
+        let s = Schedule::new(4.0);
+        assert_eq!(s.due(0), Duration::ZERO);
+        assert_eq!(s.due(3), Duration::from_millis(750));
+        assert_eq!(s.due_by(Duration::ZERO), 1);
+        assert_eq!(s.due_by(Duration::from_millis(749)), 3);
+        assert_eq!(s.due_by(Duration::from_millis(750)), 4);
+        // A writer that stalled for 2 s owes everything due meanwhile, each with its own due
+        // time: the stall is in the stamps, not forgiven.
+        assert_eq!(s.due_by(Duration::from_millis(2_000)) - 1, 8);
+        assert_eq!(s.due(8), Duration::from_secs(2));
+        // 10 s hold 40 requests (0 to 9.75 s); 1.1 s hold 5.
+        assert_eq!(s.total(Duration::from_secs(10)), 40);
+        assert_eq!(s.total(Duration::from_millis(1100)), 5);
+        for k in 0..1000 {
+            assert!(s.due(k) < Duration::from_secs(250) || k >= s.total(Duration::from_secs(250)));
+            assert_eq!(s.due_by(s.due(k)), k + 1, "request {k} is due at its own time");
+        }
+    }
+
+    #[test]
+    fn each_response_is_timed_from_the_write_of_its_request() {
+        let t0 = Instant::now();
+        let (t1, t2) = (t0 + Duration::from_millis(1), t0 + Duration::from_millis(2));
+        let mut times = SendTimes::default();
+        times.sent(3, t0); // requests 0, 1, 2
+        times.sent(4, t1); // 3
+        times.sent(10, t2); // 4 to 9
+        assert_eq!(times.answered(0), Some(t0));
+        assert_eq!(times.answered(2), Some(t0));
+        assert_eq!(times.answered(3), Some(t1));
+        assert_eq!(times.answered(9), Some(t2));
+        assert_eq!(times.answered(10), None, "never written");
+        assert!(times.batches.is_empty(), "answered batches are forgotten");
     }
 
     #[test]

@@ -24,10 +24,11 @@ pub(super) struct SeqReport {
 }
 
 impl SeqTracker {
-    pub(super) fn record(&mut self, seq: u64) {
+    /// Notes `seq`; `false` when it arrived before (a duplicate: not a delivery).
+    pub(super) fn record(&mut self, seq: u64) -> bool {
         if seq >= MAX_SEQ {
             self.untracked += 1;
-            return;
+            return true;
         }
         let (word, bit) = ((seq / 64) as usize, 1u64 << (seq % 64));
         if word >= self.seen.len() {
@@ -35,7 +36,7 @@ impl SeqTracker {
         }
         if self.seen[word] & bit != 0 {
             self.duplicated += 1;
-            return;
+            return false;
         }
         self.seen[word] |= bit;
         self.distinct += 1;
@@ -43,6 +44,7 @@ impl SeqTracker {
             Some(h) if seq < h => self.reordered += 1,
             _ => self.highest = Some(seq),
         }
+        true
     }
 
     /// `published`: how many publications (seqs 0..published) the server accepted for the
@@ -68,6 +70,12 @@ impl SeqTracker {
 }
 
 impl SeqReport {
+    /// A subscriber whose count could not be read at the end (its task did not finish): it
+    /// is taken to have lost all `published`, the worst case, rather than left out.
+    pub(super) fn unfinished(published: u64) -> Self {
+        Self { lost: published, ..Self::default() }
+    }
+
     pub(super) fn add(&mut self, other: SeqReport) {
         self.received += other.received;
         self.lost += other.lost;
@@ -86,6 +94,21 @@ mod tests {
             t.record(s);
         }
         t.report(published)
+    }
+
+    #[test]
+    fn a_duplicate_is_not_a_delivery() {
+        let mut t = SeqTracker::default();
+        let new: Vec<bool> = [0, 1, 1, 2, 0].iter().map(|&s| t.record(s)).collect();
+        assert_eq!(new, [true, true, false, true, false]);
+        assert_eq!(t.report(3), SeqReport { received: 5, lost: 0, duplicated: 2, reordered: 0 });
+    }
+
+    #[test]
+    fn a_subscriber_that_did_not_finish_lost_everything() {
+        let mut total = run(&[0, 1, 2], 3);
+        total.add(SeqReport::unfinished(3));
+        assert_eq!(total, SeqReport { received: 3, lost: 3, duplicated: 0, reordered: 0 });
     }
 
     #[test]

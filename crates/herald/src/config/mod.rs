@@ -247,9 +247,8 @@ pub enum EngineKind {
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// Redis to connect to: `redis://host:port/db` (a user name may go before `@`). Put the
-    /// password in `engine.redis.password`, never in the URL. `rediss://` (TLS) is not
-    /// supported yet.
+    /// Redis to connect to: `redis://host:port/db`, or `rediss://host:port/db` for TLS (a user
+    /// name may go before `@`). Put the password in `engine.redis.password`, never in the URL.
     pub url: String,
     /// The Redis password (`AUTH`), if Redis asks for one. Prefer setting it through
     /// `HERALD_ENGINE__REDIS__PASSWORD` rather than in a file.
@@ -264,6 +263,23 @@ pub struct RedisConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub timeout: Duration,
+    /// With `rediss://`: PEM file of the certificate authorities to trust for Redis's
+    /// certificate instead of the system's (for a Redis with its own CA). Empty: the system's.
+    #[schemars(with = "String")]
+    pub tls_ca: PathBuf,
+    /// With `rediss://`, when Redis asks for client certificates (`tls-auth-clients`): PEM
+    /// file with this node's certificate chain. Set together with `tls_key`.
+    #[schemars(with = "String")]
+    pub tls_cert: PathBuf,
+    /// With `rediss://`: PEM file with the private key of `tls_cert`.
+    #[schemars(with = "String")]
+    pub tls_key: PathBuf,
+    /// Most bytes of publications this node has received from Redis and not yet handed to
+    /// its subscribers. When the node falls this far behind, it drops what arrives and reads
+    /// those channels back from history instead (their subscribers recover, with
+    /// `recovered: false` if history no longer has it): memory stays bounded, nothing is
+    /// skipped silently. Counted in `herald_redis_link_overflows_total`.
+    pub max_link_bytes: usize,
 }
 
 impl Default for RedisConfig {
@@ -273,6 +289,10 @@ impl Default for RedisConfig {
             password: Secret::default(),
             prefix: "herald".into(),
             timeout: Duration::from_secs(1),
+            tls_ca: PathBuf::new(),
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
+            max_link_bytes: 64 << 20,
         }
     }
 }
@@ -284,6 +304,10 @@ impl std::fmt::Debug for RedisConfig {
             .field("password", &self.password)
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("max_link_bytes", &self.max_link_bytes)
             .finish()
     }
 }
@@ -440,20 +464,42 @@ impl Config {
             let r = &self.engine.redis;
             check(cfg!(feature = "redis"), "engine.kind", "this build has no Redis engine (cargo feature `redis`)")?;
             check(!r.timeout.is_zero(), "engine.redis.timeout", "must be greater than zero")?;
+            check(r.max_link_bytes >= 64 << 10, "engine.redis.max_link_bytes", "must be at least 65536 bytes")?;
             let ok = !r.prefix.is_empty()
                 && r.prefix.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'));
             check(ok, "engine.redis.prefix", "must be letters, digits, _ - . or : (it goes inside Redis hash tags)")?;
+            let rest = r.url.strip_prefix("redis://").or_else(|| r.url.strip_prefix("rediss://"));
+            check(rest.is_some(), "engine.redis.url", "must start with redis:// or rediss:// (TLS)")?;
+            let tls = r.url.starts_with("rediss://");
+            for (key, path) in [
+                ("engine.redis.tls_ca", &r.tls_ca),
+                ("engine.redis.tls_cert", &r.tls_cert),
+                ("engine.redis.tls_key", &r.tls_key),
+            ] {
+                check(
+                    tls || path.as_os_str().is_empty(),
+                    key,
+                    "is for TLS: engine.redis.url must start with rediss://",
+                )?;
+                if let (false, Err(e)) = (path.as_os_str().is_empty(), std::fs::File::open(path)) {
+                    return Err(ConfigError::Invalid { key, message: format!("cannot read {}: {e}", path.display()) });
+                }
+            }
             check(
-                r.url.starts_with("redis://"),
-                "engine.redis.url",
-                "must start with redis:// (rediss:// is not supported yet)",
+                r.tls_cert.as_os_str().is_empty() == r.tls_key.as_os_str().is_empty(),
+                "engine.redis.tls_cert",
+                "must be set together with engine.redis.tls_key",
             )?;
-            let userinfo = r.url["redis://".len()..].split(['/', '?']).next().unwrap_or("").rsplit_once('@');
+            let userinfo = rest.unwrap_or("").split(['/', '?']).next().unwrap_or("").rsplit_once('@');
             check(
                 !userinfo.is_some_and(|(u, _)| u.contains(':')),
                 "engine.redis.url",
                 "has a password: put it in engine.redis.password (HERALD_ENGINE__REDIS__PASSWORD) instead",
             )?;
+            #[cfg(feature = "redis")]
+            if let Err((key, message)) = crate::engine::RedisSettings::from(r).check_tls_files() {
+                return Err(ConfigError::Invalid { key, message });
+            }
             #[cfg(feature = "redis")]
             if let Err(e) = crate::engine::RedisSettings::from(r).client() {
                 return Err(ConfigError::Invalid { key: "engine.redis.url", message: e.to_string() });

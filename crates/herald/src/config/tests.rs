@@ -126,7 +126,19 @@ fn redis_settings_are_checked_and_the_password_never_shows() {
     let (k, m) = key(with(&|r| r.url = "redis://:hunter2@10.0.0.5".into()));
     assert_eq!(k, "engine.redis.url");
     assert!(m.contains("engine.redis.password") && !m.contains("hunter2"), "{m}");
-    assert_eq!(key(with(&|r| r.url = "rediss://10.0.0.5".into())).0, "engine.redis.url");
+    with(&|r| r.url = "rediss://redis.internal:6380".into()).expect("TLS with the system's CAs");
+    assert_eq!(key(with(&|r| r.url = "http://10.0.0.5".into())).0, "engine.redis.url");
+    assert_eq!(key(with(&|r| r.tls_ca = "ca.pem".into())).0, "engine.redis.tls_ca", "TLS files need rediss://");
+    let half = |r: &mut RedisConfig| {
+        r.url = "rediss://10.0.0.5".into();
+        r.tls_cert = "node.pem".into();
+    };
+    assert_eq!(key(with(&half)).0, "engine.redis.tls_cert", "a certificate without its key");
+    let (k, m) = key(with(&|r| {
+        r.url = "rediss://10.0.0.5".into();
+        r.tls_ca = "/nonexistent/ca.pem".into();
+    }));
+    assert!(k == "engine.redis.tls_ca" && m.contains("/nonexistent/ca.pem"), "{k}: {m}");
     assert_eq!(key(with(&|r| r.url = "redis://".into())).0, "engine.redis.url");
     assert_eq!(key(with(&|r| r.prefix = String::new())).0, "engine.redis.prefix");
     assert_eq!(key(with(&|r| r.prefix = "a}b".into())).0, "engine.redis.prefix");

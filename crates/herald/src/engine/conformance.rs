@@ -128,6 +128,46 @@ pub(crate) async fn history_expires_by_age(engine: impl Engine) {
     assert!(!h.complete || h.position.epoch != pos.epoch, "an expired publication cannot be recovered");
 }
 
+pub(crate) async fn old_publications_leave_history_before_new_ones(engine: impl Engine) {
+    let (e, _) = with_recorder(engine);
+    let short = HistoryPolicy { size: 100, ttl: Duration::from_millis(400) };
+    for i in 1..=3 {
+        e.publish("old", Publish::data(data(i)), short).await.expect("publish");
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut epoch = None;
+    for i in 4..=5 {
+        epoch = Some(e.publish("old", Publish::data(data(i)), short).await.expect("publish").epoch);
+    }
+    let epoch = epoch.expect("published");
+    let offsets = |h: &History| h.publications.iter().map(|p| p.offset).collect::<Vec<_>>();
+    let h = e.history("old", HistoryQuery { limit: 100, ..Default::default() }).await.expect("read");
+    assert_eq!(offsets(&h), [4, 5], "1 to 3 are past the TTL");
+    let h = e.history("old", HistoryQuery { since: since(&epoch, 3), limit: 100, ..Default::default() }).await;
+    assert_eq!(h.map(|h| (offsets(&h), h.complete)), Ok((vec![4, 5], true)));
+    let h = e.history("old", HistoryQuery { since: since(&epoch, 1), limit: 100, ..Default::default() }).await;
+    assert_eq!(h.map(|h| (offsets(&h), h.complete)), Ok((vec![4, 5], false)), "2 and 3 are gone: a gap");
+}
+
+pub(crate) async fn tags_are_stored_and_exclusions_only_delivered(engine: impl Engine) {
+    let (e, rec) = with_recorder(engine);
+    e.listen("tg").await.expect("listen");
+    let tags: Arc<Tags> =
+        Arc::new([("event".to_owned(), "my-event".to_owned()), ("k".to_owned(), "a\nb".to_owned())].into());
+    let info = ClientInfo { user: "u".into(), client: "c".into() };
+    let tagged =
+        Publish { data: data(1), info: Some(info.clone()), tags: Some(tags.clone()), exclude: Some(7 << 32 | 9) };
+    e.publish("tg", tagged, KEEP).await.expect("publish");
+    e.publish("tg", Publish::data(data(2)), KEEP).await.expect("publish");
+    let seen = rec.wait_for(2).await;
+    let live: Vec<_> = seen.iter().map(|(_, _, r)| (r.offset, r.tags.clone(), r.exclude)).collect();
+    assert_eq!(live, [(1, Some(tags.clone()), Some(7 << 32 | 9)), (2, None, None)], "delivered with both");
+    assert_eq!(seen[0].2.info, Some(info.clone()));
+    let h = e.history("tg", HistoryQuery { limit: 10, ..Default::default() }).await.expect("read");
+    let stored: Vec<_> = h.publications.iter().map(|r| (r.offset, r.tags.clone(), r.exclude, r.info.clone())).collect();
+    assert_eq!(stored, [(1, Some(tags), None, Some(info)), (2, None, None, None)], "tags stored, the exclusion not");
+}
+
 pub(crate) async fn channels_without_history_keep_positions(engine: impl Engine) {
     let (e, rec) = with_recorder(engine);
     e.listen("n").await.expect("listen");
@@ -225,7 +265,9 @@ pub(crate) async fn reading_creates_nothing_and_the_first_publication_continues(
 pub(crate) async fn broadcasts_reach_listeners(engine: impl Engine) {
     let (e, rec) = with_recorder(engine);
     e.listen("b").await.expect("listen");
-    e.broadcast("b", Bytes::from_static(b"join")).await.expect("broadcast");
+    // Any bytes, carried as they are (newlines, not UTF-8).
+    let event = Bytes::from_static(b"{\"join\":\n1}\xff\x00p1\n");
+    e.broadcast("b", event.clone()).await.expect("broadcast");
     for _ in 0..500 {
         if !rec.notes.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
             break;
@@ -233,7 +275,7 @@ pub(crate) async fn broadcasts_reach_listeners(engine: impl Engine) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let notes = rec.notes.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    assert_eq!(notes, [("b".to_owned(), Bytes::from_static(b"join"))]);
+    assert_eq!(notes, [("b".to_owned(), event)]);
     assert!(rec.seen.lock().unwrap_or_else(|e| e.into_inner()).is_empty(), "not a publication");
 }
 
@@ -283,6 +325,14 @@ macro_rules! engine_conformance {
             #[tokio::test]
             async fn history_expires_by_age() {
                 suite::history_expires_by_age($make).await;
+            }
+            #[tokio::test]
+            async fn old_publications_leave_history_before_new_ones() {
+                suite::old_publications_leave_history_before_new_ones($make).await;
+            }
+            #[tokio::test]
+            async fn tags_are_stored_and_exclusions_only_delivered() {
+                suite::tags_are_stored_and_exclusions_only_delivered($make).await;
             }
             #[tokio::test]
             async fn channels_without_history_keep_positions() {

@@ -107,6 +107,7 @@ struct MetricHandles {
     bytes_in: metrics::Counter,
     bytes_out: metrics::Counter,
     handshake: metrics::Histogram,
+    queue_write: metrics::Histogram,
 }
 
 impl std::fmt::Debug for WsMetrics {
@@ -126,6 +127,7 @@ impl WsMetrics {
             bytes_in: metrics::counter!("herald_bytes_in_total"),
             bytes_out: metrics::counter!("herald_bytes_out_total"),
             handshake: metrics::histogram!("herald_handshake_seconds"),
+            queue_write: metrics::histogram!("herald_queue_write_seconds"),
         }))
     }
 
@@ -153,6 +155,11 @@ impl WsMetrics {
 
     fn handshake_took(&self, d: Duration) {
         self.0.handshake.record(d.as_secs_f64());
+    }
+
+    /// A sampled batch: from its first frame being queued to all of it being written.
+    fn queue_write_took(&self, d: Duration) {
+        self.0.queue_write.record(d.as_secs_f64());
     }
 }
 

@@ -1,11 +1,13 @@
 //! The write side, built for fan-out: a [`Prepared`] message is framed (and compressed) once and
 //! its bytes are shared by every connection's [`Outbox`]; each connection's writer drains its
-//! queue into vectored writes. Queues are bounded in bytes.
+//! queue into vectored writes. Queues are bounded in bytes. One batch in [`SAMPLE_EVERY`] per
+//! connection carries the time its first frame was queued, for `herald_queue_write_seconds`.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -92,6 +94,23 @@ pub enum SendError {
     Full,
 }
 
+/// One batch in this many (per connection) is timed from queue to socket: the clock is read
+/// for 1/64 of the batches, never per frame, so the cost per delivery stays flat.
+pub(crate) const SAMPLE_EVERY: u32 = 64;
+
+/// Spreads the connections' sampling phases, so that not every connection times its first
+/// batch (the connect reply) and the samples of many connections fall on different frames.
+static PHASE: AtomicU32 = AtomicU32::new(0);
+
+/// The time, for sampled batches only. Counted in tests, which prove that unsampled frames
+/// never read the clock.
+#[inline]
+fn clock() -> Instant {
+    #[cfg(test)]
+    tests::CLOCK_READS.with(|c| c.set(c.get() + 1));
+    Instant::now()
+}
+
 #[derive(Debug, Default)]
 struct Queue {
     frames: VecDeque<Bytes>,
@@ -100,6 +119,10 @@ struct Queue {
     closing: bool,
     /// The writer has finished (close written or the socket failed).
     done: bool,
+    /// Batches started (frames pushed into an empty queue), for sampling.
+    batches: u32,
+    /// When the first frame of the queued batch was pushed, if this batch is sampled.
+    stamp: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -121,8 +144,9 @@ pub struct Outbox {
 impl Outbox {
     /// A queue of at most `limit` bytes (one frame may exceed it when the queue is empty).
     pub fn new(limit: usize, mode: SendMode) -> Self {
+        let batches = PHASE.fetch_add(1, Ordering::Relaxed);
         let shared = Shared {
-            queue: Mutex::new(Queue::default()),
+            queue: Mutex::new(Queue { batches, ..Queue::default() }),
             wake_writer: Notify::new(),
             wake_reader: Notify::new(),
             limit,
@@ -152,6 +176,12 @@ impl Outbox {
             return Err(SendError::Full);
         }
         let was_empty = q.frames.is_empty();
+        if was_empty {
+            q.batches = q.batches.wrapping_add(1);
+            if q.batches % SAMPLE_EVERY == 0 {
+                q.stamp = Some(clock());
+            }
+        }
         q.bytes += frame.len();
         q.frames.push_back(frame);
         drop(q);
@@ -198,6 +228,7 @@ impl Outbox {
         if discard {
             q.frames.clear();
             q.bytes = 0;
+            q.stamp = None;
         }
         q.closing = true;
         let bytes = frame::encode_close(frame.as_ref(), None);
@@ -230,8 +261,9 @@ impl Outbox {
     /// `false` when nothing more will ever come: the close frame (if any) was taken before.
     /// One consumer at a time: the WebSocket writer, or an SSE response body.
     pub async fn next_batch(&self, batch: &mut VecDeque<Bytes>) -> bool {
+        let mut stamp = None;
         loop {
-            if let Some(more) = self.try_take(batch) {
+            if let Some(more) = self.try_take(batch, &mut stamp) {
                 return more;
             }
             self.shared.wake_writer.notified().await;
@@ -239,12 +271,14 @@ impl Outbox {
     }
 
     /// [`Outbox::next_batch`] without the wait: `None` when nothing is queued yet. A plain
-    /// function, so the writer loop gets it inlined whatever the stream type.
+    /// function, so the writer loop gets it inlined whatever the stream type. `stamp` gets the
+    /// time the batch's first frame was queued when the batch is sampled, `None` otherwise.
     #[inline]
-    fn try_take(&self, batch: &mut VecDeque<Bytes>) -> Option<bool> {
+    fn try_take(&self, batch: &mut VecDeque<Bytes>, stamp: &mut Option<Instant>) -> Option<bool> {
         let mut q = self.lock();
         if !q.frames.is_empty() {
             std::mem::swap(&mut q.frames, batch);
+            *stamp = q.stamp.take();
             q.bytes = 0;
             if q.closing {
                 q.done = true;
@@ -265,14 +299,20 @@ impl Outbox {
         q.closing = true;
         q.frames.clear();
         q.bytes = 0;
+        q.stamp = None;
         drop(q);
         self.shared.wake_reader.notify_one();
     }
 
-    /// Moves whatever is queued now to the end of `batch`, without waiting.
-    fn take_more(&self, batch: &mut VecDeque<Bytes>) {
+    /// Moves whatever is queued now to the end of `batch`, without waiting. A stamp already
+    /// held is older (it is the batch's first frame) and wins.
+    fn take_more(&self, batch: &mut VecDeque<Bytes>, stamp: &mut Option<Instant>) {
         let mut q = self.lock();
         batch.append(&mut q.frames);
+        let later = q.stamp.take();
+        if stamp.is_none() {
+            *stamp = later;
+        }
         q.bytes = 0;
         if q.closing {
             q.done = true;
@@ -309,8 +349,9 @@ impl Outbox {
     ) -> impl std::future::Future<Output = ()> + Send {
         async move {
             let mut batch: VecDeque<Bytes> = VecDeque::new();
+            let mut stamp = None;
             loop {
-                let more = match self.try_take(&mut batch) {
+                let more = match self.try_take(&mut batch, &mut stamp) {
                     Some(more) => more,
                     None => {
                         self.shared.wake_writer.notified().await;
@@ -322,7 +363,7 @@ impl Outbox {
                 }
                 if !delay.is_zero() && !self.writer_done() {
                     tokio::time::sleep(delay).await;
-                    self.take_more(&mut batch);
+                    self.take_more(&mut batch, &mut stamp);
                 }
                 let frames = batch.len() as u64;
                 match write_all(&mut io, &mut batch).await {
@@ -331,6 +372,9 @@ impl Outbox {
                 }
                 if flush && io.flush().await.is_err() {
                     break;
+                }
+                if let Some(queued) = stamp.take() {
+                    metrics.queue_write_took(queued.elapsed());
                 }
                 if self.writer_done() {
                     // The close frame was in this batch.
@@ -385,6 +429,53 @@ async fn write_all<W: AsyncWrite + Unpin>(io: &mut W, batch: &mut VecDeque<Bytes
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// Clock reads by [`clock`] on this thread.
+        pub(super) static CLOCK_READS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
+    #[test]
+    fn only_one_batch_in_sample_every_reads_the_clock() {
+        let o = Outbox::new(1 << 20, SendMode::PLAIN);
+        let before = CLOCK_READS.with(std::cell::Cell::get);
+        let (mut batch, mut stamped) = (VecDeque::new(), 0);
+        let batches = 100 * u64::from(SAMPLE_EVERY);
+        for _ in 0..batches {
+            // The second frame joins a batch already started: never a clock read.
+            o.push(Bytes::from_static(b"a")).expect("queue");
+            o.push(Bytes::from_static(b"b")).expect("queue");
+            let mut stamp = None;
+            assert_eq!(o.try_take(&mut batch, &mut stamp), Some(true));
+            assert_eq!(batch.len(), 2);
+            stamped += u64::from(stamp.is_some());
+            batch.clear();
+        }
+        let reads = CLOCK_READS.with(std::cell::Cell::get) - before;
+        assert_eq!(stamped, 100, "one batch in {SAMPLE_EVERY} carries a time");
+        assert_eq!(reads, 100, "{reads} clock reads for {} frames", 2 * batches);
+    }
+
+    #[test]
+    fn a_discarded_batch_takes_its_stamp_along() {
+        let o = Outbox::new(1 << 20, SendMode::PLAIN);
+        let mut batch = VecDeque::new();
+        // Find the batch that is sampled, then throw it away with a close.
+        loop {
+            o.push(Bytes::from_static(b"a")).expect("queue");
+            if o.lock().stamp.is_some() {
+                break;
+            }
+            let mut stamp = None;
+            o.try_take(&mut batch, &mut stamp);
+            batch.clear();
+        }
+        o.close_now(None);
+        let mut stamp = None;
+        assert_eq!(o.try_take(&mut batch, &mut stamp), Some(true));
+        assert_eq!(batch.len(), 1, "only the close frame");
+        assert_eq!(stamp, None, "the dropped frames' time is not the close frame's");
+    }
 
     #[test]
     fn a_prepared_message_is_compressed_once_and_shared() {
@@ -452,6 +543,39 @@ mod tests {
         };
         // The close frame is one more frame and one more write.
         (value("herald_frames_sent_total") - 1, value("herald_writes_total") - 1)
+    }
+
+    #[tokio::test]
+    async fn the_writer_times_one_batch_in_sample_every_from_queue_to_socket() {
+        use metrics_exporter_prometheus::PrometheusBuilder;
+        use tokio::io::AsyncReadExt;
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let metrics = metrics::with_local_recorder(&recorder, super::super::WsMetrics::new);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let (_read, write) = server.into_split();
+        let outbox = Outbox::new(1 << 20, SendMode::PLAIN);
+        let writer = outbox.clone().spawn_writer(WriteHalf::Tcp(write), Duration::ZERO, metrics);
+        let batches = 2 * SAMPLE_EVERY as usize;
+        for _ in 0..batches {
+            outbox.send_text(Bytes::from_static(b"1")).expect("queue");
+            // Taken by the writer: the next frame starts a new batch.
+            while outbox.queued_bytes() > 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let mut got = vec![0u8; 3 * batches];
+        client.read_exact(&mut got).await.expect("every frame");
+        outbox.close(None);
+        writer.await.expect("writer");
+        let text = handle.render();
+        let count = text
+            .lines()
+            .find_map(|l| l.strip_prefix("herald_queue_write_seconds_count ")?.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no herald_queue_write_seconds in\n{text}"));
+        assert_eq!(count, 2, "{batches} batches, one in {SAMPLE_EVERY} timed");
     }
 
     #[tokio::test]

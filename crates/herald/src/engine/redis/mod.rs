@@ -6,7 +6,7 @@
 //!
 //! | key | type | what |
 //! | --- | --- | --- |
-//! | `{p:c}:meta` | hash | `e` epoch, `o` last offset, `l` history TTL (ms) |
+//! | `{p:c}:meta` | hash | `e` epoch, `o` last offset, `l` history policy `<TTL ms>:<size>` |
 //! | `{p:c}:stream` | stream | history: entry id `0-<offset>`, fields `b` (body), `t` (ms) |
 //! | `{p:c}:pub` | pub/sub channel | publications and join/leave pushes |
 //! | `{p:c}:presence` | hash | client → user and connection info |
@@ -14,13 +14,15 @@
 //! | `{p:c}:presence:users` | hash | user → connections present |
 //! | `{p}:base` | string | random part of every epoch of this prefix |
 //!
-//! **Publish** is one Lua script: it assigns the offset, stores the publication (trimmed by
-//! size and age), refreshes the TTLs and PUBLISHes it with its epoch and offset: one round
-//! trip, atomic. Deliveries come back through one pub/sub connection per node, subscribed to
-//! the channels that have local subscribers ([`Engine::listen`]). That link checks every
-//! publication's offset against the last one it delivered: a gap (a reconnect, a lost
-//! message) is filled from the stream in order, or, when the stream no longer has it, the
-//! local subscribers are told to recover ([`Delivery::lost`]).
+//! **Publish** is one Lua script: it assigns the offset, stores the publication (the stream
+//! trimmed by size, approximately; reads apply the exact size and the TTL), refreshes the TTLs
+//! and PUBLISHes it with its epoch and offset: one round trip, atomic. Deliveries come back
+//! through one pub/sub connection per node, subscribed to the channels that have local
+//! subscribers ([`Engine::listen`]), and go to the node from one delivery task, which checks
+//! every publication's offset against the last one it delivered: a gap (a reconnect, a lost
+//! message, a message dropped because the node fell `max_link_bytes` behind) is filled from
+//! the stream in order, or, when the stream no longer has it, the local subscribers are told
+//! to recover ([`Delivery::lost`]).
 //!
 //! **Epochs** are `<base>-<window>`: `base` is random per prefix (a flushed Redis gets a new
 //! one), `window` the number of the 5-minute period in which the stream was created, by
@@ -34,7 +36,9 @@
 //! Every call is bounded by `timeout`; failures are [`EngineError::Unavailable`]. A publish
 //! that timed out may still have been stored (Redis may have run it): the caller cannot know.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -57,7 +61,7 @@ use self::scripts::{
 };
 use super::{
     Delivery, Engine, EngineError, EngineStats, History, HistoryPolicy, HistoryQuery, PresenceChange, PresenceEntry,
-    PresenceStats, PublicationRecord, Publish, StreamPosition,
+    PresenceStats, PublicationRecord, Publish, StreamPosition, Tags,
 };
 
 /// Length of an epoch window, and the least time a channel's metadata outlives its last
@@ -77,6 +81,13 @@ pub struct RedisSettings {
     pub password: String,
     pub prefix: String,
     pub timeout: Duration,
+    /// TLS (`rediss://`): PEM files of the CAs to trust (empty: the system's), and of this
+    /// node's certificate and key when Redis asks for one (empty: none).
+    pub tls_ca: PathBuf,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    /// Most bytes of publications received from Redis and not yet delivered on this node.
+    pub max_link_bytes: usize,
 }
 
 impl std::fmt::Debug for RedisSettings {
@@ -86,6 +97,10 @@ impl std::fmt::Debug for RedisSettings {
             .field("password", &if self.password.is_empty() { "" } else { "<redacted>" })
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("max_link_bytes", &self.max_link_bytes)
             .finish()
     }
 }
@@ -97,13 +112,26 @@ impl From<&crate::config::RedisConfig> for RedisSettings {
             password: c.password.expose().to_owned(),
             prefix: c.prefix.clone(),
             timeout: c.timeout,
+            tls_ca: c.tls_ca.clone(),
+            tls_cert: c.tls_cert.clone(),
+            tls_key: c.tls_key.clone(),
+            max_link_bytes: c.max_link_bytes,
         }
     }
 }
 
 impl RedisSettings {
     pub fn new(url: impl Into<String>, prefix: impl Into<String>) -> Self {
-        Self { url: url.into(), password: String::new(), prefix: prefix.into(), timeout: Duration::from_secs(1) }
+        Self {
+            url: url.into(),
+            password: String::new(),
+            prefix: prefix.into(),
+            timeout: Duration::from_secs(1),
+            tls_ca: PathBuf::new(),
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
+            max_link_bytes: 64 << 20,
+        }
     }
 
     /// A Redis client for these settings (connects nothing yet).
@@ -114,8 +142,81 @@ impl RedisSettings {
             let settings = info.redis_settings().clone().set_password(&self.password);
             info = info.set_redis_settings(settings);
         }
-        redis::Client::open(info).map_err(bad)
+        match self.tls_files().map_err(|(key, e)| EngineError::Unavailable(format!("{key}: {e}")))? {
+            // `rediss://` alone: Redis's certificate is checked against the system's CAs.
+            None => redis::Client::open(info).map_err(bad),
+            Some(files) => redis::Client::build_with_tls(info, files)
+                .map_err(|e| EngineError::Unavailable(format!("Redis TLS settings: {e}"))),
+        }
     }
+
+    /// Checks the TLS files as rustls will use them when the node connects (a certificate it
+    /// refuses, such as X.509 v1, fails here, so `check-config` reports it): the failing
+    /// setting's key and why. Messages never quote the files' contents.
+    pub fn check_tls_files(&self) -> Result<(), (&'static str, String)> {
+        self.tls_files().map(|_| ())
+    }
+
+    /// The TLS files, read and checked; `None` when none is set.
+    fn tls_files(&self) -> Result<Option<redis::TlsCertificates>, (&'static str, String)> {
+        let set = |p: &PathBuf| !p.as_os_str().is_empty();
+        if !set(&self.tls_ca) && !set(&self.tls_cert) && !set(&self.tls_key) {
+            return Ok(None);
+        }
+        let read = |key: &'static str, p: &PathBuf| {
+            std::fs::read(p).map_err(|e| (key, format!("cannot read {}: {e}", p.display())))
+        };
+        let root_cert = if set(&self.tls_ca) { Some(read("engine.redis.tls_ca", &self.tls_ca)?) } else { None };
+        let client_tls = if set(&self.tls_cert) || set(&self.tls_key) {
+            Some(redis::ClientTlsConfig {
+                client_cert: read("engine.redis.tls_cert", &self.tls_cert)?,
+                client_key: read("engine.redis.tls_key", &self.tls_key)?,
+            })
+        } else {
+            None
+        };
+        check_tls(root_cert.as_deref(), client_tls.as_ref())?;
+        Ok(Some(redis::TlsCertificates { client_tls, root_cert }))
+    }
+}
+
+/// Builds the rustls client configuration the connection will use, from PEM: CAs to trust
+/// and this node's certificate and key.
+fn check_tls(root: Option<&[u8]>, client: Option<&redis::ClientTlsConfig>) -> Result<(), (&'static str, String)> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(pem) = root {
+        let key = "engine.redis.tls_ca";
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<_, _>>()
+            .map_err(|_| (key, "not valid PEM".to_owned()))?;
+        if certs.is_empty() {
+            return Err((key, "holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into()));
+        }
+        for c in certs {
+            roots.add(c).map_err(|e| (key, format!("unusable CA certificate: {e}")))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ("engine.redis.url", e.to_string()))?
+        .with_root_certificates(roots);
+    if let Some(c) = client {
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&c.client_cert)
+            .collect::<Result<_, _>>()
+            .map_err(|_| ("engine.redis.tls_cert", "not valid PEM".to_owned()))?;
+        if chain.is_empty() {
+            return Err(("engine.redis.tls_cert", "holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into()));
+        }
+        let key = PrivateKeyDer::from_pem_slice(&c.client_key)
+            .map_err(|_| ("engine.redis.tls_key", "holds no PEM private key (PKCS#8, PKCS#1 or SEC1)".to_owned()))?;
+        builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| ("engine.redis.tls_cert", format!("unusable with its key: {e}")))?;
+    }
+    Ok(())
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -150,6 +251,17 @@ struct Inner {
     listening: Mutex<HashMap<String, Listening>>,
     cmds: mpsc::UnboundedSender<Cmd>,
     scripts: Scripts,
+    /// Messages the pub/sub link received and the delivery task has not handled yet: their
+    /// bytes, bounded by `max_link_bytes`.
+    queued_bytes: AtomicUsize,
+    max_link_bytes: usize,
+    /// Channels whose publications may have been missed (a message dropped at the bound, a
+    /// reconnect): the delivery task reads them back from the stream.
+    dirty: Mutex<HashSet<String>>,
+    wake: tokio::sync::Notify,
+    /// Messages dropped at the bound (for tests; also the metric
+    /// `herald_redis_link_overflows_total`).
+    overflows: AtomicU64,
 }
 
 struct Scripts {
@@ -194,6 +306,8 @@ impl RedisEngine {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| EngineError::Unavailable("the Redis engine needs a tokio runtime".into()))?;
         let (cmds, rx) = mpsc::unbounded_channel();
+        // Bounded in bytes by `max_link_bytes` (the link drops what would pass it).
+        let (work, work_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             client,
             prefix: settings.prefix,
@@ -203,6 +317,11 @@ impl RedisEngine {
             base: Mutex::new(None),
             delivery: OnceLock::new(),
             listening: Mutex::new(HashMap::new()),
+            queued_bytes: AtomicUsize::new(0),
+            max_link_bytes: settings.max_link_bytes,
+            dirty: Mutex::new(HashSet::new()),
+            wake: tokio::sync::Notify::new(),
+            overflows: AtomicU64::new(0),
             cmds,
             scripts: Scripts {
                 publish: Script::new(PUBLISH_LUA),
@@ -214,7 +333,8 @@ impl RedisEngine {
             },
         });
         let stop = CancellationToken::new();
-        runtime.spawn(link(inner.clone(), rx, stop.clone()));
+        runtime.spawn(link(inner.clone(), rx, work, stop.clone()));
+        runtime.spawn(deliver_loop(inner.clone(), work_rx, stop.clone()));
         Ok(Self {
             inner,
             stop,
@@ -288,8 +408,7 @@ impl Inner {
         publication: Publish,
         policy: HistoryPolicy,
     ) -> Result<StreamPosition, EngineError> {
-        // Tags and the live exclusion do not cross Redis yet.
-        let Publish { data, info, .. } = publication;
+        let Publish { data, info, tags, exclude } = publication;
         let base = self.base(false).await?;
         let mut conn = self.conn().await?;
         let life_ms = policy.ttl.as_millis().clamp(1, u64::MAX as u128) as u64;
@@ -303,8 +422,9 @@ impl Inner {
             .arg(policy.size)
             .arg(life_ms)
             .arg(EPOCH_WINDOW_SECS * 1000)
-            .arg(encode_body(info.as_ref(), &data))
+            .arg(encode_body(info.as_ref(), tags.as_deref(), &data))
             .arg(self.key(channel, "pub"))
+            .arg(exclude.map(|x| x.to_string()).unwrap_or_default())
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
@@ -334,9 +454,9 @@ impl Inner {
             .map_err(unavailable)?;
         let mut publications = Vec::with_capacity(entries.len());
         for (offset, body) in entries {
-            let (info, data) = decode_body(Bytes::from(body))
+            let (info, tags, data) = decode_body(Bytes::from(body))
                 .ok_or_else(|| EngineError::Unavailable(format!("redis: unreadable history entry in `{channel}`")))?;
-            publications.push(PublicationRecord { offset, data, info, ..Default::default() });
+            publications.push(PublicationRecord { offset, data, info, tags, exclude: None });
         }
         if query.reverse {
             publications.reverse();
@@ -472,6 +592,26 @@ impl Inner {
         }
     }
 
+    /// Queues a message from the link for the delivery task, or, past `max_link_bytes`, drops
+    /// it and marks its channel to be read back from the stream: memory stays bounded when
+    /// the node falls behind, and nothing is skipped silently.
+    fn enqueue(&self, m: redis::Msg, work: &mpsc::UnboundedSender<redis::Msg>) {
+        let n = msg_bytes(&m);
+        if self.queued_bytes.load(Ordering::Relaxed) + n > self.max_link_bytes {
+            self.overflows.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("herald_redis_link_overflows_total").increment(1);
+            if let Some(c) = self.channel_of(m.get_channel_name()) {
+                if lock(&self.dirty).insert(c.to_owned()) {
+                    tracing::debug!(channel = c, "redis pub/sub link: delivery behind; will read back from history");
+                }
+            }
+            self.wake.notify_one();
+            return;
+        }
+        self.queued_bytes.fetch_add(n, Ordering::Relaxed);
+        let _ = work.send(m);
+    }
+
     fn wanted(&self, channel: &str) -> bool {
         lock(&self.listening).contains_key(channel)
     }
@@ -483,9 +623,42 @@ impl Inner {
     }
 }
 
+/// The delivery task: hands the link's messages to the node in order, and reads back from
+/// the streams what the link may have missed (`dirty`). The only caller of `handle` and
+/// `catch_up`, so a channel's deliveries keep one order.
+async fn deliver_loop(inner: Arc<Inner>, mut work: mpsc::UnboundedReceiver<redis::Msg>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            msg = work.recv() => match msg {
+                Some(m) => {
+                    inner.queued_bytes.fetch_sub(msg_bytes(&m), Ordering::Relaxed);
+                    inner.handle(m).await;
+                }
+                None => return,
+            },
+            () = inner.wake.notified() => {}
+        }
+        let dirty: Vec<String> = lock(&inner.dirty).drain().collect();
+        for c in dirty {
+            inner.catch_up(&c).await;
+        }
+    }
+}
+
+fn msg_bytes(m: &redis::Msg) -> usize {
+    // The payload and channel name, plus what `Msg` holds around them.
+    m.get_payload_bytes().len() + m.get_channel_name().len() + 64
+}
+
 /// The pub/sub link: one connection per node, subscribed to the channels with local
 /// subscribers; reconnects (with backoff) and resubscribes, then fills what it missed.
-async fn link(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd>, stop: CancellationToken) {
+async fn link(
+    inner: Arc<Inner>,
+    mut cmds: mpsc::UnboundedReceiver<Cmd>,
+    work: mpsc::UnboundedSender<redis::Msg>,
+    stop: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(50);
     let mut was_up = false;
     // Warned about the current outage already (one warning per outage, not per retry).
@@ -543,9 +716,9 @@ async fn link(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd>, stop: C
         for c in &wanted {
             inner.set_up(c, true);
         }
-        for c in &wanted {
-            inner.catch_up(c).await;
-        }
+        // What was published while the link was down is read back by the delivery task.
+        lock(&inner.dirty).extend(wanted);
+        inner.wake.notify_one();
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -573,7 +746,7 @@ async fn link(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd>, stop: C
                     }
                 }
                 msg = stream.next() => match msg {
-                    Some(m) => inner.handle(m).await,
+                    Some(m) => inner.enqueue(m, &work),
                     None => break,
                 },
                 _ = ping.tick() => {
@@ -592,32 +765,53 @@ async fn link(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd>, stop: C
     }
 }
 
-/// `<info JSON or nothing>\n<data>`: what the stream stores and the pub/sub link carries.
-fn encode_body(info: Option<&ClientInfo>, data: &[u8]) -> Vec<u8> {
-    let mut out = info.and_then(|i| serde_json::to_vec(i).ok()).unwrap_or_default();
+/// What the stream stores and the pub/sub link carries: `[#<tags JSON>\n]<info JSON or
+/// nothing>\n<data>`. Neither JSON line holds a raw newline (JSON escapes them in strings),
+/// and info JSON starts with `{`, so the `#` line is unambiguous; without tags the body is
+/// as short as it can be.
+fn encode_body(info: Option<&ClientInfo>, tags: Option<&Tags>, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 64);
+    if let Some(tags) = tags {
+        out.push(b'#');
+        out.extend(serde_json::to_vec(tags).unwrap_or_else(|_| b"{}".to_vec()));
+        out.push(b'\n');
+    }
+    if let Some(info) = info.and_then(|i| serde_json::to_vec(i).ok()) {
+        out.extend(info);
+    }
     out.push(b'\n');
     out.extend_from_slice(data);
     out
 }
 
-fn decode_body(body: Bytes) -> Option<(Option<ClientInfo>, Bytes)> {
+type Body = (Option<ClientInfo>, Option<Arc<Tags>>, Bytes);
+
+fn decode_body(mut body: Bytes) -> Option<Body> {
+    let mut tags = None;
+    if body.first() == Some(&b'#') {
+        let nl = body.iter().position(|b| *b == b'\n')?;
+        tags = Some(Arc::new(serde_json::from_slice::<Tags>(&body[1..nl]).ok()?));
+        body = body.slice(nl + 1..);
+    }
     let nl = body.iter().position(|b| *b == b'\n')?;
     let info = if nl == 0 { None } else { Some(serde_json::from_slice(&body[..nl]).ok()?) };
-    Some((info, body.slice(nl + 1..)))
+    Some((info, tags, body.slice(nl + 1..)))
 }
 
-/// `<offset>\n<epoch>\n<body>` (after the leading `p`).
+/// `<offset>\n<epoch>\n<exclude or nothing>\n<body>` (after the leading `p`); the exclusion
+/// (a connection id) travels live only, it is not in the stream.
 fn decode_publication(payload: Bytes) -> Option<(StreamPosition, PublicationRecord)> {
-    let nl = payload.iter().position(|b| *b == b'\n')?;
-    let offset: u64 = std::str::from_utf8(&payload[..nl]).ok()?.parse().ok()?;
-    let rest = payload.slice(nl + 1..);
-    let nl = rest.iter().position(|b| *b == b'\n')?;
-    let epoch = std::str::from_utf8(&rest[..nl]).ok()?;
-    let (info, data) = decode_body(rest.slice(nl + 1..))?;
-    Some((
-        StreamPosition { epoch: Arc::from(epoch), offset },
-        PublicationRecord { offset, data, info, ..Default::default() },
-    ))
+    let mut lines = payload.splitn(4, |b| *b == b'\n');
+    let offset: u64 = std::str::from_utf8(lines.next()?).ok()?.parse().ok()?;
+    let epoch = std::str::from_utf8(lines.next()?).ok()?;
+    let exclude = match lines.next()? {
+        [] => None,
+        x => Some(std::str::from_utf8(x).ok()?.parse().ok()?),
+    };
+    let rest = lines.next()?;
+    let body = payload.slice_ref(rest);
+    let (info, tags, data) = decode_body(body)?;
+    Some((StreamPosition { epoch: Arc::from(epoch), offset }, PublicationRecord { offset, data, info, tags, exclude }))
 }
 
 /// A presence entry as stored: `<user length>:<user><info JSON>`.
@@ -828,6 +1022,86 @@ mod tests {
 
     crate::engine_conformance!(super::engine());
 
+    /// The whole suite again over TLS (`rediss://`), with a client certificate, against a
+    /// `redis-server` that accepts nothing else.
+    mod tls {
+        use super::*;
+
+        /// Writes a CA, a server certificate for 127.0.0.1 and a client certificate (both
+        /// signed by the CA) into `dir`.
+        pub(super) fn pki(dir: &std::path::Path) -> std::io::Result<(test_server::Tls, PathBuf, PathBuf)> {
+            let err = |e: rcgen::Error| std::io::Error::other(e.to_string());
+            // Distinct subjects: OpenSSL takes a certificate whose subject is its issuer's for
+            // a self-signed one.
+            let params = |names: Vec<String>, cn: &str| {
+                let mut p = rcgen::CertificateParams::new(names).map_err(err)?;
+                p.distinguished_name = rcgen::DistinguishedName::new();
+                p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+                Ok::<_, std::io::Error>(p)
+            };
+            let ca_key = rcgen::KeyPair::generate().map_err(err)?;
+            let mut ca_params = params(Vec::new(), "herald test CA")?;
+            ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let ca = ca_params.self_signed(&ca_key).map_err(err)?;
+            let write = |name: &str, pem: String| -> std::io::Result<PathBuf> {
+                let p = dir.join(name);
+                std::fs::write(&p, pem)?;
+                Ok(p)
+            };
+            let server_key = rcgen::KeyPair::generate().map_err(err)?;
+            let server =
+                params(vec!["127.0.0.1".to_owned()], "redis")?.signed_by(&server_key, &ca, &ca_key).map_err(err)?;
+            let client_key = rcgen::KeyPair::generate().map_err(err)?;
+            let client = params(vec!["herald-node".to_owned()], "herald-node")?
+                .signed_by(&client_key, &ca, &ca_key)
+                .map_err(err)?;
+            let tls = test_server::Tls {
+                cert: write("server.pem", server.pem())?,
+                key: write("server-key.pem", server_key.serialize_pem())?,
+                ca: write("ca.pem", ca.pem())?,
+            };
+            Ok((tls, write("client.pem", client.pem())?, write("client-key.pem", client_key.serialize_pem())?))
+        }
+
+        pub(super) fn engine() -> RedisEngine {
+            let mut client = None;
+            let server = RedisServer::start_tls(|dir| {
+                let (tls, cert, key) = pki(dir)?;
+                client = Some((tls.ca.clone(), cert, key));
+                Ok(tls)
+            })
+            .expect("redis-server with TLS");
+            let (ca, cert, key) = client.expect("pki");
+            assert!(server.url().starts_with("rediss://"), "{}", server.url());
+            let mut settings = RedisSettings::new(server.url(), "t");
+            (settings.tls_ca, settings.tls_cert, settings.tls_key) = (ca, cert, key);
+            let mut e = RedisEngine::new(settings).expect("engine");
+            e.server = Some(server);
+            e
+        }
+
+        crate::engine_conformance!(super::engine());
+
+        /// Without the CA Redis's certificate is not trusted; without a client certificate
+        /// Redis refuses the node: either way a clear `Unavailable`, in bounded time.
+        #[tokio::test]
+        async fn an_untrusted_or_anonymous_connection_fails_cleanly() {
+            let good = engine();
+            let url = good.server.as_ref().expect("server").url();
+            let mut no_ca = RedisSettings::new(url.clone(), "t");
+            no_ca.timeout = Duration::from_millis(500);
+            let e = RedisEngine::new(no_ca).expect("engine");
+            let r = e.history("x", HistoryQuery::default()).await;
+            assert!(matches!(r, Err(EngineError::Unavailable(_))), "{r:?}");
+            let mut plain = RedisSettings::new(url.replacen("rediss://", "redis://", 1), "t");
+            plain.timeout = Duration::from_millis(500);
+            let e = RedisEngine::new(plain).expect("engine");
+            let r = e.history("x", HistoryQuery::default()).await;
+            assert!(matches!(r, Err(EngineError::Unavailable(_))), "plain TCP to a TLS port: {r:?}");
+            good.history("x", HistoryQuery::default()).await.expect("the configured engine reads");
+        }
+    }
+
     #[tokio::test]
     async fn reads_write_no_key() {
         let e = engine();
@@ -879,7 +1153,7 @@ mod tests {
             .arg(e.inner.key("g", "stream"))
             .arg("0-2")
             .arg("b")
-            .arg(encode_body(None, b"2"))
+            .arg(encode_body(None, None, b"2"))
             .arg("t")
             .arg(now)
             .query_async(&mut raw)
@@ -889,6 +1163,169 @@ mod tests {
         let seen = rec.wait_for(3).await;
         let got: Vec<(u64, Bytes)> = seen.iter().map(|(_, _, r)| (r.offset, r.data.clone())).collect();
         assert_eq!(got, [(1, Bytes::from_static(b"1")), (2, Bytes::from_static(b"2")), (3, Bytes::from_static(b"3"))]);
+    }
+
+    /// A publication is one round trip: one `EVALSHA`, and no other command, once the script
+    /// is loaded and the epoch base known.
+    #[tokio::test]
+    async fn a_publication_is_one_evalsha() {
+        let e = engine();
+        let keep = HistoryPolicy { size: 10, ttl: Duration::from_secs(60) };
+        e.publish("r", Publish::data(Bytes::from_static(b"0")), keep).await.expect("warm up");
+        let mut raw = raw(&e).await;
+        let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut raw).await.expect("reset");
+        for i in 1..=50 {
+            e.publish("r", Publish::data(Bytes::from(i.to_string())), keep).await.expect("publish");
+        }
+        let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut raw).await.expect("info");
+        let calls = |line: &str| -> u64 {
+            line.split("calls=").nth(1).and_then(|r| r.split(',').next()).and_then(|n| n.parse().ok()).unwrap_or(0)
+        };
+        let mut seen: Vec<(String, u64)> = info
+            .lines()
+            .filter_map(|l| Some((l.strip_prefix("cmdstat_")?.split(':').next()?.to_owned(), calls(l))))
+            .filter(|(c, _)| !matches!(c.as_str(), "info" | "config|resetstat" | "ping"))
+            .collect();
+        seen.sort();
+        let want: Vec<(String, u64)> = [
+            // The one round trip per publication; the rest run inside it.
+            ("evalsha", 50),
+            ("hincrby", 50),
+            ("hmget", 50),
+            ("pexpire", 100),
+            ("publish", 50),
+            ("time", 50),
+            ("xadd", 50),
+        ]
+        .iter()
+        .map(|(c, n)| (c.to_string(), *n))
+        .collect();
+        assert_eq!(seen, want, "{info}");
+    }
+
+    /// Two nodes on one Redis: what one publishes reaches the other with its tags and its
+    /// exclusion, and a channel event's bytes cross unchanged.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tags_exclusions_and_events_cross_nodes() {
+        let a = engine();
+        let b = RedisEngine::new(RedisSettings::new(a.server.as_ref().expect("server").url(), "t")).expect("b");
+        let rec = Arc::new(crate::engine::conformance::Recorder::default());
+        b.set_delivery(rec.clone());
+        b.listen("x").await.expect("listen");
+        let tags: Arc<Tags> = Arc::new([("event".to_owned(), "client-typing".to_owned())].into());
+        let p = Publish { data: Bytes::from_static(b"{}"), tags: Some(tags.clone()), exclude: Some(42), info: None };
+        a.publish("x", p, HistoryPolicy { size: 10, ttl: Duration::from_secs(60) }).await.expect("publish");
+        let seen = rec.wait_for(1).await;
+        assert_eq!(seen.len(), 1);
+        assert_eq!((seen[0].2.tags.clone(), seen[0].2.exclude), (Some(tags), Some(42)));
+        let event = crate::hub::ChannelEvent::Client {
+            event: "client-typing".into(),
+            data: "{\"a\":1}".into(),
+            user: Some("u".into()),
+            exclude: Some(42),
+        };
+        a.broadcast("x", event.encode()).await.expect("broadcast");
+        for _ in 0..500 {
+            if !rec.notes.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let notes = rec.notes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        assert_eq!(notes.len(), 1);
+        assert_eq!(crate::hub::ChannelEvent::decode(&notes[0].1), Some(event));
+    }
+
+    /// A delivery handler that takes its time (a node too busy to keep up with Redis).
+    struct Slow(Arc<crate::engine::conformance::Recorder>);
+
+    impl Delivery for Slow {
+        fn deliver(&self, channel: &str, position: &StreamPosition, publication: &PublicationRecord) {
+            std::thread::sleep(Duration::from_millis(2));
+            self.0.deliver(channel, position, publication);
+        }
+
+        fn lost(&self, channel: &str) {
+            self.0.lost(channel);
+        }
+    }
+
+    /// An engine whose link holds at most 4 KiB of undelivered messages, and a slow handler.
+    fn slow_engine() -> (RedisEngine, Arc<crate::engine::conformance::Recorder>) {
+        let server = RedisServer::start().expect("redis-server");
+        let mut settings = RedisSettings::new(server.url(), "t");
+        settings.max_link_bytes = 4096;
+        let mut e = RedisEngine::new(settings).expect("engine");
+        e.server = Some(server);
+        let rec = Arc::new(crate::engine::conformance::Recorder::default());
+        e.set_delivery(Arc::new(Slow(rec.clone())));
+        (e, rec)
+    }
+
+    /// Past `max_link_bytes` the link drops messages; what it dropped is read back from the
+    /// stream, so every publication is still delivered once and in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_that_falls_behind_refills_from_history() {
+        let (e, rec) = slow_engine();
+        let keep = HistoryPolicy { size: 1000, ttl: Duration::from_secs(60) };
+        e.listen("b").await.expect("listen");
+        let body = Bytes::from(vec![b'x'; 200]);
+        for _ in 0..200 {
+            e.publish("b", Publish::data(body.clone()), keep).await.expect("publish");
+        }
+        let seen = rec.wait_for(200).await;
+        let offsets: Vec<u64> = seen.iter().map(|(_, _, r)| r.offset).collect();
+        assert_eq!(offsets, (1..=200).collect::<Vec<_>>(), "once each, in order");
+        assert!(e.inner.overflows.load(Ordering::Relaxed) > 0, "the bound was reached");
+        assert!(e.inner.queued_bytes.load(Ordering::Relaxed) <= 4096);
+        assert!(rec.lost.lock().unwrap_or_else(|e| e.into_inner()).is_empty());
+    }
+
+    /// Without history to read back from, the subscribers are told to recover: no silent gap.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_that_falls_behind_without_history_makes_subscribers_recover() {
+        let (e, rec) = slow_engine();
+        e.listen("z").await.expect("listen");
+        let body = Bytes::from(vec![b'x'; 200]);
+        for _ in 0..200 {
+            e.publish("z", Publish::data(body.clone()), HistoryPolicy::NONE).await.expect("publish");
+        }
+        for _ in 0..500 {
+            if !rec.lost.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(e.inner.overflows.load(Ordering::Relaxed) > 0, "the bound was reached");
+        let lost = rec.lost.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        assert!(!lost.is_empty() && lost.iter().all(|c| c == "z"), "{lost:?}");
+    }
+
+    /// Concurrent publications share the node's one command connection (pipelined by the
+    /// multiplexer): a node holds two connections to Redis, whatever the load.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_publications_share_one_connection() {
+        let e = Arc::new(engine());
+        let keep = HistoryPolicy { size: 10, ttl: Duration::from_secs(60) };
+        e.listen("p0").await.expect("listen");
+        let tasks: Vec<_> = (0..64)
+            .map(|i| {
+                let e = e.clone();
+                tokio::spawn(async move {
+                    for _ in 0..10 {
+                        e.publish(&format!("p{}", i % 8), Publish::data(Bytes::from_static(b"1")), keep)
+                            .await
+                            .expect("publish");
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("task");
+        }
+        let mut raw = raw(&e).await;
+        let list: String = redis::cmd("CLIENT").arg("LIST").query_async(&mut raw).await.expect("client list");
+        assert_eq!(list.lines().count(), 3, "the command connection, the pub/sub link, this test's: {list}");
     }
 
     #[tokio::test]
@@ -941,16 +1378,57 @@ mod tests {
         assert_eq!(*rec.lost.lock().unwrap_or_else(|e| e.into_inner()), ["f"], "subscribers told to recover");
     }
 
+    /// TLS files rustls would refuse at connect time are refused up front, by key: a
+    /// certificate that does not belong to the key, an X.509 v1 certificate (what `openssl
+    /// x509 -req` makes without `-extfile`; a fixture made that way), files that are not PEM.
+    #[test]
+    fn unusable_tls_files_are_named_before_connecting() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (tls, cert, key) = tls::pki(dir.path()).expect("pki");
+        let with = |ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path| {
+            let mut s = RedisSettings::new("rediss://127.0.0.1:1", "t");
+            (s.tls_ca, s.tls_cert, s.tls_key) = (ca.into(), cert.into(), key.into());
+            s.check_tls_files().map_err(|(k, m)| (k, m.to_lowercase()))
+        };
+        with(&tls.ca, &cert, &key).expect("a good set");
+        let (k, m) = with(&tls.ca, &cert, &tls.key).expect_err("another key");
+        assert_eq!(k, "engine.redis.tls_cert", "{m}");
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let v1 = (fixtures.join("test-only-x509-v1-cert.pem"), fixtures.join("test-only-x509-v1-key.pem"));
+        let (k, m) = with(&tls.ca, &v1.0, &v1.1).expect_err("X.509 v1");
+        assert!(k == "engine.redis.tls_cert" && m.contains("version"), "{k}: {m}");
+        assert_eq!(with(&tls.key, &cert, &key).map_err(|e| e.0), Err("engine.redis.tls_ca"), "a key is no CA");
+        assert_eq!(with(&tls.ca, &key, &key).map_err(|e| e.0), Err("engine.redis.tls_cert"), "a key is no cert");
+        assert_eq!(with(&tls.ca, &cert, &cert).map_err(|e| e.0), Err("engine.redis.tls_key"), "a cert is no key");
+        let (_, m) = with(&tls.ca, &cert, &tls.ca).expect_err("no key");
+        assert!(!m.contains("begin certificate-----\nmii"), "never quotes the file: {m}");
+    }
+
     #[test]
     fn bodies_round_trip() {
         let info = ClientInfo { user: "u\n1".into(), client: "c".into() };
-        let body = encode_body(Some(&info), b"{\"a\":\n1}");
-        assert_eq!(decode_body(Bytes::from(body)), Some((Some(info), Bytes::from_static(b"{\"a\":\n1}"))));
-        let mut p = b"12\nabc-3\n".to_vec();
-        p.extend(encode_body(None, b"7"));
+        let body = encode_body(Some(&info), None, b"{\"a\":\n1}");
+        assert_eq!(
+            decode_body(Bytes::from(body)),
+            Some((Some(info.clone()), None, Bytes::from_static(b"{\"a\":\n1}")))
+        );
+        let tags: Tags = [("event".to_owned(), "a\nb#{".to_owned()), ("k\n".to_owned(), String::new())].into();
+        let body = encode_body(Some(&info), Some(&tags), b"#\n");
+        let tags = Some(Arc::new(tags));
+        assert_eq!(decode_body(Bytes::from(body)), Some((Some(info), tags.clone(), Bytes::from_static(b"#\n"))));
+        let body = encode_body(None, tags.as_deref(), b"{}");
+        assert_eq!(decode_body(Bytes::from(body)), Some((None, tags.clone(), Bytes::from_static(b"{}"))));
+        let mut p = b"12\nabc-3\n\n".to_vec();
+        p.extend(encode_body(None, None, b"7"));
         let (pos, rec) = decode_publication(Bytes::from(p)).expect("decodes");
-        assert_eq!((pos.offset, &*pos.epoch, rec.data), (12, "abc-3", Bytes::from_static(b"7")));
+        assert_eq!((pos.offset, &*pos.epoch, rec.data, rec.exclude), (12, "abc-3", Bytes::from_static(b"7"), None));
+        let mut p = b"12\nabc-3\n4294967297\n".to_vec();
+        p.extend(encode_body(None, tags.as_deref(), b"7"));
+        let (_, rec) = decode_publication(Bytes::from(p)).expect("decodes");
+        assert_eq!((rec.exclude, rec.tags), (Some(4_294_967_297), tags));
         assert_eq!(decode_publication(Bytes::from_static(b"x\n")), None);
+        assert_eq!(decode_publication(Bytes::from_static(b"1\ne\nnope\n\n{}")), None);
+        assert_eq!(decode_body(Bytes::from_static(b"#{\"a\":1}\n\n{}")), None, "tags are strings");
         let e = PresenceEntry { client: "c".into(), user: "a:b".into(), info: Some(Bytes::from_static(b"{}")) };
         assert_eq!(decode_presence("c".into(), &encode_presence(&e)), Some(e));
     }

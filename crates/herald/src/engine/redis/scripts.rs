@@ -2,38 +2,48 @@
 //! one channel (one hash tag, so one Redis Cluster slot), and reads the time from Redis.
 
 /// KEYS: meta, stream. ARGV: base, window (s), size, history TTL (ms), least meta TTL (ms),
-/// body, pub/sub channel. Returns `{epoch, offset}`.
+/// body, pub/sub channel, connection to exclude (live only; may be empty). Returns
+/// `{epoch, offset}`.
+///
+/// Kept to the minimum, since it runs once per publication: `HMGET`, `TIME`, `HINCRBY`,
+/// `XADD` (trimmed by size, approximately: whole stream nodes at a time), two `PEXPIRE`s and
+/// `PUBLISH`; an `HSET` only when the channel is new or its history policy changed. Nothing
+/// is trimmed by age here: readers skip entries older than the history TTL (`HISTORY_LUA`),
+/// the size bound keeps the stream small, and the whole stream expires one TTL after the
+/// last publication.
 pub(super) const PUBLISH_LUA: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local epoch = redis.call('HGET', KEYS[1], 'e')
-if not epoch then
-  epoch = ARGV[1] .. '-' .. string.format('%d', math.floor(tonumber(t[1]) / tonumber(ARGV[2])))
-  redis.call('HSET', KEYS[1], 'e', epoch)
-end
-local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
+local m = redis.call('HMGET', KEYS[1], 'e', 'l')
+local epoch = m[1]
+local policy = ARGV[4] .. ':' .. ARGV[3]
 local size = tonumber(ARGV[3])
 local life = tonumber(ARGV[4])
-redis.call('HSET', KEYS[1], 'l', ARGV[4])
+local t = redis.call('TIME')
+if not epoch then
+  epoch = ARGV[1] .. '-' .. string.format('%d', math.floor(tonumber(t[1]) / tonumber(ARGV[2])))
+  redis.call('HSET', KEYS[1], 'e', epoch, 'l', policy)
+elseif m[2] ~= policy then
+  redis.call('HSET', KEYS[1], 'l', policy)
+  if size == 0 then redis.call('DEL', KEYS[2]) end
+end
+local offset = string.format('%d', redis.call('HINCRBY', KEYS[1], 'o', 1))
 if size > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', size, string.format('0-%d', offset), 'b', ARGV[6], 't', now)
-  -- Drop expired entries from the front (at most 32 per publication; usually none).
-  for _ = 1, 32 do
-    local e = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
-    if not e or tonumber(e[2][4]) + life > now then break end
-    redis.call('XDEL', KEYS[2], e[1])
-  end
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', size, '0-' .. offset, 'b', ARGV[6], 't', now)
   redis.call('PEXPIRE', KEYS[2], life)
-else
-  redis.call('DEL', KEYS[2])
 end
 redis.call('PEXPIRE', KEYS[1], math.max(tonumber(ARGV[5]), life))
-redis.call('PUBLISH', ARGV[7], 'p' .. string.format('%d', offset) .. '\n' .. epoch .. '\n' .. ARGV[6])
-return {epoch, offset}
+redis.call('PUBLISH', ARGV[7], 'p' .. offset .. '\n' .. epoch .. '\n' .. ARGV[8] .. '\n' .. ARGV[6])
+return {epoch, tonumber(offset)}
 "#;
 
 /// KEYS: meta, stream. ARGV: base, window (s), since epoch, since offset (-1: none), limit.
 /// Writes nothing. Returns `{epoch, offset, complete, {{offset, body}...}}`.
+///
+/// The stream holds the offsets from its oldest entry to the last one without holes (entries
+/// leave from the front only), possibly more than the history size (trimming is approximate)
+/// and possibly some past their TTL (publish trims by size only). So the history starts at
+/// the first entry that is within both: the last `size` offsets, found by arithmetic, and the
+/// TTL, found by a binary search on the entries' times (`O(log size)` lookups).
 pub(super) const HISTORY_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -45,19 +55,27 @@ if not m[1] then
   if since_o == 0 and since_e == epoch then complete = 1 end
   return {epoch, 0, complete, {}}
 end
-local epoch, top, life = m[1], tonumber(m[2] or '0'), tonumber(m[3] or '0')
+local epoch, top = m[1], tonumber(m[2] or '0')
+local policy = m[3] or '0'
+local c = string.find(policy, ':', 1, true)
+local life, size
+if c then
+  life, size = tonumber(string.sub(policy, 1, c - 1)), tonumber(string.sub(policy, c + 1))
+else
+  life, size = tonumber(policy), top
+end
 local function id(n) return string.format('0-%d', n) end
 local function off(e) return tonumber(string.sub(e[1], 3)) end
 local first = top + 1
-local cursor = '-'
-while true do
-  local batch = redis.call('XRANGE', KEYS[2], cursor, '+', 'COUNT', 64)
-  local found = false
-  for _, e in ipairs(batch) do
-    if tonumber(e[2][4]) + life > now then first = off(e); found = true; break end
+local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
+if oldest and size > 0 then
+  local lo, hi = math.max(off(oldest), top - size + 1), top + 1
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    local e = redis.call('XRANGE', KEYS[2], id(mid), id(mid))[1]
+    if e and tonumber(e[2][4]) + life > now then hi = mid else lo = mid + 1 end
   end
-  if found or #batch < 64 then break end
-  cursor = '(' .. batch[#batch][1]
+  first = lo
 end
 local out = {}
 local complete = 0
