@@ -252,8 +252,9 @@ impl Target {
                 }
                 TargetKind::Pusher => {
                     let mut ws = conn::open(*addr, source, url).await?;
+                    let handshake = started.elapsed();
                     conn::pusher_subscribe(&mut ws, channel).await?;
-                    Ok(ws)
+                    Ok((ws, handshake))
                 }
             }
         };

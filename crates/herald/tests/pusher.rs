@@ -553,12 +553,10 @@ async fn across_two_nodes_with_redis() {
     two.shutdown().await;
 }
 
-/// What the Redis engine does not carry yet: a publication's tags (the Pusher event name) and
-/// its excluded connection are dropped on the way through Redis, so Pusher clients get the
-/// app's default event name and `socket_id` exclusion does not hold (see
-/// docs/migrating-from-pusher.md). Run with `--ignored` once the engine carries them.
+/// A publication's tags (the Pusher event name) and its excluded connection travel through
+/// Redis: the event keeps its name on every node and the excluded socket, on another node,
+/// does not get it.
 #[tokio::test]
-#[ignore = "the Redis engine drops PublicationRecord::tags and ::exclude"]
 async fn event_names_and_socket_id_exclusion_survive_redis() {
     let redis = herald::engine::redis::test_server::RedisServer::start().expect("redis-server");
     let (one, two) = (TestServer::start(redis_config(&redis)).await, TestServer::start(redis_config(&redis)).await);
