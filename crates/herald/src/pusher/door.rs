@@ -131,7 +131,7 @@ async fn run(node: Arc<Node>, key: String, protocol: Option<String>, mut socket:
         while let Ok(Some(_)) = socket.recv().await {}
         return;
     };
-    metrics::gauge!("herald_connections", "transport" => "pusher").increment(1.0);
+    metrics::gauge!("herald_pusher_connections").increment(1.0);
     let mut conn = Connection::new(node.clone(), app, socket.outbox().clone());
     let established = serde_json::json!({
         "socket_id": conn.socket_id,
@@ -208,7 +208,7 @@ async fn run(node: Arc<Node>, key: String, protocol: Option<String>, mut socket:
         }
     }
     Box::pin(conn.end()).await;
-    metrics::gauge!("herald_connections", "transport" => "pusher").decrement(1.0);
+    metrics::gauge!("herald_pusher_connections").decrement(1.0);
 }
 
 /// One subscription of a Pusher connection.
