@@ -139,7 +139,7 @@ pub fn error(code: Option<u16>, message: &str) -> Bytes {
 /// as a JSON string, so [`data_text`] gives back exactly the text that was sent.
 pub fn store_data(text: &str) -> Bytes {
     match serde_json::from_str::<&RawValue>(text) {
-        Ok(v) if !v.get().trim_start().starts_with('"') => Bytes::copy_from_slice(text.trim().as_bytes()),
+        Ok(v) if !v.get().starts_with('"') => Bytes::copy_from_slice(text.as_bytes()),
         _ => Bytes::from(serde_json::Value::from(text).to_string()),
     }
 }
@@ -161,7 +161,9 @@ mod tests {
 
     #[test]
     fn pusher_data_round_trips_through_herald_json() {
-        for text in [r#"{"a":1}"#, "[1,2]", "hello", r#""quoted""#, "42", "", "not { json"] {
+        for text in
+            [r#"{"a":1}"#, "[1,2]", "hello", r#""quoted""#, r#" "spaced" "#, " {\"a\": 1}\n", "42", "", "not { json"]
+        {
             let stored = store_data(text);
             assert!(serde_json::from_slice::<serde_json::Value>(&stored).is_ok(), "{text}: stored as JSON");
             assert_eq!(data_text(&stored), text, "round trip");
