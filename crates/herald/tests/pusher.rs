@@ -572,3 +572,16 @@ async fn event_names_and_socket_id_exclusion_survive_redis() {
     one.shutdown().await;
     two.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_namespace_publication_limit_holds_on_the_pusher_api_too() {
+    let mut c = config();
+    c.pusher.apps[0].max_event_size = 50_000;
+    c.channels.max_publication_size = 1000;
+    let server = TestServer::start(c).await;
+    let body = json!({"name": "e", "channel": "x", "data": "x".repeat(2000)}).to_string();
+    let (status, got) = pusher_api(server.addr, "POST", "/apps/1/events", "", &body).await;
+    assert_eq!((status, got["error"]["code"].as_u64()), (413, Some(112)), "{got}");
+    assert!(got["error"]["message"].as_str().is_some_and(|m| m.contains("channels.max_publication_size")), "{got}");
+    server.shutdown().await;
+}

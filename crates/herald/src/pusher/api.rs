@@ -317,6 +317,9 @@ fn check_event(node: &Node, app: &PusherApp, e: &Event, single: bool) -> Result<
 async fn trigger(node: &Node, app: &PusherApp, e: Event, single: bool) -> Result<(), ApiError> {
     check_event(node, app, &e, single)?;
     let data = protocol::store_data(&e.text());
+    // The app's limit is Pusher's; the namespace's holds too, as on every door.
+    crate::rules::check_publication_size(&node.config.channels, data.len())
+        .map_err(|(code, message)| ApiError::new(code, message))?;
     let tags = Arc::new(BTreeMap::from([("event".to_owned(), e.name.clone())]));
     let exclude = e.socket_id.as_deref().and_then(parse_socket_id);
     for c in e.channels() {
