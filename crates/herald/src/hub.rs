@@ -219,12 +219,23 @@ pub enum SubscribeError {
     Closed,
 }
 
+/// Told when a channel gets its first subscriber on this node and when it loses its last
+/// (webhooks' `channel_occupied` / `channel_vacated`). Called under the channel's shard lock,
+/// so per channel the calls alternate and arrive in order: keep them short, never call back
+/// into the hub.
+pub trait Occupancy: Send + Sync + std::fmt::Debug {
+    fn occupied(&self, channel: &str);
+    fn vacated(&self, channel: &str);
+}
+
 /// The channel → subscribers map of this node.
 #[derive(Debug)]
 pub struct Hub {
     shards: Box<[Shard]>,
     hasher: std::collections::hash_map::RandomState,
     subscriptions: AtomicUsize,
+    /// Set only when someone listens (webhooks configured): otherwise nothing is called.
+    occupancy: OnceLock<Arc<dyn Occupancy>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -247,7 +258,14 @@ impl Hub {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: Default::default(),
             subscriptions: AtomicUsize::new(0),
+            occupancy: OnceLock::new(),
         }
+    }
+
+    /// Tells `occupancy` about channels gaining their first and losing their last subscriber
+    /// from now on. Only the first call has an effect.
+    pub fn set_occupancy(&self, occupancy: Arc<dyn Occupancy>) {
+        let _ = self.occupancy.set(occupancy);
     }
 
     fn shard(&self, channel: &str) -> &Shard {
@@ -262,7 +280,12 @@ impl Hub {
         loop {
             let state = lock(self.shard(channel))
                 .entry(channel.clone())
-                .or_insert_with(|| Arc::new(ChannelState { inner: Mutex::new(ChannelInner::default()) }))
+                .or_insert_with(|| {
+                    if let Some(o) = self.occupancy.get() {
+                        o.occupied(channel);
+                    }
+                    Arc::new(ChannelState { inner: Mutex::new(ChannelInner::default()) })
+                })
                 .clone();
             let mut inner = lock(&state.inner);
             if inner.dead {
@@ -348,6 +371,9 @@ impl Hub {
                 inner.dead = true;
                 drop(inner);
                 shard.remove(channel);
+                if let Some(o) = self.occupancy.get() {
+                    o.vacated(channel);
+                }
             }
         }
     }
@@ -586,6 +612,35 @@ mod tests {
     fn join(hub: &Hub, ch: &Arc<str>, s: &Subscriber, offset: u64) {
         hub.subscribe(ch, s.clone()).expect("subscribe");
         hub.activate(ch, s.id, Some(Bytes::from(format!("reply {offset}"))), offset).expect("activate");
+    }
+
+    #[derive(Debug, Default)]
+    struct Seen(Mutex<Vec<String>>);
+    impl Occupancy for Seen {
+        fn occupied(&self, channel: &str) {
+            lock(&self.0).push(format!("+{channel}"));
+        }
+        fn vacated(&self, channel: &str) {
+            lock(&self.0).push(format!("-{channel}"));
+        }
+    }
+
+    #[test]
+    fn occupancy_is_told_of_the_first_and_last_subscriber_only() {
+        let hub = Hub::new();
+        let seen = Arc::new(Seen::default());
+        hub.set_occupancy(seen.clone());
+        let ch: Arc<str> = Arc::from("news");
+        let (a, b) = (sub(1, 1 << 20, &Text), sub(2, 1 << 20, &Text));
+        join(&hub, &ch, &a, 0);
+        join(&hub, &ch, &b, 0);
+        hub.unsubscribe("news", 1);
+        hub.unsubscribe("news", 1);
+        hub.unsubscribe("news", 2);
+        join(&hub, &ch, &a, 0);
+        // A subscriber cut off as a slow consumer empties the channel too.
+        hub.lost("news");
+        assert_eq!(*lock(&seen.0), ["+news", "-news", "+news", "-news"]);
     }
 
     #[test]

@@ -24,6 +24,8 @@
 //! - `origin`: `http.allowed_origins` for WebSocket, SSE and CORS; the API's CSRF rule.
 //! - `metrics`: the Prometheus recorder behind `/metrics`.
 //! - `http_error`: JSON error answers shared by every HTTP endpoint.
+//! - `webhooks`: lifecycle events (occupied/vacated, members, client events, connects) POSTed to
+//!   endpoints in batches, in order, retried until delivered; bounded queues.
 //! - `secret`: `Secret`, a configuration value never printed (a leaf, used by `config` and `auth`).
 
 pub mod api;
@@ -45,6 +47,7 @@ pub mod session;
 pub mod tls;
 pub mod transport;
 pub mod web;
+pub mod webhooks;
 pub mod ws;
 
 pub use config::Config;

@@ -116,4 +116,17 @@ fn describe() {
     );
     describe_counter!("herald_tls_handshake_failures_total", "TLS handshakes that failed or timed out.");
     describe_counter!("herald_tls_reloads_total", "Certificate reloads on SIGHUP (result: ok, failed).");
+    describe_counter!(
+        "herald_webhook_requests_total",
+        "Webhook requests sent, by result: ok (2xx), status (another status), network, timeout."
+    );
+    describe_counter!(
+        "herald_webhook_failures_total",
+        "Webhook events given up after webhooks.max_attempts or webhooks.max_age (or at the shutdown bound)."
+    );
+    describe_counter!(
+        "herald_webhook_dropped_total",
+        "Webhook events dropped before being sent (reason: queue_full, shutdown)."
+    );
+    describe_gauge!("herald_webhook_queue", "Webhook events waiting to be sent, over every endpoint.");
 }

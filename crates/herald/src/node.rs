@@ -12,8 +12,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use crate::channel::{ChannelName, NamespaceOptions};
 use crate::config::Config;
 use crate::engine::{
-    Delivery, Engine, EngineError, EngineLimits, History, HistoryPolicy, HistoryQuery, MemoryEngine, PublicationRecord,
-    Publish, StreamPosition,
+    Delivery, Engine, EngineError, EngineLimits, History, HistoryPolicy, HistoryQuery, MemoryEngine, PresenceChange,
+    PresenceEntry, PublicationRecord, Publish, StreamPosition,
 };
 use crate::hub::{ChannelEvent, Hub, SubscribeError, Subscriber};
 use crate::ws::{self, WsContext};
@@ -32,6 +32,8 @@ pub struct Node {
     pub(crate) prometheus: Option<PrometheusHandle>,
     /// Verifies connection and subscription tokens; `None` when no key is configured.
     pub verifier: Option<crate::auth::Verifier>,
+    /// Lifecycle webhooks (`[webhooks]`); free when no endpoint is configured.
+    pub webhooks: Arc<crate::webhooks::Webhooks>,
     /// Connected sessions of identified users, for the API's `disconnect` and `unsubscribe`.
     users: std::sync::Mutex<UserSessions>,
     ready: AtomicBool,
@@ -69,6 +71,10 @@ impl Node {
             hub: hub.clone(),
             queue_time: metrics::histogram!("herald_publish_queue_seconds"),
         }));
+        let webhooks = Arc::new(crate::webhooks::Webhooks::new(&config.webhooks));
+        if webhooks.enabled() {
+            hub.set_occupancy(webhooks.clone());
+        }
         Self {
             ws_settings: Arc::new(config.websocket.clone()),
             echo_settings,
@@ -78,6 +84,7 @@ impl Node {
             ws,
             prometheus,
             verifier,
+            webhooks,
             users: Default::default(),
             ready: AtomicBool::new(true),
             started: Instant::now(),
@@ -175,6 +182,36 @@ impl Node {
         }
     }
 
+    /// Adds (or refreshes) a client's presence on `channel`: the single path for every door,
+    /// so a user's first connection there is announced to webhooks (`member_added`) once.
+    pub async fn presence_add(
+        &self,
+        channel: &str,
+        entry: PresenceEntry,
+        ttl: std::time::Duration,
+    ) -> Result<PresenceChange, EngineError> {
+        let user = self.webhooks.enabled().then(|| entry.user.clone());
+        let change = self.engine.presence_add(channel, entry, ttl).await;
+        if let (Ok(PresenceChange::UserJoined), Some(user)) = (&change, user) {
+            self.webhooks.member_added(channel, &user);
+        }
+        change
+    }
+
+    /// Removes a client's presence from `channel`; a user's last connection there leaving is
+    /// announced to webhooks (`member_removed`).
+    pub async fn presence_remove(
+        &self,
+        channel: &str,
+        client: &str,
+    ) -> Result<(PresenceChange, Option<PresenceEntry>), EngineError> {
+        let change = self.engine.presence_remove(channel, client).await;
+        if let Ok((PresenceChange::UserLeft, Some(entry))) = &change {
+            self.webhooks.member_removed(channel, &entry.user);
+        }
+        change
+    }
+
     /// Announces the `leave` of users whose presence expired without a goodbye (their node
     /// died), on the channels this node has subscribers of. Called by the sweeper.
     pub async fn expire_presence(&self) {
@@ -196,6 +233,9 @@ impl Node {
                     continue;
                 }
             };
+            for entry in &left {
+                self.webhooks.member_removed(&channel, &entry.user);
+            }
             if !ns.join_leave {
                 continue;
             }
@@ -246,6 +286,9 @@ impl Node {
         metrics::gauge!("herald_stored_channels").set(stats.channels as f64);
         metrics::gauge!("herald_history_bytes").set(stats.history_bytes as f64);
         metrics::gauge!("herald_subscriptions").set(self.hub.subscription_count() as f64);
+        if self.webhooks.enabled() {
+            metrics::gauge!("herald_webhook_queue").set(self.webhooks.queued() as f64);
+        }
     }
 
     fn users_lock(&self) -> std::sync::MutexGuard<'_, UserSessions> {

@@ -42,6 +42,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     let node = Arc::new(Node::new(config.clone(), ws, prometheus));
     let origins = Arc::new(OriginPolicy::new(&config.http.allowed_origins));
     let app = router(node.clone(), origins.clone());
+    node.webhooks.start();
     tokio::spawn({
         // Forget idle channels and expired presence, until shutdown.
         let (node, stop, config) = (node.clone(), stop.clone(), config.clone());
@@ -124,6 +125,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     if tokio::time::timeout(config.drain_timeout, tracker.wait()).await.is_err() {
         tracing::warn!(left = tracker.len(), "drain timeout reached; dropping remaining connections");
     }
+    // After the sessions ended, so their `disconnect` and `member_removed` events go too.
+    node.webhooks.shutdown().await;
     Ok(())
 }
 

@@ -233,6 +233,8 @@ impl Session {
         let subscriptions = claimed.iter().map(|(c, _)| c.to_string()).collect();
         let reply = ConnectResult { client: client.clone(), version: crate::VERSION.to_owned(), ping, subscriptions };
         tracing::debug!(session = self.id, %client, name = req.name.as_deref().unwrap_or(""), "connected");
+        // Queued before the reply: a client that saw its reply knows the event is on its way.
+        node.webhooks.connect(&self.user, &client, "native");
         self.client = Some(client);
         self.send(encode_reply(id, "connect", &reply));
         // Server-side subscriptions: each announced by a `subscribe` push sent under the
@@ -404,7 +406,7 @@ impl Session {
         let ttl = self.presence_ttl();
         let client = ClientInfo { user: entry.user.clone(), client: entry.client.clone() };
         let info = entry.info.as_ref().map(|i| String::from_utf8_lossy(i).into_owned());
-        match self.node.engine.presence_add(channel.as_str(), entry, ttl).await {
+        match self.node.presence_add(channel.as_str(), entry, ttl).await {
             Ok(PresenceChange::UserJoined) if join_leave => {
                 self.node.broadcast(channel.as_str(), &ChannelEvent::Join { client, info }).await;
             }
@@ -419,7 +421,7 @@ impl Session {
         if !ns.presence {
             return;
         }
-        match self.node.engine.presence_remove(channel, client).await {
+        match self.node.presence_remove(channel, client).await {
             Ok((PresenceChange::UserLeft, Some(entry))) if ns.join_leave => {
                 let client = ClientInfo { user: entry.user, client: entry.client };
                 self.node.broadcast(channel, &ChannelEvent::Leave { client }).await;
@@ -447,7 +449,7 @@ impl Session {
             let Ok((name, ns)) = self.node.config.channels.resolve(channel) else { continue };
             if ns.presence {
                 let entry = self.presence_entry(name.as_str());
-                let _ = self.node.engine.presence_add(name.as_str(), entry, self.presence_ttl()).await;
+                let _ = self.node.presence_add(name.as_str(), entry, self.presence_ttl()).await;
             }
         }
     }
@@ -636,6 +638,9 @@ impl Session {
             self.node.unsubscribe(&channel, self.id);
             self.presence_remove(&channel).await;
         }
+        if let Some(client) = self.client.take() {
+            self.node.webhooks.disconnect(&self.user, &client, "native");
+        }
     }
 }
 
@@ -704,6 +709,9 @@ impl Drop for Session {
         // (presence then expires by itself).
         for channel in self.subscriptions.drain() {
             self.node.unsubscribe(&channel, self.id);
+        }
+        if let Some(client) = self.client.take() {
+            self.node.webhooks.disconnect(&self.user, &client, "native");
         }
     }
 }

@@ -52,6 +52,9 @@ pub struct Config {
     pub pusher: crate::pusher::PusherConfig,
     /// Endpoints for testing Herald itself. Keep them off in production.
     pub testing: TestingConfig,
+    /// Lifecycle webhooks: channel occupied/vacated, members added/removed, client events,
+    /// connects and disconnects, POSTed to your endpoints. See docs/webhooks.md.
+    pub webhooks: crate::webhooks::WebhooksConfig,
     /// Set by `herald serve --demo` only (never from a file or the environment): serve
     /// `/demo/token` and run the demo ticker. See `web::apply_demo`.
     #[serde(skip)]
@@ -74,6 +77,7 @@ impl Default for Config {
             tls: crate::tls::TlsConfig::default(),
             pusher: crate::pusher::PusherConfig::default(),
             testing: TestingConfig::default(),
+            webhooks: crate::webhooks::WebhooksConfig::default(),
             demo: false,
         }
     }
@@ -220,7 +224,8 @@ impl ApiConfig {
 }
 
 /// Keys whose values `check-config` must not print.
-const SECRET_KEYS: &[&str] = &["api.key", "api.keys", "auth.secret", "engine.redis.password", "pusher.apps"];
+const SECRET_KEYS: &[&str] =
+    &["api.key", "api.keys", "auth.secret", "engine.redis.password", "pusher.apps", "webhooks.endpoints"];
 
 /// The engine (`[engine]`): see `docs/operations.md#running-several-nodes-with-redis`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -506,6 +511,7 @@ impl Config {
             }
         }
         self.pusher.validate(&self.channels).map_err(|message| ConfigError::Invalid { key: "pusher", message })?;
+        self.webhooks.validate().map_err(|(key, message)| ConfigError::Invalid { key, message })?;
         check_log_filter(&self.log.level)
     }
 }
