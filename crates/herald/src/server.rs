@@ -42,6 +42,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     let node = Arc::new(Node::new(config.clone(), ws, prometheus));
     let origins = Arc::new(OriginPolicy::new(&config.http.allowed_origins));
     let app = router(node.clone(), origins.clone());
+    crate::pusher::name_webhook_channels(&node);
     node.webhooks.start();
     tokio::spawn({
         // Forget idle channels and expired presence, until shutdown.

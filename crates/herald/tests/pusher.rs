@@ -585,3 +585,97 @@ async fn the_namespace_publication_limit_holds_on_the_pusher_api_too() {
     assert!(got["error"]["message"].as_str().is_some_and(|m| m.contains("channels.max_publication_size")), "{got}");
     server.shutdown().await;
 }
+
+/// A webhook request as received: its `X-Pusher-Signature` and its body.
+type Hook = (Option<String>, bytes::Bytes);
+
+/// A Pusher-format webhook receiver sees the app's events under the app's channel names:
+/// members and client events of the door, signed with the app's secret.
+#[tokio::test]
+async fn webhooks_in_pushers_format_carry_the_apps_channel_names() {
+    use std::sync::{Arc, Mutex};
+    // A receiver: every request body, answered 200.
+    let bodies: Arc<Mutex<Vec<Hook>>> = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/hooks", listener.local_addr().expect("addr"));
+    let receiver = tokio::spawn({
+        let bodies = bodies.clone();
+        async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let bodies = bodies.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let bodies = bodies.clone();
+                        async move {
+                            let sig = req
+                                .headers()
+                                .get("x-pusher-signature")
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_owned);
+                            let body = axum::body::to_bytes(axum::body::Body::new(req.into_body()), 1 << 20)
+                                .await
+                                .unwrap_or_default();
+                            bodies.lock().expect("log").push((sig, body));
+                            Ok::<_, std::convert::Infallible>(http::Response::new(axum::body::Body::empty()))
+                        }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+                });
+            }
+        }
+    });
+    let mut c = Config::default();
+    c.channels.namespaces.insert("shop".into(), Default::default());
+    c.pusher.apps.push(app("1", KEY, "shop"));
+    c.webhooks.endpoints.push(herald::webhooks::EndpointConfig {
+        url,
+        format: herald::webhooks::WebhookFormat::Pusher,
+        key: KEY.into(),
+        secret: Secret::new(SECRET),
+        ..Default::default()
+    });
+    let server = TestServer::start(c).await;
+    let mut a = Client::open(server.addr, KEY).await;
+    let mut b = Client::open(server.addr, KEY).await;
+    a.subscribe("presence-room", Some(("1", json!(null)))).await;
+    b.subscribe("presence-room", Some(("2", json!(null)))).await;
+    b.send(json!({"event": "client-typing", "channel": "presence-room", "data": {"on": true}})).await;
+    assert_eq!(a.next().await["event"], "pusher_internal:member_added");
+    assert_eq!(a.next().await["event"], "client-typing");
+
+    let mut events: Vec<Value> = Vec::new();
+    for _ in 0..100 {
+        events = bodies
+            .lock()
+            .expect("log")
+            .iter()
+            .flat_map(|(sig, body)| {
+                let expected = auth::sign(&Secret::new(SECRET), std::str::from_utf8(body).expect("utf8"));
+                assert_eq!(sig.as_deref(), Some(expected.as_str()), "signed with the app secret");
+                serde_json::from_slice::<Value>(body).expect("json")["events"].as_array().cloned().unwrap_or_default()
+            })
+            .collect();
+        if events.iter().any(|e| e["name"] == "client_event")
+            && events.iter().filter(|e| e["name"] == "member_added").count() == 2
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let client = events.iter().find(|e| e["name"] == "client_event").expect("a client_event");
+    assert_eq!(client["channel"], "presence-room", "the app's name, not Herald's shop:presence-room");
+    assert_eq!((client["event"].as_str(), client["user_id"].as_str()), (Some("client-typing"), Some("2")));
+    assert_eq!(client["socket_id"], b.socket_id.as_str());
+    assert_eq!(
+        serde_json::from_str::<Value>(client["data"].as_str().expect("string")).expect("json"),
+        json!({"on": true})
+    );
+    let mut added: Vec<&str> =
+        events.iter().filter(|e| e["name"] == "member_added").filter_map(|e| e["user_id"].as_str()).collect();
+    added.sort();
+    assert_eq!(added, ["1", "2"]);
+    assert!(events.iter().all(|e| e["channel"] == "presence-room"), "{events:?}");
+    server.shutdown().await;
+    receiver.abort();
+}

@@ -137,6 +137,7 @@ async fn run(node: Arc<Node>, key: String, protocol: Option<String>, mut socket:
         "socket_id": conn.socket_id,
         "activity_timeout": node.config.pusher.activity_timeout.as_secs(),
     });
+    node.webhooks.connect("", &conn.socket_id, "pusher");
     conn.send(protocol::event("pusher:connection_established", None, &established.to_string()));
     let activity = node.config.pusher.activity_timeout;
     let pong_timeout = node.config.websocket.pong_timeout;
@@ -208,6 +209,7 @@ async fn run(node: Arc<Node>, key: String, protocol: Option<String>, mut socket:
         }
     }
     Box::pin(conn.end()).await;
+    node.webhooks.disconnect(conn.user.as_deref().unwrap_or(""), &conn.socket_id, "pusher");
     metrics::gauge!("herald_pusher_connections").decrement(1.0);
 }
 
@@ -407,7 +409,7 @@ impl Connection {
                 user: user.clone(),
                 info: info.clone().map(Bytes::from),
             };
-            let joined = match node.engine.presence_add(channel.as_str(), entry, self.presence_ttl()).await {
+            let joined = match node.presence_add(channel.as_str(), entry, self.presence_ttl()).await {
                 Ok(change) => change == PresenceChange::UserJoined,
                 Err(e) => {
                     self.subscriptions.remove(channel.as_str());
@@ -420,7 +422,7 @@ impl Connection {
                 }
                 Err(e) => {
                     self.subscriptions.remove(channel.as_str());
-                    let _ = node.engine.presence_remove(channel.as_str(), &self.socket_id).await;
+                    let _ = node.presence_remove(channel.as_str(), &self.socket_id).await;
                     return self.subscription_error(name, 503, "Unavailable", &e.to_string());
                 }
             }
@@ -491,6 +493,7 @@ impl Connection {
         if self.limited(verdict) {
             return;
         }
+        node.webhooks.client_event(channel.as_str(), &event, &data, Some(&self.socket_id), user.as_deref());
         let event = ChannelEvent::Client { event, data, user, exclude: Some(self.id) };
         node.broadcast(channel.as_str(), &event).await;
     }
@@ -509,7 +512,7 @@ impl Connection {
         if member.is_none() {
             return;
         }
-        match self.node.engine.presence_remove(channel.as_str(), &self.socket_id).await {
+        match self.node.presence_remove(channel.as_str(), &self.socket_id).await {
             Ok((PresenceChange::UserLeft, Some(entry))) => {
                 let client = ClientInfo { user: entry.user, client: entry.client };
                 self.node.broadcast(channel.as_str(), &ChannelEvent::Leave { client }).await;
@@ -531,7 +534,7 @@ impl Connection {
                     user: user.clone(),
                     info: joined.info.clone().map(Bytes::from),
                 };
-                let _ = self.node.engine.presence_add(channel, entry, self.presence_ttl()).await;
+                let _ = self.node.presence_add(channel, entry, self.presence_ttl()).await;
             }
         }
     }

@@ -261,6 +261,17 @@ impl PusherConfig {
     }
 }
 
+/// Tells the webhooks of each app (`format = "pusher"` endpoints with the app's key) the app's
+/// names for Herald channels, so their events carry Pusher names and only the app's channels.
+pub fn name_webhook_channels(node: &crate::node::Node) {
+    for app in &node.config.pusher.apps {
+        let key = app.key.clone();
+        let app = app.clone();
+        let names = crate::webhooks::ChannelNames::new(move |c| app.pusher_name(c).map(std::borrow::Cow::into_owned));
+        node.webhooks.name_channels(&key, names);
+    }
+}
+
 /// Pusher's socket id for connection `id`: `<high 32 bits>.<low 32 bits>` (the high half is
 /// the node's random number, so socket ids are unique across nodes).
 pub fn socket_id(id: u64) -> String {
