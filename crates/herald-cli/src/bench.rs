@@ -46,6 +46,9 @@ enum TargetKind {
     /// Subscribe with a WebSocket to `--sub-url`, publish with `POST --pub-url`; each message is
     /// the payload itself (Nchan, a Node `ws` server, Herald's `/ws/<channel>`...).
     Raw,
+    /// Herald's Pusher door: subscribe as pusher-js does on `<url>/app/<--pusher-key>`, publish
+    /// through `POST /api/publish` as `herald` does: the same fan-out through the other door.
+    Pusher,
 }
 
 /// Which server, and how to talk to it.
@@ -74,6 +77,9 @@ struct TargetArgs {
     /// Channel names are this prefix and a number.
     #[arg(long, value_name = "PREFIX", default_value = "bench-")]
     channel_prefix: String,
+    /// The Pusher app key (`--target pusher`): one of Herald's `[[pusher.apps]]`.
+    #[arg(long, value_name = "KEY", default_value = "bench-key")]
+    pusher_key: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -156,11 +162,15 @@ struct Target {
 impl Target {
     async fn resolve(args: &TargetArgs) -> anyhow::Result<Self> {
         let (ws_urls, pub_url) = match args.target {
-            TargetKind::Herald => {
+            TargetKind::Herald | TargetKind::Pusher => {
                 let bases: Vec<&str> = args.url.iter().map(|u| u.trim_end_matches('/')).collect();
                 let first = bases.first().context("--url is missing")?;
                 let (host, _) = split_url(first, "ws")?;
-                (bases.iter().map(|b| format!("{b}/connect")).collect(), format!("http://{host}/api/publish"))
+                let path = match args.target {
+                    TargetKind::Pusher => format!("/app/{}?protocol=7&client=herald-bench", args.pusher_key),
+                    _ => "/connect".to_owned(),
+                };
+                (bases.iter().map(|b| format!("{b}{path}")).collect(), format!("http://{host}/api/publish"))
             }
             TargetKind::Raw => (
                 vec![args.sub_url.clone().context("--target raw needs --sub-url")?],
@@ -188,6 +198,7 @@ impl Target {
         match self.kind {
             TargetKind::Herald => "herald",
             TargetKind::Raw => "raw",
+            TargetKind::Pusher => "pusher",
         }
     }
 
@@ -239,6 +250,12 @@ impl Target {
                     let ws = conn::open(*addr, source, &url).await?;
                     Ok((ws, started.elapsed()))
                 }
+                TargetKind::Pusher => {
+                    let mut ws = conn::open(*addr, source, url).await?;
+                    let handshake = started.elapsed();
+                    conn::pusher_subscribe(&mut ws, channel).await?;
+                    Ok((ws, handshake))
+                }
             }
         };
         tokio::time::timeout(conn::OPEN_TIMEOUT, ready).await.context("timed out opening a connection")?
@@ -252,7 +269,9 @@ impl Target {
     fn publish_request(&self, out: &mut Vec<u8>, channel: &str, payload: &[u8]) {
         use std::io::Write as _;
         let (path, prefix, suffix): (std::borrow::Cow<'_, str>, String, &str) = match self.kind {
-            TargetKind::Herald => (self.pub_path.as_str().into(), format!(r#"{{"channel":"{channel}","data":"#), "}"),
+            TargetKind::Herald | TargetKind::Pusher => {
+                (self.pub_path.as_str().into(), format!(r#"{{"channel":"{channel}","data":"#), "}")
+            }
             TargetKind::Raw => (self.pub_path.replace("{channel}", channel).into(), String::new(), ""),
         };
         let len = prefix.len() + payload.len() + suffix.len();
@@ -318,14 +337,17 @@ fn payload(out: &mut Vec<u8>, seq: u64, ts: u64, size: usize) {
     out.extend_from_slice(b"\"}");
 }
 
-/// (seq, ts) from a message carrying a payload, wherever it sits in the JSON.
+/// (seq, ts) from a message carrying a payload, wherever it sits in the JSON (also inside a
+/// JSON string, as Pusher's `data` carries it).
 fn parse_payload(text: &str) -> Option<(u64, u64)> {
     fn number_after(text: &str, key: &str) -> Option<u64> {
         let at = text.find(key)? + key.len();
         let digits = text[at..].bytes().take_while(u8::is_ascii_digit).count();
         text[at..at + digits].parse().ok()
     }
-    Some((number_after(text, "\"seq\":")?, number_after(text, "\"ts\":")?))
+    let plain = || Some((number_after(text, "\"seq\":")?, number_after(text, "\"ts\":")?));
+    let escaped = || Some((number_after(text, "\\\"seq\\\":")?, number_after(text, "\\\"ts\\\":")?));
+    plain().or_else(escaped)
 }
 
 /// Milliseconds with microsecond resolution, for JSON.
@@ -594,6 +616,9 @@ mod tests {
         // Inside a Herald push.
         let push = format!(r#"{{"push":{{"channel":"bench-1","pub":{{"offset":7,"data":{text}}}}}}}"#);
         assert_eq!(parse_payload(&push), Some((42, 1_700_000_000_123_456_789)));
+        // Inside a Pusher event, where data is a string holding the JSON.
+        let event = json!({"event": "message", "channel": "bench-1", "data": text}).to_string();
+        assert_eq!(parse_payload(&event), Some((42, 1_700_000_000_123_456_789)));
         // Too small to pad: still valid JSON.
         p.clear();
         payload(&mut p, 1, 2, 10);

@@ -35,6 +35,12 @@ pub trait Encoder: Send + Sync + std::fmt::Debug + 'static {
     fn sink(&self) -> Sink {
         Sink::WebSocket
     }
+    /// The close code and reason a WebSocket subscriber cut off as a slow consumer gets: 4001
+    /// by default; a door whose clients read codes their own way picks one that makes them
+    /// reconnect (Pusher clients never reconnect after 4000-4099).
+    fn slow_consumer_close(&self) -> (u16, &'static str) {
+        (CloseCode::SlowConsumer.as_u16(), CloseCode::SlowConsumer.reason())
+    }
 }
 
 /// What a subscriber's outbox feeds.
@@ -512,7 +518,7 @@ fn slow_consumer(sub: &Subscriber, channel: &str) {
             sub.outbox.finish();
             metrics::counter!("herald_slow_consumers_total").increment(1);
         }
-        Sink::WebSocket => close_slow_consumer(&sub.outbox),
+        Sink::WebSocket => close_slow_consumer_with(&sub.outbox, sub.encoder.slow_consumer_close()),
     }
     tracing::debug!(subscriber = sub.id, channel, "slow consumer disconnected");
 }
@@ -521,7 +527,12 @@ fn slow_consumer(sub: &Subscriber, channel: &str) {
 /// counts it. For replies as for publications: a reply is never dropped on an open connection.
 pub(crate) fn close_slow_consumer(outbox: &Outbox) {
     let code = CloseCode::SlowConsumer;
-    if outbox.close_now(Some(CloseFrame::new(ws::CloseCode(code.as_u16()), code.reason()))) {
+    close_slow_consumer_with(outbox, (code.as_u16(), code.reason()));
+}
+
+/// [`close_slow_consumer`] with a door's own close code and reason.
+pub(crate) fn close_slow_consumer_with(outbox: &Outbox, (code, reason): (u16, &str)) {
+    if outbox.close_now(Some(CloseFrame::new(ws::CloseCode(code), reason))) {
         metrics::counter!("herald_slow_consumers_total").increment(1);
     }
 }

@@ -16,6 +16,8 @@
 //!   subscriptions, pings.
 //! - `centrifugo`: the Centrifugo door's encoder (its wire translation is in `herald-protocol`).
 //! - `transport`: `/connect`, `/connection/websocket`, `/ws/<channel>`, `/sse/<channel>`.
+//! - `pusher`: Pusher Channels protocol 7 on `/app/<key>` (pusher-js, Laravel Echo) and the Pusher
+//!   HTTP API on `/apps/<id>/...` (the `pusher` server SDKs).
 //! - `api`: the HTTP API for backends (`POST /api/<method>`).
 //! - `ws`: our WebSocket layer (RFC 6455 framing, RFC 7692 deflate, prepared frames).
 //! - `web`: `/herald.js`, the demo pages, `--demo` setup, the close for non-endpoint WebSockets.
@@ -40,6 +42,7 @@ pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod origin;
+pub mod pusher;
 pub mod rules;
 pub mod secret;
 pub mod server;

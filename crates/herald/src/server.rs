@@ -42,6 +42,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     let node = Arc::new(Node::new(config.clone(), ws, prometheus));
     let origins = Arc::new(OriginPolicy::new(&config.http.allowed_origins));
     let app = router(node.clone(), origins.clone());
+    crate::pusher::name_webhook_channels(&node);
     node.webhooks.start();
     tokio::spawn({
         // Forget idle channels and expired presence, until shutdown.
@@ -143,6 +144,8 @@ fn router(node: Arc<Node>, origins: Arc<OriginPolicy>) -> Router {
         .route("/connection/websocket", any(transport::centrifugo))
         .route("/ws/{*channel}", any(transport::raw_ws))
         .route("/sse/{*channel}", get(transport::sse))
+        .route("/app/{key}", any(crate::pusher::door::connect))
+        .route("/apps/{id}/{*rest}", any(crate::pusher::api::dispatch))
         .merge(api);
     if node.config.testing.echo {
         r = r.route("/_echo", any(echo));

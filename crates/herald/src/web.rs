@@ -106,6 +106,7 @@ pub async fn websocket_gate(State(node): State<Arc<Node>>, req: Request, next: a
     let endpoint = path == "/connect"
         || path == "/connection/websocket"
         || path.starts_with("/ws/")
+        || path.starts_with("/app/")
         || (path == "/_echo" && node.config.testing.echo);
     if is_upgrade(req.headers()) && !endpoint {
         return not_an_endpoint(&node, req);

@@ -94,3 +94,35 @@ pub(super) async fn herald_subscribe(ws: &mut Ws, id: u32, channel: &str) -> any
     let frame = serde_json::json!({"id": id, "subscribe": {"channel": channel}}).to_string();
     command(ws, id, frame).await.with_context(|| format!("cannot subscribe to `{channel}`")).map(drop)
 }
+
+/// Waits for Pusher's `connection_established`, then subscribes to `channel` (if any) and waits
+/// for `subscription_succeeded`, as pusher-js does.
+pub(super) async fn pusher_subscribe(ws: &mut Ws, channel: Option<&str>) -> anyhow::Result<()> {
+    pusher_expect(ws, "pusher:connection_established").await?;
+    if let Some(channel) = channel {
+        let frame = serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel}}).to_string();
+        ws.send(Message::text(frame)).await?;
+        pusher_expect(ws, "pusher_internal:subscription_succeeded")
+            .await
+            .with_context(|| format!("cannot subscribe to `{channel}`"))?;
+    }
+    Ok(())
+}
+
+/// Reads until the Pusher event `event`; fails on an error event or the end of the connection.
+async fn pusher_expect(ws: &mut Ws, event: &str) -> anyhow::Result<()> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => {
+                let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
+                if v["event"] == event {
+                    return Ok(());
+                }
+                anyhow::ensure!(!v["event"].as_str().unwrap_or("").contains("error"), "refused: {t}");
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.into()),
+            None => anyhow::bail!("closed before {event}"),
+        }
+    }
+}

@@ -47,6 +47,9 @@ pub struct Config {
     pub http: HttpConfig,
     /// TLS: serve `wss://` and `https://` on the listening port.
     pub tls: crate::tls::TlsConfig,
+    /// Pusher Channels compatibility: apps for pusher-js / Laravel Echo on `/app/<key>` and the
+    /// Pusher HTTP API on `/apps/<id>/...`.
+    pub pusher: crate::pusher::PusherConfig,
     /// Endpoints for testing Herald itself. Keep them off in production.
     pub testing: TestingConfig,
     /// Lifecycle webhooks: channel occupied/vacated, members added/removed, client events,
@@ -72,6 +75,7 @@ impl Default for Config {
             engine: EngineConfig::default(),
             http: HttpConfig::default(),
             tls: crate::tls::TlsConfig::default(),
+            pusher: crate::pusher::PusherConfig::default(),
             testing: TestingConfig::default(),
             webhooks: crate::webhooks::WebhooksConfig::default(),
             demo: false,
@@ -220,7 +224,8 @@ impl ApiConfig {
 }
 
 /// Keys whose values `check-config` must not print.
-const SECRET_KEYS: &[&str] = &["api.key", "api.keys", "auth.secret", "engine.redis.password", "webhooks.endpoints"];
+const SECRET_KEYS: &[&str] =
+    &["api.key", "api.keys", "auth.secret", "engine.redis.password", "pusher.apps", "webhooks.endpoints"];
 
 /// The engine (`[engine]`): see `docs/operations.md#running-several-nodes-with-redis`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -505,6 +510,7 @@ impl Config {
                 return Err(ConfigError::Invalid { key: "engine.redis.url", message: e.to_string() });
             }
         }
+        self.pusher.validate(&self.channels).map_err(|message| ConfigError::Invalid { key: "pusher", message })?;
         self.webhooks.validate().map_err(|(key, message)| ConfigError::Invalid { key, message })?;
         check_log_filter(&self.log.level)
     }

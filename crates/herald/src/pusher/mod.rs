@@ -1,0 +1,349 @@
+//! Pusher Channels compatibility: protocol 7 on `/app/<key>` (pusher-js, Laravel Echo) and the
+//! Pusher HTTP API on `/apps/<id>/...` (the `pusher` server SDKs), over Herald's own channels.
+//!
+//! A Pusher channel is a Herald channel: with an app whose `namespace` is empty, Pusher
+//! channel `foo` is Herald channel `foo`; with `namespace = "b"`, it is `b:foo`. Apps with
+//! different namespaces never see each other's channels, members or users.
+
+pub mod api;
+pub mod auth;
+pub mod door;
+pub mod protocol;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::channel::{ChannelError, ChannelName, ChannelsConfig, NamespaceOptions};
+use crate::secret::Secret;
+
+/// Pusher Channels compatibility (`[pusher]`): see `docs/migrating-from-pusher.md`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct PusherConfig {
+    /// The Pusher apps this server answers for, as `[[pusher.apps]]` tables; none by default
+    /// (then `/app/<key>` closes with 4001 and `/apps/<id>/...` answers 404). Keys of an app:
+    /// `id` (the app id, in API paths), `key` (public, in the client's URL), `secret` (signs
+    /// channel and user authentication and API requests; prefer an environment variable such
+    /// as `HERALD_PUSHER__APPS='[{id="1",key="k",secret="s"}]'`), `namespace` (the Herald
+    /// namespace the app's channels live in: empty (the default) maps Pusher channel `foo` to
+    /// Herald channel `foo`; with several apps each needs its own, configured under
+    /// `[channels.namespaces]`), `client_events` (allow `client-*` events on private and
+    /// presence channels; default true), `max_event_size` (largest event data in bytes, from
+    /// clients and the API; default 10240), `user_authentication` (require `pusher:signin`
+    /// within `pusher.signin_timeout`, else close 4009; default false), `event_name` (the event
+    /// name Pusher clients see for publications made through Herald's own API or
+    /// protocol; default `message`).
+    pub apps: Vec<PusherApp>,
+    /// The `activity_timeout` told to Pusher clients: a client silent this long is sent
+    /// `pusher:ping`, and closed with 4201 if no answer comes within
+    /// `websocket.pong_timeout`.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub activity_timeout: Duration,
+    /// With `user_authentication = true`, how long a connection may stay without a successful
+    /// `pusher:signin` before it is closed with 4009.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub signin_timeout: Duration,
+    /// Most channels one `POST /apps/<id>/events` may name (Pusher's limit is 100).
+    pub max_event_channels: usize,
+    /// Most events in one `POST /apps/<id>/batch_events` (Pusher's limit is 10).
+    pub max_batch_size: usize,
+    /// How far an API request's `auth_timestamp` may be from this server's clock.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub timestamp_window: Duration,
+}
+
+impl Default for PusherConfig {
+    fn default() -> Self {
+        Self {
+            apps: Vec::new(),
+            activity_timeout: Duration::from_secs(120),
+            signin_timeout: Duration::from_secs(30),
+            max_event_channels: 100,
+            max_batch_size: 10,
+            timestamp_window: Duration::from_secs(600),
+        }
+    }
+}
+
+/// One Pusher app (`[[pusher.apps]]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PusherApp {
+    /// The app id (in `/apps/<id>/...`).
+    pub id: String,
+    /// The public key (in `/app/<key>`, and before the `:` of every auth signature).
+    pub key: String,
+    /// Signs channel and user authentication and API requests.
+    #[schemars(with = "String")]
+    pub secret: Secret,
+    /// The Herald namespace of this app's channels; empty: none (Pusher `foo` = Herald `foo`).
+    #[serde(default)]
+    pub namespace: String,
+    /// Allow `client-*` events on private and presence channels.
+    #[serde(default = "yes")]
+    pub client_events: bool,
+    /// Largest event data, in bytes.
+    #[serde(default = "default_event_size")]
+    pub max_event_size: usize,
+    /// Require `pusher:signin` within `pusher.signin_timeout`.
+    #[serde(default)]
+    pub user_authentication: bool,
+    /// Event name for publications that carry none (made through Herald's own API).
+    #[serde(default = "default_event_name")]
+    pub event_name: String,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_event_size() -> usize {
+    10 << 10
+}
+
+fn default_event_name() -> String {
+    "message".into()
+}
+
+/// Pusher's per-user channel prefix.
+pub const USER_CHANNEL: &str = "#server-to-user-";
+
+/// A Herald channel name without its namespace, as Pusher names it.
+pub fn pusher_form(local: &str) -> std::borrow::Cow<'_, str> {
+    match local.strip_prefix("server-to-user#") {
+        Some(user) => format!("{USER_CHANNEL}{user}").into(),
+        None => local.into(),
+    }
+}
+
+/// Longest Pusher channel name (Pusher's own limit).
+pub const MAX_CHANNEL_NAME: usize = 164;
+
+/// What kind of channel a Pusher name is, by prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Public,
+    /// `private-` (including `private-encrypted-`: Herald carries the ciphertext as is).
+    Private,
+    Presence,
+}
+
+impl Kind {
+    pub fn of(name: &str) -> Self {
+        if name.starts_with("presence-") {
+            Self::Presence
+        } else if name.starts_with("private-") {
+            Self::Private
+        } else {
+            Self::Public
+        }
+    }
+
+    /// Whether subscribing needs a signature from the app's backend.
+    pub fn needs_auth(self) -> bool {
+        self != Self::Public
+    }
+}
+
+impl PusherApp {
+    /// The Herald channel behind Pusher channel `name`, with its namespace options. Pusher
+    /// names allow `[A-Za-z0-9_\-=@,.;]`; Herald names have no `;` (refused here), and `:`
+    /// and `#` (which Pusher names never have) keep their Herald meaning out of reach.
+    ///
+    /// Pusher's user channel `#server-to-user-<id>` (what `sendToUser` publishes to, and what
+    /// pusher-js subscribes to after `signin`) is Herald's user-limited channel
+    /// `server-to-user#<id>`.
+    pub fn channel<'c>(
+        &self,
+        channels: &'c ChannelsConfig,
+        name: &str,
+    ) -> Result<(ChannelName, &'c NamespaceOptions), ChannelError> {
+        if name.len() > MAX_CHANNEL_NAME {
+            return Err(ChannelError::TooLong { max: MAX_CHANNEL_NAME });
+        }
+        let (herald, checked) = match name.strip_prefix(USER_CHANNEL) {
+            Some(user) if !user.is_empty() => (format!("server-to-user#{user}"), user),
+            _ => (name.to_owned(), name),
+        };
+        // `,` would list several users in a user channel.
+        let allowed = |c: char| c.is_ascii_alphanumeric() || "_-=@.".contains(c) || (c == ',' && checked == name);
+        if let Some(ch) = checked.chars().find(|c| !allowed(*c)) {
+            return Err(ChannelError::BadChar { ch });
+        }
+        if self.namespace.is_empty() {
+            channels.resolve(&herald)
+        } else {
+            channels.resolve(&format!("{}:{herald}", self.namespace))
+        }
+    }
+
+    /// The Pusher name of Herald channel `channel`, if it belongs to this app.
+    pub fn pusher_name<'a>(&self, channel: &'a str) -> Option<std::borrow::Cow<'a, str>> {
+        let local = if self.namespace.is_empty() {
+            (!channel.contains(':')).then_some(channel)?
+        } else {
+            channel.strip_prefix(self.namespace.as_str())?.strip_prefix(':')?
+        };
+        Some(pusher_form(local))
+    }
+
+    /// The key a signed-in user of this app is known by to `Node`'s user registry (so that
+    /// `terminate_connections` and Herald's `disconnect` reach it): the user id itself for an
+    /// app without namespace, else `<namespace>:<id>`.
+    pub fn user_key(&self, user: &str) -> String {
+        if self.namespace.is_empty() {
+            user.to_owned()
+        } else {
+            format!("{}:{user}", self.namespace)
+        }
+    }
+}
+
+impl PusherConfig {
+    pub fn app_by_key(&self, key: &str) -> Option<&PusherApp> {
+        self.apps.iter().find(|a| a.key == key)
+    }
+
+    pub fn app_by_id(&self, id: &str) -> Option<&PusherApp> {
+        self.apps.iter().find(|a| a.id == id)
+    }
+
+    /// Checks what types cannot: unique ids, keys and namespaces; namespaces that exist.
+    pub fn validate(&self, channels: &ChannelsConfig) -> Result<(), String> {
+        for (i, a) in self.apps.iter().enumerate() {
+            let name = if a.id.is_empty() { format!("#{}", i + 1) } else { format!("`{}`", a.id) };
+            if a.id.is_empty() || a.key.is_empty() || a.secret.is_empty() {
+                return Err(format!("app {name}: `id`, `key` and `secret` must not be empty"));
+            }
+            let token = |s: &str| s.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
+            if !token(&a.id) || !token(&a.key) {
+                return Err(format!("app {name}: `id` and `key` may only have letters, digits, _ - ."));
+            }
+            if a.event_name.is_empty() || a.event_name.starts_with("pusher") || a.event_name.starts_with("client-") {
+                return Err(format!("app {name}: `event_name` must not be empty nor start with `pusher` or `client-`"));
+            }
+            if a.max_event_size == 0 {
+                return Err(format!("app {name}: `max_event_size` must be at least 1"));
+            }
+            if !a.namespace.is_empty() && !channels.namespaces.contains_key(&a.namespace) {
+                return Err(format!(
+                    "app {name}: namespace `{}` is not configured under [channels.namespaces]",
+                    a.namespace
+                ));
+            }
+            for b in &self.apps[..i] {
+                if a.id == b.id || a.key == b.key {
+                    return Err(format!("app {name}: another app has the same `id` or `key`"));
+                }
+                if a.namespace == b.namespace {
+                    let ns = if a.namespace.is_empty() { "none".to_owned() } else { format!("`{}`", a.namespace) };
+                    return Err(format!(
+                        "apps `{}` and `{}` share a namespace ({ns}): each app needs its own (set `namespace`) so \
+                         that apps never see each other's channels",
+                        b.id, a.id
+                    ));
+                }
+            }
+        }
+        for (key, n) in [("max_event_channels", self.max_event_channels), ("max_batch_size", self.max_batch_size)] {
+            if n == 0 {
+                return Err(format!("`{key}` must be at least 1"));
+            }
+        }
+        if self.activity_timeout.is_zero() || self.signin_timeout.is_zero() || self.timestamp_window.is_zero() {
+            return Err("durations must be greater than zero".into());
+        }
+        Ok(())
+    }
+}
+
+/// Tells the webhooks of each app (`format = "pusher"` endpoints with the app's key) the app's
+/// names for Herald channels, so their events carry Pusher names and only the app's channels.
+pub fn name_webhook_channels(node: &crate::node::Node) {
+    for app in &node.config.pusher.apps {
+        let key = app.key.clone();
+        let app = app.clone();
+        let names = crate::webhooks::ChannelNames::new(move |c| app.pusher_name(c).map(std::borrow::Cow::into_owned));
+        node.webhooks.name_channels(&key, names);
+    }
+}
+
+/// Pusher's socket id for connection `id`: `<high 32 bits>.<low 32 bits>` (the high half is
+/// the node's random number, so socket ids are unique across nodes).
+pub fn socket_id(id: u64) -> String {
+    format!("{}.{}", id >> 32, id & 0xffff_ffff)
+}
+
+/// The connection id behind a socket id, if it is well formed.
+pub fn parse_socket_id(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('.')?;
+    let (hi, lo): (u32, u32) = (hi.parse().ok()?, lo.parse().ok()?);
+    Some(u64::from(hi) << 32 | u64::from(lo))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app(namespace: &str) -> PusherApp {
+        PusherApp {
+            id: "1".into(),
+            key: "k".into(),
+            secret: Secret::new("s"),
+            namespace: namespace.into(),
+            client_events: true,
+            max_event_size: 10240,
+            user_authentication: false,
+            event_name: "message".into(),
+        }
+    }
+
+    #[test]
+    fn a_pusher_channel_is_a_herald_channel() {
+        let mut channels = ChannelsConfig::default();
+        channels.namespaces.insert("b".into(), Default::default());
+        let (c, _) = app("").channel(&channels, "private-foo").expect("ok");
+        assert_eq!(c.as_str(), "private-foo");
+        let (c, _) = app("b").channel(&channels, "presence-x@y,z=1.2").expect("ok");
+        assert_eq!(c.as_str(), "b:presence-x@y,z=1.2");
+        assert_eq!(app("b").pusher_name("b:foo").as_deref(), Some("foo"));
+        assert_eq!(app("b").pusher_name("foo"), None);
+        assert_eq!(app("").pusher_name("b:foo"), None, "another app's channel is not this one's");
+        let (c, _) = app("").channel(&channels, "#server-to-user-42").expect("ok");
+        assert_eq!(c.as_str(), "server-to-user#42");
+        assert!(c.allows_user("42") && !c.allows_user("43"));
+        assert_eq!(app("").pusher_name("server-to-user#42").as_deref(), Some("#server-to-user-42"));
+        for bad in ["a:b", "a#1", "#1", "#server-to-user-", "#server-to-user-1,2", "a/b", "a;b", "", &"x".repeat(165)] {
+            assert!(app("").channel(&channels, bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn socket_ids_round_trip() {
+        for id in [1u64, 0xdead_beef_0000_0007, u64::MAX] {
+            assert_eq!(parse_socket_id(&socket_id(id)), Some(id));
+        }
+        for bad in ["1", "a.b", "1.2.3", "99999999999.1", ""] {
+            assert_eq!(parse_socket_id(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn apps_must_be_isolated() {
+        let mut channels = ChannelsConfig::default();
+        channels.namespaces.insert("b".into(), Default::default());
+        let mut cfg = PusherConfig {
+            apps: vec![app(""), PusherApp { id: "2".into(), key: "k2".into(), ..app("") }],
+            ..Default::default()
+        };
+        assert!(cfg.validate(&channels).expect_err("shared").contains("share a namespace"));
+        cfg.apps[1].namespace = "b".into();
+        cfg.validate(&channels).expect("valid");
+        cfg.apps[1].namespace = "nope".into();
+        assert!(cfg.validate(&channels).is_err());
+    }
+}
