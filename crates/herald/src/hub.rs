@@ -4,16 +4,24 @@
 //! that uses it. One lock per channel keeps a single order per channel; channels are spread
 //! over shards so no lock is global. A subscriber whose queue overflows is closed (4001) and
 //! removed, never waited for.
+//!
+//! A channel of a conflated namespace ([`Flow::period`]) is delivered differently: a
+//! publication only replaces the channel's `latest` and wakes the channel's flusher task, so a
+//! skipped publication costs nothing per subscriber. The flusher, at most once per period,
+//! queues the newest publication to every member that does not have it yet; a member whose
+//! queue is full is skipped (it gets the newest at a later flush), not closed.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use herald_protocol::{ClientInfo, CloseCode};
 use serde::{Deserialize, Serialize};
 
+use crate::channel::NamespaceOptions;
 use crate::engine::{PublicationRecord, StreamPosition};
 use crate::ws::{self, CloseFrame, Outbox, Prepared, SendError};
 
@@ -27,6 +35,12 @@ pub trait Encoder: Send + Sync + std::fmt::Debug + 'static {
     fn slot(&self) -> usize;
     /// The frame for a stored publication of `channel` in stream `epoch`.
     fn publication(&self, channel: &str, epoch: &str, record: &PublicationRecord) -> Frame;
+    /// The frame for a publication of a conflated channel: publications before it may have
+    /// been skipped for this subscriber (its offset may jump). By default the same frame as
+    /// [`Encoder::publication`]; a door whose wire can say so overrides it.
+    fn conflated_publication(&self, channel: &str, epoch: &str, record: &PublicationRecord) -> Frame {
+        self.publication(channel, epoch, record)
+    }
     /// The frame for an event that is not a publication; `None`: this door does not show it.
     fn event(&self, _channel: &str, _event: &ChannelEvent) -> Option<Frame> {
         None
@@ -62,11 +76,30 @@ impl Frame {
         Self::Ws(Box::new(Prepared::text(text.into())))
     }
 
-    fn queue(&self, outbox: &Outbox) -> Result<(), SendError> {
+    /// Queues this frame; a WebSocket frame may wait up to `delay` to share a write.
+    fn queue(&self, outbox: &Outbox, delay: Duration) -> Result<(), SendError> {
         match self {
-            Self::Ws(p) => outbox.send_prepared(p),
+            Self::Ws(p) => outbox.send_prepared_within(p, delay),
             Self::Raw(b) => outbox.push(b.clone()),
         }
+    }
+}
+
+/// How a channel's publications flow to its subscribers: its namespace's `conflation`,
+/// `max_rate` and `write_delay`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// Conflated: the least time between two deliveries of the channel to one subscriber
+    /// (1 / `max_rate`), each the newest publication. `None`: every publication.
+    pub period: Option<Duration>,
+    /// How long a publication may wait in a subscriber's queue to share a write.
+    pub write_delay: Duration,
+}
+
+impl Flow {
+    pub fn of(ns: &NamespaceOptions) -> Self {
+        let period = ns.conflated().then(|| Duration::from_secs(1) / ns.max_rate.max(1));
+        Self { period, write_delay: ns.write_delay }
     }
 }
 
@@ -137,15 +170,18 @@ pub struct Delivery {
     channel: Arc<str>,
     epoch: Arc<str>,
     record: PublicationRecord,
+    /// Encoded with [`Encoder::conflated_publication`].
+    conflated: bool,
     encoded: [OnceLock<Frame>; SLOTS],
 }
 
 impl Delivery {
-    fn new(channel: &str, position: &StreamPosition, record: &PublicationRecord) -> Self {
+    fn new(channel: &str, position: &StreamPosition, record: &PublicationRecord, conflated: bool) -> Self {
         Self {
             channel: Arc::from(channel),
             epoch: position.epoch.clone(),
             record: record.clone(),
+            conflated,
             encoded: Default::default(),
         }
     }
@@ -154,11 +190,14 @@ impl Delivery {
         self.record.offset
     }
 
-    fn queue(&self, sub: &Subscriber) -> Result<(), SendError> {
-        let encode = || sub.encoder.publication(&self.channel, &self.epoch, &self.record);
+    fn queue(&self, sub: &Subscriber, delay: Duration) -> Result<(), SendError> {
+        let encode = || match self.conflated {
+            true => sub.encoder.conflated_publication(&self.channel, &self.epoch, &self.record),
+            false => sub.encoder.publication(&self.channel, &self.epoch, &self.record),
+        };
         match self.encoded.get(sub.encoder.slot()) {
-            Some(cell) => cell.get_or_init(encode).queue(&sub.outbox),
-            None => encode().queue(&sub.outbox),
+            Some(cell) => cell.get_or_init(encode).queue(&sub.outbox, delay),
+            None => encode().queue(&sub.outbox, delay),
         }
     }
 }
@@ -166,6 +205,82 @@ impl Delivery {
 #[derive(Debug)]
 struct ChannelState {
     inner: Mutex<ChannelInner>,
+    /// Wakes a conflated channel's flusher: a publication arrived, or the channel died.
+    wake: tokio::sync::Notify,
+}
+
+impl ChannelState {
+    fn new(flow: Flow) -> Self {
+        let inner = ChannelInner { flow, ..Default::default() };
+        Self { inner: Mutex::new(inner), wake: tokio::sync::Notify::new() }
+    }
+
+    /// Queues the channel's newest publication to every live member that does not have it.
+    /// A member whose queue is full keeps its place and gets the newest at a later flush.
+    fn flush(&self, channel: &str) -> Flushed {
+        let mut inner = lock(&self.inner);
+        if inner.dead {
+            return Flushed::Dead;
+        }
+        let Some(latest) = inner.latest.clone() else { return Flushed::All };
+        let (offset, delay) = (latest.offset(), inner.flow.write_delay);
+        let (mut skipped, mut behind) = (0u64, 0u64);
+        for m in inner.members.iter_mut().filter(|m| m.pending.is_none() && m.floor < offset) {
+            if latest.record.exclude == Some(m.sub.id) {
+                m.floor = offset;
+                continue;
+            }
+            match latest.queue(&m.sub, delay) {
+                Ok(()) => {
+                    skipped += offset - m.floor - 1;
+                    m.floor = offset;
+                }
+                Err(SendError::Full) => behind += 1,
+                // Gone: its unsubscribe removes it.
+                Err(SendError::Closed) => {}
+            }
+        }
+        drop(inner);
+        if skipped > 0 {
+            metrics::counter!("herald_conflated_total").increment(skipped);
+        }
+        if behind > 0 {
+            metrics::counter!("herald_conflated_behind_total").increment(behind);
+            tracing::trace!(channel, behind, "conflated subscribers with a full queue wait for the next flush");
+            return Flushed::Behind;
+        }
+        Flushed::All
+    }
+}
+
+/// What a flush of a conflated channel did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flushed {
+    /// Every live member has the newest publication.
+    All,
+    /// Some members' queues were full: flush again after a period, publication or not.
+    Behind,
+    /// The channel is gone.
+    Dead,
+}
+
+/// A conflated channel's flusher: after a publication, flushes the newest to the members, then
+/// waits a period before the next flush, so each member gets at most one per period. Ends when
+/// the channel dies ([`Hub::drop_if_empty`] wakes it).
+async fn flusher(state: Arc<ChannelState>, channel: Arc<str>, period: Duration) {
+    loop {
+        state.wake.notified().await;
+        let flushed = state.flush(&channel);
+        if flushed == Flushed::Dead {
+            return;
+        }
+        tokio::time::sleep(period).await;
+        if flushed == Flushed::Behind {
+            // Once its queue drains, a member that was behind gets the newest even if nothing
+            // more is published.
+            state.wake.notify_one();
+        }
+    }
 }
 
 /// A subscriber and where it is in the channel's stream.
@@ -181,6 +296,9 @@ struct Member {
 
 #[derive(Debug, Default)]
 struct ChannelInner {
+    flow: Flow,
+    /// Conflated channels: the newest publication, which the flusher hands out.
+    latest: Option<Arc<Delivery>>,
     members: Vec<Member>,
     /// Subscriber id → index in `members`.
     index: HashMap<u64, usize>,
@@ -253,11 +371,29 @@ impl Hub {
     /// to recover) in between: whatever was published before this call is in it, whatever
     /// comes after is held, and [`Hub::activate`] drops the overlap.
     pub fn subscribe(&self, channel: &Arc<str>, sub: Subscriber) -> Result<(), SubscribeError> {
+        self.subscribe_with(channel, sub, Flow::default())
+    }
+
+    /// [`Hub::subscribe`] to a channel whose namespace has `flow` (the channel keeps the flow
+    /// it was created with, i.e. its first subscriber's).
+    pub fn subscribe_with(&self, channel: &Arc<str>, sub: Subscriber, flow: Flow) -> Result<(), SubscribeError> {
         loop {
+            let mut created = None;
             let state = lock(self.shard(channel))
                 .entry(channel.clone())
-                .or_insert_with(|| Arc::new(ChannelState { inner: Mutex::new(ChannelInner::default()) }))
+                .or_insert_with(|| {
+                    let state = Arc::new(ChannelState::new(flow));
+                    created = Some(state.clone());
+                    state
+                })
                 .clone();
+            if let (Some(state), Some(period)) = (created, flow.period) {
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => drop(rt.spawn(flusher(state, channel.clone(), period))),
+                    // No runtime to flush on (a test of the hub alone): deliver every publication.
+                    Err(_) => lock(&state.inner).flow.period = None,
+                }
+            }
             let mut inner = lock(&state.inner);
             if inner.dead {
                 continue;
@@ -283,6 +419,9 @@ impl Hub {
         };
         let mut inner = lock(&state.inner);
         let Some(&i) = inner.index.get(&id) else { return Err(SubscribeError::Closed) };
+        let delay = inner.flow.write_delay;
+        // A conflated channel holds nothing per member: it gets the newest, if the reply lacks it.
+        let latest = inner.latest.clone().filter(|l| l.offset() > offset);
         let member = &mut inner.members[i];
         member.floor = offset;
         let held = member.pending.take().unwrap_or_default();
@@ -293,9 +432,9 @@ impl Hub {
                 Sink::WebSocket => member.sub.outbox.send_text(text),
             })
             .and_then(|()| {
-                for d in held.iter().filter(|d| d.offset() > offset) {
+                for d in held.iter().chain(latest.as_ref()).filter(|d| d.offset() > offset) {
                     if d.record.exclude != Some(member.sub.id) {
-                        d.queue(&member.sub)?;
+                        d.queue(&member.sub, delay)?;
                     }
                     member.floor = d.offset();
                 }
@@ -341,6 +480,8 @@ impl Hub {
             if inner.members.is_empty() {
                 inner.dead = true;
                 drop(inner);
+                // A conflated channel's flusher sees it is dead and ends.
+                state.wake.notify_one();
                 shard.remove(channel);
             }
         }
@@ -354,7 +495,17 @@ impl Hub {
         if inner.dead {
             return;
         }
-        let delivery = Arc::new(Delivery::new(channel, position, record));
+        if inner.flow.period.is_some() {
+            // Conflated: the newest replaces the previous; the flusher hands it out.
+            if inner.latest.as_ref().is_none_or(|l| l.offset() < record.offset) {
+                inner.latest = Some(Arc::new(Delivery::new(channel, position, record, true)));
+            }
+            drop(inner);
+            state.wake.notify_one();
+            return;
+        }
+        let delay = inner.flow.write_delay;
+        let delivery = Arc::new(Delivery::new(channel, position, record, false));
         let mut gone = Vec::new();
         for m in inner.members.iter_mut() {
             if let Some(held) = m.pending.as_mut() {
@@ -373,7 +524,7 @@ impl Hub {
                 m.floor = record.offset;
                 continue;
             }
-            match delivery.queue(&m.sub) {
+            match delivery.queue(&m.sub, delay) {
                 Ok(()) => m.floor = record.offset,
                 Err(SendError::Full) => {
                     slow_consumer(&m.sub, channel);
@@ -399,6 +550,7 @@ impl Hub {
     pub fn notify(&self, channel: &str, event: &ChannelEvent) {
         let Some(state) = lock(self.shard(channel)).get(channel).cloned() else { return };
         let inner = lock(&state.inner);
+        let delay = inner.flow.write_delay;
         let encoded: [OnceLock<Option<Frame>>; SLOTS] = Default::default();
         let exclude = event.exclude();
         for m in inner.members.iter().filter(|m| m.pending.is_none() && Some(m.sub.id) != exclude) {
@@ -412,7 +564,7 @@ impl Hub {
                 }
             };
             if let Some(frame) = frame {
-                if frame.queue(&m.sub.outbox) == Err(SendError::Full) {
+                if frame.queue(&m.sub.outbox, delay) == Err(SendError::Full) {
                     slow_consumer(&m.sub, channel);
                 }
             }
@@ -678,6 +830,81 @@ mod tests {
         assert!(slow.outbox.queued_bytes() < 200, "bounded: {}", slow.outbox.queued_bytes());
         assert_eq!(frames(&fast.outbox).len(), 20);
         assert_eq!(hub.channels(|_| true), vec![(ch.clone(), 1)]);
+    }
+
+    async fn frames_now(o: &Outbox) -> Vec<Bytes> {
+        let mut batch = VecDeque::new();
+        if o.queued_bytes() > 0 {
+            o.next_batch(&mut batch).await;
+        }
+        batch.into_iter().collect()
+    }
+
+    /// Lets the flusher run, for longer than its period.
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(120)).await;
+    }
+
+    const CONFLATED: Flow = Flow { period: Some(Duration::from_millis(50)), write_delay: Duration::ZERO };
+
+    #[tokio::test]
+    async fn a_conflated_subscriber_gets_the_newest_not_a_backlog() {
+        let hub = Hub::new();
+        let ch: Arc<str> = Arc::from("ticker");
+        let s = sub(1, 1 << 20, &Text);
+        hub.subscribe_with(&ch, s.clone(), CONFLATED).expect("subscribe");
+        hub.activate("ticker", 1, None, 0).expect("activate");
+        for i in 1..=100 {
+            publish(&hub, "ticker", i, if i == 100 { b"100" } else { b"x" });
+        }
+        settle().await;
+        let got = frames_now(&s.outbox).await;
+        assert_eq!(got.iter().map(|f| payload(f).to_vec()).collect::<Vec<_>>(), [b"100".to_vec()]);
+        // A later subscriber whose reply is older than the newest gets the newest after it.
+        let late = sub(2, 1 << 20, &Text);
+        hub.subscribe_with(&ch, late.clone(), CONFLATED).expect("subscribe");
+        hub.activate("ticker", 2, Some(Bytes::from_static(b"reply")), 40).expect("activate");
+        let got = frames_now(&late.outbox).await;
+        assert_eq!(got.iter().map(|f| payload(f).to_vec()).collect::<Vec<_>>(), [b"reply".to_vec(), b"100".to_vec()]);
+        publish(&hub, "ticker", 101, b"101");
+        settle().await;
+        for o in [&s.outbox, &late.outbox] {
+            assert_eq!(frames_now(o).await.iter().map(|f| payload(f).to_vec()).collect::<Vec<_>>(), [b"101".to_vec()]);
+        }
+        assert!(hub.unsubscribe("ticker", 1) && hub.unsubscribe("ticker", 2));
+        assert_eq!(hub.channel_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_conflated_subscriber_with_a_full_queue_waits_instead_of_being_closed() {
+        let hub = Hub::new();
+        let ch: Arc<str> = Arc::from("dash");
+        let s = sub(1, 8, &Text);
+        hub.subscribe_with(&ch, s.clone(), CONFLATED).expect("subscribe");
+        hub.activate("dash", 1, None, 0).expect("activate");
+        publish(&hub, "dash", 1, b"first");
+        settle().await;
+        // Not read: the next newest does not fit.
+        publish(&hub, "dash", 2, b"second");
+        settle().await;
+        assert!(!s.outbox.is_closing(), "not cut off");
+        assert_eq!(
+            frames_now(&s.outbox).await.iter().map(|f| payload(f).to_vec()).collect::<Vec<_>>(),
+            [b"first".to_vec()]
+        );
+        // Its queue drained: the newest follows without another publication.
+        settle().await;
+        assert_eq!(
+            frames_now(&s.outbox).await.iter().map(|f| payload(f).to_vec()).collect::<Vec<_>>(),
+            [b"second".to_vec()]
+        );
+        publish(&hub, "dash", 3, b"third");
+        settle().await;
+        assert_eq!(
+            frames_now(&s.outbox).await.iter().map(|f| payload(f).to_vec()).collect::<Vec<_>>(),
+            [b"third".to_vec()]
+        );
+        assert_eq!(hub.subscription_count(), 1);
     }
 
     #[test]
