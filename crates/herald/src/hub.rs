@@ -10,10 +10,17 @@
 //! skipped publication costs nothing per subscriber. The flusher, at most once per period,
 //! queues the newest publication to every member that does not have it yet; a member whose
 //! queue is full is skipped (it gets the newest at a later flush), not closed.
+//!
+//! A channel that has had more than [`FANOUT_OFFLOAD`] subscribers on this node is fanned out
+//! off the publisher's path: `deliver` appends the publication to the channel's backlog and
+//! returns; one drain job at a time (on the blocking pool) takes the backlog in order and
+//! queues it to the members, split into chunks over the machine's cores. Each member is in
+//! exactly one chunk per batch and gets the batch in offset order, and batches follow each
+//! other, so the order per channel per subscriber holds.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -207,12 +214,62 @@ struct ChannelState {
     inner: Mutex<ChannelInner>,
     /// Wakes a conflated channel's flusher: a publication arrived, or the channel died.
     wake: tokio::sync::Notify,
+    /// Has had more than [`FANOUT_OFFLOAD`] members: fanned out off the publisher's path.
+    big: AtomicBool,
+    /// Publications waiting for the drain job of a big channel, in offset order.
+    backlog: Mutex<Backlog>,
+}
+
+#[derive(Debug, Default)]
+struct Backlog {
+    queue: VecDeque<Arc<Delivery>>,
+    /// A drain job is running (or about to): publications must queue behind it.
+    draining: bool,
 }
 
 impl ChannelState {
     fn new(flow: Flow) -> Self {
         let inner = ChannelInner { flow, ..Default::default() };
-        Self { inner: Mutex::new(inner), wake: tokio::sync::Notify::new() }
+        Self {
+            inner: Mutex::new(inner),
+            wake: tokio::sync::Notify::new(),
+            big: AtomicBool::new(false),
+            backlog: Mutex::new(Backlog::default()),
+        }
+    }
+
+    /// Queues `batch` (in offset order) to every member, in parallel chunks for a big channel,
+    /// and removes the members that are gone. Under the channel's lock: one batch at a time.
+    fn fan_out(&self, batch: &[Arc<Delivery>], subscriptions: &AtomicUsize) -> bool {
+        let mut inner = lock(&self.inner);
+        if inner.dead {
+            return false;
+        }
+        let delay = inner.flow.write_delay;
+        let gone = fan_out_parallel(&mut inner.members, batch, delay);
+        for id in gone {
+            if inner.remove(id) {
+                subscriptions.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        inner.members.is_empty()
+    }
+
+    /// The drain job of a big channel: fans the backlog out, batch after batch, until it is
+    /// empty.
+    fn drain(&self, subscriptions: &AtomicUsize) {
+        loop {
+            let batch: Vec<Arc<Delivery>> = {
+                let mut backlog = lock(&self.backlog);
+                if backlog.queue.is_empty() {
+                    backlog.draining = false;
+                    return;
+                }
+                backlog.queue.drain(..).collect()
+            };
+            // An emptied channel is dropped by the unsubscribe of its last member.
+            self.fan_out(&batch, subscriptions);
+        }
     }
 
     /// Queues the channel's newest publication to every live member that does not have it.
@@ -262,6 +319,92 @@ enum Flushed {
     Behind,
     /// The channel is gone.
     Dead,
+}
+
+/// Members above which a channel is fanned out off the publisher's path, and the least members
+/// per parallel chunk.
+pub const FANOUT_OFFLOAD: usize = 1000;
+
+/// Most publications waiting in a big channel's backlog; beyond, the publisher fans the backlog
+/// out itself (back-pressure instead of unbounded memory).
+const MAX_BACKLOG: usize = 1000;
+
+/// Threads one fan-out may use: the machine's cores.
+fn workers() -> usize {
+    static WORKERS: OnceLock<usize> = OnceLock::new();
+    *WORKERS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// [`fan_out`] over chunks of `members` in parallel (scoped threads: the chunks borrow the
+/// members under the channel's lock), when there are enough of them.
+fn fan_out_parallel(members: &mut [Member], batch: &[Arc<Delivery>], delay: Duration) -> Vec<u64> {
+    let chunks = workers().min(members.len() / FANOUT_OFFLOAD).max(1);
+    if chunks == 1 {
+        return fan_out(members, batch, delay);
+    }
+    let size = members.len().div_ceil(chunks);
+    // Each chunk is taken exactly once: by its thread, or here when the thread could not start
+    // (or had not taken it yet when this thread got to it).
+    let parts: Vec<Mutex<Option<&mut [Member]>>> = members.chunks_mut(size).map(|p| Mutex::new(Some(p))).collect();
+    std::thread::scope(|scope| {
+        let mut threads = Vec::new();
+        for cell in parts.iter().skip(1) {
+            let run = move || lock(cell).take().map(|p| fan_out(p, batch, delay)).unwrap_or_default();
+            if let Ok(t) = std::thread::Builder::new().name("herald-fanout".into()).spawn_scoped(scope, run) {
+                threads.push(t);
+            }
+        }
+        let mut gone = Vec::new();
+        for cell in &parts {
+            if let Some(p) = lock(cell).take() {
+                gone.extend(fan_out(p, batch, delay));
+            }
+        }
+        for t in threads {
+            gone.extend(t.join().unwrap_or_default());
+        }
+        gone
+    })
+}
+
+/// Queues each publication of `batch` (in offset order) to each of `members`; returns the ids
+/// of members that are gone (closed, or cut off as slow consumers).
+fn fan_out(members: &mut [Member], batch: &[Arc<Delivery>], delay: Duration) -> Vec<u64> {
+    let mut gone = Vec::new();
+    'members: for m in members.iter_mut() {
+        for delivery in batch {
+            let offset = delivery.offset();
+            if let Some(held) = m.pending.as_mut() {
+                if held.len() < MAX_PENDING {
+                    held.push(delivery.clone());
+                    continue;
+                }
+                slow_consumer(&m.sub, &delivery.channel);
+                gone.push(m.sub.id);
+                continue 'members;
+            }
+            if offset <= m.floor {
+                continue;
+            }
+            if delivery.record.exclude == Some(m.sub.id) {
+                m.floor = offset;
+                continue;
+            }
+            match delivery.queue(&m.sub, delay) {
+                Ok(()) => m.floor = offset,
+                Err(SendError::Full) => {
+                    slow_consumer(&m.sub, &delivery.channel);
+                    gone.push(m.sub.id);
+                    continue 'members;
+                }
+                Err(SendError::Closed) => {
+                    gone.push(m.sub.id);
+                    continue 'members;
+                }
+            }
+        }
+    }
+    gone
 }
 
 /// A conflated channel's flusher: after a publication, flushes the newest to the members, then
@@ -336,7 +479,7 @@ pub enum SubscribeError {
 pub struct Hub {
     shards: Box<[Shard]>,
     hasher: std::collections::hash_map::RandomState,
-    subscriptions: AtomicUsize,
+    subscriptions: Arc<AtomicUsize>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -358,7 +501,7 @@ impl Hub {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: Default::default(),
-            subscriptions: AtomicUsize::new(0),
+            subscriptions: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -404,6 +547,9 @@ impl Hub {
             let i = inner.members.len();
             inner.index.insert(sub.id, i);
             inner.members.push(Member { sub, floor: 0, pending: Some(Vec::new()) });
+            if inner.members.len() > FANOUT_OFFLOAD {
+                state.big.store(true, Ordering::Relaxed);
+            }
             self.subscriptions.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
@@ -504,43 +650,31 @@ impl Hub {
             state.wake.notify_one();
             return;
         }
-        let delay = inner.flow.write_delay;
-        let delivery = Arc::new(Delivery::new(channel, position, record, false));
-        let mut gone = Vec::new();
-        for m in inner.members.iter_mut() {
-            if let Some(held) = m.pending.as_mut() {
-                if held.len() < MAX_PENDING {
-                    held.push(delivery.clone());
-                } else {
-                    slow_consumer(&m.sub, channel);
-                    gone.push(m.sub.id);
-                }
-                continue;
-            }
-            if record.offset <= m.floor {
-                continue;
-            }
-            if record.exclude == Some(m.sub.id) {
-                m.floor = record.offset;
-                continue;
-            }
-            match delivery.queue(&m.sub, delay) {
-                Ok(()) => m.floor = record.offset,
-                Err(SendError::Full) => {
-                    slow_consumer(&m.sub, channel);
-                    gone.push(m.sub.id);
-                }
-                Err(SendError::Closed) => gone.push(m.sub.id),
-            }
-        }
-        for id in gone {
-            if inner.remove(id) {
-                self.subscriptions.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
-        let empty = inner.members.is_empty();
         drop(inner);
-        if empty {
+        let delivery = Arc::new(Delivery::new(channel, position, record, false));
+        if state.big.load(Ordering::Relaxed) {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let mut backlog = lock(&state.backlog);
+                backlog.queue.push_back(delivery);
+                if backlog.queue.len() <= MAX_BACKLOG {
+                    if !backlog.draining {
+                        backlog.draining = true;
+                        let (state, subscriptions) = (state.clone(), self.subscriptions.clone());
+                        drop(rt.spawn_blocking(move || state.drain(&subscriptions)));
+                    }
+                    return;
+                }
+                // The drain job is behind: the publisher fans the backlog out itself, after
+                // the batch the job holds (the channel's lock orders them).
+                let batch: Vec<Arc<Delivery>> = backlog.queue.drain(..).collect();
+                drop(backlog);
+                if state.fan_out(&batch, &self.subscriptions) {
+                    self.drop_if_empty(channel);
+                }
+                return;
+            }
+        }
+        if state.fan_out(std::slice::from_ref(&delivery), &self.subscriptions) {
             self.drop_if_empty(channel);
         }
     }
@@ -905,6 +1039,51 @@ mod tests {
             [b"third".to_vec()]
         );
         assert_eq!(hub.subscription_count(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_big_fan_out_off_the_publishers_path_keeps_every_offset_once_in_order() {
+        const MEMBERS: u64 = FANOUT_OFFLOAD as u64 * 2 + 500;
+        const PUBS: u64 = 300;
+        let hub = Arc::new(Hub::new());
+        let mut subs = Vec::new();
+        for (c, name) in ["a", "b"].iter().enumerate() {
+            let ch: Arc<str> = Arc::from(*name);
+            for i in 0..MEMBERS {
+                let s = sub(c as u64 * MEMBERS + i, 1 << 20, &Text);
+                hub.subscribe(&ch, s.clone()).expect("subscribe");
+                hub.activate(name, s.id, None, 0).expect("activate");
+                subs.push(s);
+            }
+        }
+        // Two publishers at once, one per channel (the engine orders each channel's calls).
+        let publishers: Vec<_> = ["a", "b"]
+            .into_iter()
+            .map(|name| {
+                let (hub, rt) = (hub.clone(), tokio::runtime::Handle::current());
+                std::thread::spawn(move || {
+                    let _rt = rt.enter();
+                    for offset in 1..=PUBS {
+                        let pos = StreamPosition { epoch: Arc::from("e"), offset };
+                        let data = Bytes::from(offset.to_string());
+                        hub.deliver(name, &pos, &PublicationRecord { offset, data, ..Default::default() });
+                    }
+                })
+            })
+            .collect();
+        for p in publishers {
+            p.join().expect("publisher");
+        }
+        for s in &subs {
+            let mut got = Vec::new();
+            while got.len() < PUBS as usize {
+                let mut batch = VecDeque::new();
+                tokio::time::timeout(Duration::from_secs(20), s.outbox.next_batch(&mut batch)).await.expect("in time");
+                got.extend(batch.iter().map(|f| String::from_utf8_lossy(payload(f)).parse::<u64>().unwrap_or(0)));
+            }
+            assert_eq!(got, (1..=PUBS).collect::<Vec<_>>(), "subscriber {}", s.id);
+        }
+        assert_eq!(hub.subscription_count(), 2 * MEMBERS as usize);
     }
 
     #[test]

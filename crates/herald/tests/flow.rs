@@ -202,3 +202,60 @@ async fn a_namespace_write_delay_merges_its_publications_into_few_writes() {
     assert_eq!(writes3 - writes2, 1, "the waiting frame went out with the immediate one");
     server.shutdown().await;
 }
+
+/// Offsets a subscriber saw for `channel`: its subscribe reply's recovered publications, then
+/// pushes, until `last`.
+async fn offsets_until(c: &mut Native, reply: &Value, last: u64) -> Vec<u64> {
+    let mut got: Vec<u64> = reply["subscribe"]["publications"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p["offset"].as_u64()).collect())
+        .unwrap_or_default();
+    while got.last().copied().unwrap_or(0) < last {
+        got.push(pub_of(&c.push().await).1);
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_channel_fanned_out_off_the_publishers_path_delivers_every_offset_once_in_order() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start(config()).await;
+    let addr = server.addr;
+    // More subscribers than the hub fans out on the publisher's path.
+    let members = herald::hub::FANOUT_OFFLOAD + 100;
+    let mut clients = Vec::new();
+    for _ in 0..members {
+        let mut c = Native::connected(addr).await;
+        let r = c.request("subscribe", json!({"channel": "big"})).await;
+        clients.push((c, r));
+    }
+    const PER_PUBLISHER: u64 = 30;
+    const PUBLISHERS: u64 = 3;
+    const TOTAL: u64 = PER_PUBLISHER * PUBLISHERS;
+    let publishers: Vec<_> = (0..PUBLISHERS)
+        .map(|p| {
+            tokio::spawn(async move {
+                for i in 0..PER_PUBLISHER {
+                    publish(addr, "big", p * 1000 + i).await;
+                }
+            })
+        })
+        .collect();
+    // Some subscribe while publications flow, recovering from the start.
+    let epoch = clients[0].1["subscribe"]["epoch"].as_str().expect("epoch").to_owned();
+    let mut late = Vec::new();
+    for _ in 0..5 {
+        let mut c = Native::connected(addr).await;
+        let r = c.request("subscribe", json!({"channel": "big", "recover": true, "epoch": epoch, "offset": 0})).await;
+        assert_eq!(r["subscribe"]["recovered"], true, "{r}");
+        late.push((c, r));
+    }
+    for p in publishers {
+        p.await.expect("publisher");
+    }
+    for (c, r) in clients.iter_mut().chain(late.iter_mut()) {
+        let got = offsets_until(c, r, TOTAL).await;
+        assert_eq!(got, (1..=TOTAL).collect::<Vec<_>>(), "every offset once, in order");
+    }
+    server.shutdown().await;
+}
