@@ -211,7 +211,12 @@ impl Delivery {
 
 #[derive(Debug)]
 struct ChannelState {
+    /// Its namespace's flow, fixed when the channel is created (its first subscriber's).
+    flow: Flow,
     inner: Mutex<ChannelInner>,
+    /// Conflated channels: the newest publication, which the flusher hands out. Apart from the
+    /// members so that publishing never waits for a flush.
+    latest: Mutex<Option<Arc<Delivery>>>,
     /// Wakes a conflated channel's flusher: a publication arrived, or the channel died.
     wake: tokio::sync::Notify,
     /// Has had more than [`FANOUT_OFFLOAD`] members: fanned out off the publisher's path.
@@ -229,58 +234,49 @@ struct Backlog {
 
 impl ChannelState {
     fn new(flow: Flow) -> Self {
-        let inner = ChannelInner { flow, ..Default::default() };
         Self {
-            inner: Mutex::new(inner),
+            flow,
+            inner: Mutex::new(ChannelInner::default()),
+            latest: Mutex::new(None),
             wake: tokio::sync::Notify::new(),
             big: AtomicBool::new(false),
             backlog: Mutex::new(Backlog::default()),
         }
     }
 
-    /// Queues `batch` (in offset order) to every member, in parallel chunks for a big channel,
-    /// and removes the members that are gone. Under the channel's lock: one batch at a time.
-    fn fan_out(&self, batch: &[Arc<Delivery>], subscriptions: &AtomicUsize) -> bool {
-        let mut inner = lock(&self.inner);
-        if inner.dead {
-            return false;
-        }
-        let delay = inner.flow.write_delay;
-        let gone = fan_out_parallel(&mut inner.members, batch, delay);
-        for id in gone {
-            if inner.remove(id) {
-                subscriptions.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
-        inner.members.is_empty()
-    }
-
     /// The drain job of a big channel: fans the backlog out, batch after batch, until it is
-    /// empty.
+    /// empty. An emptied channel is dropped by the unsubscribe of its last member.
     fn drain(&self, subscriptions: &AtomicUsize) {
         loop {
-            let batch: Vec<Arc<Delivery>> = {
-                let mut backlog = lock(&self.backlog);
-                if backlog.queue.is_empty() {
-                    backlog.draining = false;
-                    return;
-                }
-                backlog.queue.drain(..).collect()
-            };
-            // An emptied channel is dropped by the unsubscribe of its last member.
-            self.fan_out(&batch, subscriptions);
+            let mut backlog = lock(&self.backlog);
+            if backlog.queue.is_empty() {
+                backlog.draining = false;
+                return;
+            }
+            self.fan_out_backlog(backlog, subscriptions);
         }
+    }
+
+    /// Takes the whole backlog and fans it out. The channel's lock is taken before the
+    /// backlog's is released, so batches reach the members in the order they left the backlog
+    /// (the drain job's and an overloaded publisher's alike). Returns whether no member is left.
+    fn fan_out_backlog(&self, mut backlog: MutexGuard<'_, Backlog>, subscriptions: &AtomicUsize) -> bool {
+        let batch: Vec<Arc<Delivery>> = backlog.queue.drain(..).collect();
+        let mut inner = lock(&self.inner);
+        drop(backlog);
+        fan_out_locked(&mut inner, &batch, self.flow.write_delay, subscriptions)
     }
 
     /// Queues the channel's newest publication to every live member that does not have it.
     /// A member whose queue is full keeps its place and gets the newest at a later flush.
     fn flush(&self, channel: &str) -> Flushed {
+        let latest = lock(&self.latest).clone();
         let mut inner = lock(&self.inner);
         if inner.dead {
             return Flushed::Dead;
         }
-        let Some(latest) = inner.latest.clone() else { return Flushed::All };
-        let (offset, delay) = (latest.offset(), inner.flow.write_delay);
+        let Some(latest) = latest else { return Flushed::All };
+        let (offset, delay) = (latest.offset(), self.flow.write_delay);
         let (mut skipped, mut behind) = (0u64, 0u64);
         for m in inner.members.iter_mut().filter(|m| m.pending.is_none() && m.floor < offset) {
             if latest.record.exclude == Some(m.sub.id) {
@@ -328,6 +324,27 @@ pub const FANOUT_OFFLOAD: usize = 1000;
 /// Most publications waiting in a big channel's backlog; beyond, the publisher fans the backlog
 /// out itself (back-pressure instead of unbounded memory).
 const MAX_BACKLOG: usize = 1000;
+
+/// Queues `batch` (in offset order) to every member, in parallel chunks for a big channel,
+/// and removes the members that are gone. Under the channel's lock: one batch at a time.
+/// Returns whether no member is left.
+fn fan_out_locked(
+    inner: &mut ChannelInner,
+    batch: &[Arc<Delivery>],
+    delay: Duration,
+    subscriptions: &AtomicUsize,
+) -> bool {
+    if inner.dead {
+        return false;
+    }
+    let gone = fan_out_parallel(&mut inner.members, batch, delay);
+    for id in gone {
+        if inner.remove(id) {
+            subscriptions.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    inner.members.is_empty()
+}
 
 /// Threads one fan-out may use: the machine's cores.
 fn workers() -> usize {
@@ -439,9 +456,6 @@ struct Member {
 
 #[derive(Debug, Default)]
 struct ChannelInner {
-    flow: Flow,
-    /// Conflated channels: the newest publication, which the flusher hands out.
-    latest: Option<Arc<Delivery>>,
     members: Vec<Member>,
     /// Subscriber id → index in `members`.
     index: HashMap<u64, usize>,
@@ -525,17 +539,16 @@ impl Hub {
             let state = lock(self.shard(channel))
                 .entry(channel.clone())
                 .or_insert_with(|| {
+                    let runtime = tokio::runtime::Handle::try_current().ok();
+                    // No runtime to flush on (a test of the hub alone): every publication.
+                    let flow = Flow { period: flow.period.filter(|_| runtime.is_some()), ..flow };
                     let state = Arc::new(ChannelState::new(flow));
-                    created = Some(state.clone());
+                    created = runtime.zip(flow.period).map(|(rt, period)| (rt, period, state.clone()));
                     state
                 })
                 .clone();
-            if let (Some(state), Some(period)) = (created, flow.period) {
-                match tokio::runtime::Handle::try_current() {
-                    Ok(rt) => drop(rt.spawn(flusher(state, channel.clone(), period))),
-                    // No runtime to flush on (a test of the hub alone): deliver every publication.
-                    Err(_) => lock(&state.inner).flow.period = None,
-                }
+            if let Some((rt, period, state)) = created {
+                drop(rt.spawn(flusher(state, channel.clone(), period)));
             }
             let mut inner = lock(&state.inner);
             if inner.dead {
@@ -565,9 +578,9 @@ impl Hub {
         };
         let mut inner = lock(&state.inner);
         let Some(&i) = inner.index.get(&id) else { return Err(SubscribeError::Closed) };
-        let delay = inner.flow.write_delay;
+        let delay = state.flow.write_delay;
         // A conflated channel holds nothing per member: it gets the newest, if the reply lacks it.
-        let latest = inner.latest.clone().filter(|l| l.offset() > offset);
+        let latest = lock(&state.latest).clone().filter(|l| l.offset() > offset);
         let member = &mut inner.members[i];
         member.floor = offset;
         let held = member.pending.take().unwrap_or_default();
@@ -637,44 +650,44 @@ impl Hub {
     /// the engine in offset order per channel.
     pub fn deliver(&self, channel: &str, position: &StreamPosition, record: &PublicationRecord) {
         let Some(state) = lock(self.shard(channel)).get(channel).cloned() else { return };
-        let mut inner = lock(&state.inner);
-        if inner.dead {
-            return;
-        }
-        if inner.flow.period.is_some() {
+        if state.flow.period.is_some() {
             // Conflated: the newest replaces the previous; the flusher hands it out.
-            if inner.latest.as_ref().is_none_or(|l| l.offset() < record.offset) {
-                inner.latest = Some(Arc::new(Delivery::new(channel, position, record, true)));
+            let mut latest = lock(&state.latest);
+            if latest.as_ref().is_none_or(|l| l.offset() < record.offset) {
+                *latest = Some(Arc::new(Delivery::new(channel, position, record, true)));
             }
-            drop(inner);
+            drop(latest);
             state.wake.notify_one();
             return;
         }
-        drop(inner);
         let delivery = Arc::new(Delivery::new(channel, position, record, false));
-        if state.big.load(Ordering::Relaxed) {
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                let mut backlog = lock(&state.backlog);
-                backlog.queue.push_back(delivery);
-                if backlog.queue.len() <= MAX_BACKLOG {
-                    if !backlog.draining {
-                        backlog.draining = true;
-                        let (state, subscriptions) = (state.clone(), self.subscriptions.clone());
-                        drop(rt.spawn_blocking(move || state.drain(&subscriptions)));
-                    }
-                    return;
-                }
-                // The drain job is behind: the publisher fans the backlog out itself, after
-                // the batch the job holds (the channel's lock orders them).
-                let batch: Vec<Arc<Delivery>> = backlog.queue.drain(..).collect();
-                drop(backlog);
-                if state.fan_out(&batch, &self.subscriptions) {
+        if !state.big.load(Ordering::Relaxed) {
+            let mut inner = lock(&state.inner);
+            // Checked again under the lock: a channel turns big under it.
+            if !state.big.load(Ordering::Relaxed) {
+                let delay = state.flow.write_delay;
+                if fan_out_locked(&mut inner, std::slice::from_ref(&delivery), delay, &self.subscriptions) {
+                    drop(inner);
                     self.drop_if_empty(channel);
                 }
                 return;
             }
         }
-        if state.fan_out(std::slice::from_ref(&delivery), &self.subscriptions) {
+        // A big channel: behind the backlog, which one drain job at a time fans out.
+        let mut backlog = lock(&state.backlog);
+        backlog.queue.push_back(delivery);
+        let runtime = tokio::runtime::Handle::try_current();
+        if let (Ok(rt), true) = (&runtime, backlog.queue.len() <= MAX_BACKLOG) {
+            if !backlog.draining {
+                backlog.draining = true;
+                let (state, subscriptions) = (state.clone(), self.subscriptions.clone());
+                drop(rt.spawn_blocking(move || state.drain(&subscriptions)));
+            }
+            return;
+        }
+        // The drain job is behind (or there is no runtime to run one): the publisher fans the
+        // backlog out itself, in order after what the job holds.
+        if state.fan_out_backlog(backlog, &self.subscriptions) {
             self.drop_if_empty(channel);
         }
     }
@@ -684,7 +697,7 @@ impl Hub {
     pub fn notify(&self, channel: &str, event: &ChannelEvent) {
         let Some(state) = lock(self.shard(channel)).get(channel).cloned() else { return };
         let inner = lock(&state.inner);
-        let delay = inner.flow.write_delay;
+        let delay = state.flow.write_delay;
         let encoded: [OnceLock<Option<Frame>>; SLOTS] = Default::default();
         let exclude = event.exclude();
         for m in inner.members.iter().filter(|m| m.pending.is_none() && Some(m.sub.id) != exclude) {
@@ -1041,32 +1054,31 @@ mod tests {
         assert_eq!(hub.subscription_count(), 1);
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_big_fan_out_off_the_publishers_path_keeps_every_offset_once_in_order() {
-        const MEMBERS: u64 = FANOUT_OFFLOAD as u64 * 2 + 500;
-        const PUBS: u64 = 300;
+    /// `channels` channels of `members` each, `pubs` publications to each from one publisher
+    /// thread per channel at once; every member must get every offset once, in order.
+    async fn big_fan_out(channels: u64, members: u64, pubs: u64) {
         let hub = Arc::new(Hub::new());
         let mut subs = Vec::new();
-        for (c, name) in ["a", "b"].iter().enumerate() {
-            let ch: Arc<str> = Arc::from(*name);
-            for i in 0..MEMBERS {
-                let s = sub(c as u64 * MEMBERS + i, 1 << 20, &Text);
+        let names: Vec<String> = (0..channels).map(|c| format!("c{c}")).collect();
+        for (c, name) in names.iter().enumerate() {
+            let ch: Arc<str> = Arc::from(name.as_str());
+            for i in 0..members {
+                let s = sub(c as u64 * members + i, 1 << 24, &Text);
                 hub.subscribe(&ch, s.clone()).expect("subscribe");
                 hub.activate(name, s.id, None, 0).expect("activate");
                 subs.push(s);
             }
         }
-        // Two publishers at once, one per channel (the engine orders each channel's calls).
-        let publishers: Vec<_> = ["a", "b"]
-            .into_iter()
+        let publishers: Vec<_> = names
+            .iter()
             .map(|name| {
-                let (hub, rt) = (hub.clone(), tokio::runtime::Handle::current());
+                let (hub, rt, name) = (hub.clone(), tokio::runtime::Handle::current(), name.clone());
                 std::thread::spawn(move || {
                     let _rt = rt.enter();
-                    for offset in 1..=PUBS {
+                    for offset in 1..=pubs {
                         let pos = StreamPosition { epoch: Arc::from("e"), offset };
                         let data = Bytes::from(offset.to_string());
-                        hub.deliver(name, &pos, &PublicationRecord { offset, data, ..Default::default() });
+                        hub.deliver(&name, &pos, &PublicationRecord { offset, data, ..Default::default() });
                     }
                 })
             })
@@ -1076,14 +1088,26 @@ mod tests {
         }
         for s in &subs {
             let mut got = Vec::new();
-            while got.len() < PUBS as usize {
+            while got.len() < pubs as usize {
                 let mut batch = VecDeque::new();
-                tokio::time::timeout(Duration::from_secs(20), s.outbox.next_batch(&mut batch)).await.expect("in time");
+                tokio::time::timeout(Duration::from_secs(30), s.outbox.next_batch(&mut batch)).await.expect("in time");
                 got.extend(batch.iter().map(|f| String::from_utf8_lossy(payload(f)).parse::<u64>().unwrap_or(0)));
             }
-            assert_eq!(got, (1..=PUBS).collect::<Vec<_>>(), "subscriber {}", s.id);
+            assert_eq!(got, (1..=pubs).collect::<Vec<_>>(), "subscriber {}", s.id);
         }
-        assert_eq!(hub.subscription_count(), 2 * MEMBERS as usize);
+        assert_eq!(hub.subscription_count(), (channels * members) as usize);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_big_fan_out_off_the_publishers_path_keeps_every_offset_once_in_order() {
+        big_fan_out(2, FANOUT_OFFLOAD as u64 * 2 + 500, 300).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_publisher_ahead_of_the_drain_job_fans_out_itself_and_keeps_the_order() {
+        // More publications than the backlog holds, published faster than 1,001 members take
+        // them: the publisher drains the backlog itself at times.
+        big_fan_out(1, FANOUT_OFFLOAD as u64 + 1, MAX_BACKLOG as u64 + 500).await;
     }
 
     #[test]
