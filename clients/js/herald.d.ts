@@ -132,6 +132,12 @@ export interface Publication {
   data: Json;
   /** The publishing client, when a client published (absent for the HTTP API). */
   info?: ClientInfo;
+  /**
+   * The channel's namespace is conflated (`conflation = "latest"`): this is the newest
+   * publication when it was sent, and the ones between the previous offset and this one were
+   * skipped on purpose (they are in history). Not a loss: nothing is recovered for them.
+   */
+  conflated?: boolean;
 }
 
 export interface Position {
@@ -142,6 +148,11 @@ export interface Position {
 export interface SubscribedContext extends Position {
   /** True when the missed publications were recovered (they follow, through onPublication). */
   recovered: boolean;
+  /**
+   * Present (true) in a conflated namespace: publications come at most `max_rate` per second,
+   * each the newest, so offsets jump; recovery brings only the newest missed publication.
+   */
+  conflated?: boolean;
 }
 
 /** Why the server ended a subscription. */
@@ -194,6 +205,8 @@ export interface Subscription {
   readonly epoch: string | undefined;
   /** The offset of the last publication delivered. */
   readonly offset: number;
+  /** The channel's namespace is conflated (from the last subscribe reply). */
+  readonly conflated: boolean;
   /** Subscribed on the current connection. */
   readonly active: boolean;
   unsubscribe(): void;

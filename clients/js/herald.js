@@ -393,6 +393,7 @@ class Subscription {
     this.token = handlers.token; // the subscription token, replaced through handlers.getToken
     this.epoch = undefined; // set by the first subscribe reply
     this.offset = 0; // the last publication delivered
+    this.conflated = false; // the server sends the newest at a bounded rate: offsets jump
     this.active = false; // subscribed on the current connection
     this.tries = 0; // getToken failures in a row
     this.timer = "s:" + channel; // its refresh or retry timer, among the client's
@@ -450,8 +451,13 @@ class Subscription {
     }
     this.active = true;
     this.tries = 0;
+    // In a conflated namespace an offset jump is the server skipping values on purpose, not a
+    // loss: recovery then returns only the newest missed publication.
+    this.conflated = !!reply.conflated;
     this._scheduleRefresh(reply.expires);
-    call(h.onSubscribed, { epoch: reply.epoch, offset: reply.offset, recovered });
+    const ctx = { epoch: reply.epoch, offset: reply.offset, recovered };
+    if (this.conflated) ctx.conflated = true;
+    call(h.onSubscribed, ctx);
     if (recovered) for (const pub of reply.publications || []) this._publication(pub);
   }
 
@@ -484,6 +490,8 @@ class Subscription {
       if (pub.offset <= this.offset) return;
       this.offset = pub.offset;
     }
+    // A recovered publication of a conflated channel is marked like the live ones.
+    if (this.conflated && !pub.conflated) pub = { ...pub, conflated: true };
     call(this.handlers.onPublication, pub);
   }
 

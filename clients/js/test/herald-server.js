@@ -12,8 +12,8 @@ const here = fileURLToPath(new URL(".", import.meta.url));
 export const BIN = resolve(here, "..", process.env.HERALD_BIN || "../../target/debug/herald");
 export const SECRET = "js-sdk-tests-secret-0123456789-abcdefghij";
 
-// chat: clients may publish, with presence and join/leave; token: subscribing takes a
-// subscription token. Pings every second so that liveness acts within a test's time, and a
+// chat: clients may publish, with presence and join/leave; ticks: conflated, at most 20 per
+// second per subscriber; token: subscribing takes a subscription token. Pings every second so that liveness acts within a test's time, and a
 // leeway of one second so that expired tokens do too.
 const CONFIG = `
 [auth]
@@ -23,6 +23,11 @@ leeway = "1s"
 publish = true
 presence = true
 join_leave = true
+history_size = 1000
+
+[channels.namespaces.ticks]
+conflation = "latest"
+max_rate = 20
 history_size = 1000
 
 [channels.namespaces.token]

@@ -150,6 +150,37 @@ test("dropped connections reconnect and recover: every publication once, in orde
   assert.deepEqual(gone, { code: 4000, reason: "test", reconnect: true });
 });
 
+test("a conflated subscription gets the newest at max_rate, offsets jump, and recovery brings no backlog", async () => {
+  const herald = await client({ token: token("erin") });
+  const seen = await subscribe(herald, "ticks:eur");
+  assert.equal(seen.subscribed[0].conflated, true);
+  assert.equal(seen.sub.conflated, true);
+  const N = 150;
+  const started = Date.now();
+  for (let i = 1; i <= N; i++) await server.api("publish", { channel: "ticks:eur", data: i });
+  await waitFor(() => seen.pubs.at(-1)?.data === N, "the newest value");
+  const live = seen.pubs.length;
+  // Bounded by max_rate (20/s) plus the first, never every publication.
+  assert.ok(live <= ((Date.now() - started) / 1000) * 20 + 2, `${live} deliveries`);
+  assert.ok(live < N, `conflated: ${live} of ${N}`);
+
+  // Dropped and reconnected while more is published: the newest comes back, not a backlog.
+  const drops = () => herald.events.filter(([e, c]) => e === "disconnected" && c.code === 4000).length;
+  assert.deepEqual(await server.api("disconnect", { user: "erin", code: 4000, reason: "test" }), { connections: 1 });
+  for (let i = N + 1; i <= 2 * N; i++) await server.api("publish", { channel: "ticks:eur", data: i });
+  await waitFor(() => drops() === 1 && herald.state === "connected", "reconnected");
+  await waitFor(() => seen.pubs.at(-1)?.data === 2 * N, "the newest value after the reconnect");
+  assert.ok(seen.pubs.length - live < N / 2, `no backlog: ${seen.pubs.length - live} after the reconnect`);
+
+  const offsets = seen.pubs.map((p) => p.offset);
+  assert.ok(offsets.every((o, i) => i === 0 || o > offsets[i - 1]), "increasing offsets");
+  assert.ok(seen.pubs.every((p) => p.data === p.offset), "each value is the one published at its offset");
+  assert.ok(seen.pubs.every((p) => p.conflated === true), "every push says it is conflated");
+  assert.deepEqual(seen.resets, [], "a jump is not a gap: no reset");
+  assert.equal(seen.subscribed.at(-1).recovered, true);
+  assert.deepEqual((await herald.history("ticks:eur", { limit: 2 * N })).publications.length, 2 * N, "history keeps all");
+});
+
 test("a terminal close code (4503) stops reconnecting", async () => {
   const herald = await client({ token: token("dave") });
   await server.api("disconnect", { user: "dave" });

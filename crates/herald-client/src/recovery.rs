@@ -93,7 +93,7 @@ mod tests {
             offset,
             recovered,
             publications: pubs.iter().map(|o| publication(*o)).collect(),
-            expires: None,
+            ..Default::default()
         }
     }
 

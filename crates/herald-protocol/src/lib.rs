@@ -14,10 +14,10 @@ mod message;
 pub use codes::{CloseCode, ErrorCode};
 pub use error::{ErrorBody, ErrorDetail};
 pub use message::{
-    encode_error, encode_pub_push, encode_reply, ChannelRequest, ClientFrame, ClientInfo, Command, ConnectRequest,
-    ConnectResult, FrameError, HistoryRequest, HistoryResult, Position, PresenceClient, PresenceResult,
-    PresenceStatsResult, Publication, PublishRequest, PublishResult, PushBody, RefreshRequest, RefreshResult,
-    ReplyResult, ServerFrame, SubRefreshRequest, SubRefreshResult, SubscribeRequest, SubscribeResult,
+    encode_conflated_pub_push, encode_error, encode_pub_push, encode_reply, ChannelRequest, ClientFrame, ClientInfo,
+    Command, ConnectRequest, ConnectResult, FrameError, HistoryRequest, HistoryResult, Position, PresenceClient,
+    PresenceResult, PresenceStatsResult, Publication, PublishRequest, PublishResult, PushBody, RefreshRequest,
+    RefreshResult, ReplyResult, ServerFrame, SubRefreshRequest, SubRefreshResult, SubscribeRequest, SubscribeResult,
     UnsubscribeRequest, Unsubscribed,
 };
 

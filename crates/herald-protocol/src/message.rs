@@ -313,6 +313,10 @@ pub struct SubscribeResult {
     /// leeway) unless refreshed with `sub_refresh`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<u64>,
+    /// The channel's namespace is conflated: pushes bring the newest publication at a bounded
+    /// rate, so offsets jump (not a gap), and recovery returns only the newest missed one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub conflated: bool,
 }
 
 /// Result of `publish`.
@@ -547,6 +551,16 @@ mod erased {
 /// Encodes a publication push without building a tree: `data` must already be valid JSON.
 /// Called once per publication; every subscriber gets the same bytes.
 pub fn encode_pub_push(channel: &str, offset: Option<u64>, data: &[u8], info: Option<&ClientInfo>) -> Vec<u8> {
+    pub_push(channel, offset, data, info, false)
+}
+
+/// [`encode_pub_push`] for a conflated channel: the publication carries `"conflated":true`
+/// (publications before it may have been skipped for this subscriber; its offset may jump).
+pub fn encode_conflated_pub_push(channel: &str, offset: u64, data: &[u8], info: Option<&ClientInfo>) -> Vec<u8> {
+    pub_push(channel, Some(offset), data, info, true)
+}
+
+fn pub_push(channel: &str, offset: Option<u64>, data: &[u8], info: Option<&ClientInfo>, conflated: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(48 + channel.len() + data.len());
     out.extend_from_slice(b"{\"push\":{\"channel\":");
     let _ = serde_json::to_writer(&mut out, channel);
@@ -561,6 +575,9 @@ pub fn encode_pub_push(channel: &str, offset: Option<u64>, data: &[u8], info: Op
     if let Some(i) = info {
         out.extend_from_slice(b",\"info\":");
         let _ = serde_json::to_writer(&mut out, i);
+    }
+    if conflated {
+        out.extend_from_slice(b",\"conflated\":true");
     }
     out.extend_from_slice(b"}}}");
     out
@@ -606,6 +623,16 @@ mod tests {
         assert_eq!(e.id, None);
         let e = ClientFrame::parse(br#"{"connect":{}}"#).expect_err("no id");
         assert_eq!(e.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn a_conflated_push_says_so_and_still_parses_as_a_publication() {
+        let push = encode_conflated_pub_push("ticks", 9, b"1", None);
+        assert_eq!(push, br#"{"push":{"channel":"ticks","pub":{"offset":9,"data":1,"conflated":true}}}"#);
+        let ServerFrame::Push { body: PushBody::Pub(p), .. } = ServerFrame::parse(&push).expect("parses") else {
+            panic!("not a pub push")
+        };
+        assert_eq!(p.offset, Some(9));
     }
 
     #[test]

@@ -219,6 +219,45 @@ pub struct NamespaceOptions {
     /// Push `join` and `leave` to subscribers when a user's first connection subscribes and
     /// its last one leaves (needs `presence`).
     pub join_leave: bool,
+    /// Most publications per second each subscriber receives from one channel of this
+    /// namespace; 0 (the default) means no limit. Only used with `conflation = "latest"`.
+    pub max_rate: u32,
+    /// `"none"` (the default): every subscriber receives every publication, and one too slow to
+    /// keep up is disconnected (close code 4001). `"latest"`: a subscriber receives at most
+    /// `max_rate` publications per second per channel (`max_rate` must be set), each the
+    /// newest of the channel when it is sent; the publications in between are skipped for it
+    /// (history keeps them all), so offsets jump, and pushes carry `"conflated": true`. A
+    /// subscriber too slow to keep up is not disconnected: it receives the newest publication
+    /// once its queue has room. For dashboards, tickers, positions: values where only the
+    /// newest matters. Recovery after a reconnect then returns only the newest missed one.
+    pub conflation: Conflation,
+    /// How long publications of this namespace may wait in a connection's queue so that
+    /// several share one write (one system call and, over TLS, one record). 0 (the default)
+    /// writes them at once. A connection with channels of several namespaces writes when its
+    /// earliest deadline is due, and at once as soon as anything without a delay (a reply, a
+    /// publication of an immediate namespace) is queued, taking along what waits. The merge
+    /// shows as `herald_frames_sent_total / herald_writes_total`.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub write_delay: std::time::Duration,
+}
+
+/// How a namespace's subscribers that cannot receive every publication are served.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Conflation {
+    /// Every publication to every subscriber; slow consumers are disconnected.
+    #[default]
+    None,
+    /// The newest publication per channel, at most `max_rate` per second per subscriber.
+    Latest,
+}
+
+impl NamespaceOptions {
+    /// Whether subscribers get the newest publication at `max_rate` instead of every one.
+    pub fn conflated(&self) -> bool {
+        self.conflation == Conflation::Latest && self.max_rate > 0
+    }
 }
 
 impl Default for NamespaceOptions {
@@ -232,6 +271,9 @@ impl Default for NamespaceOptions {
             history_ttl: std::time::Duration::from_secs(300),
             presence: false,
             join_leave: false,
+            max_rate: 0,
+            conflation: Conflation::None,
+            write_delay: std::time::Duration::ZERO,
         }
     }
 }

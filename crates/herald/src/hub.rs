@@ -4,16 +4,31 @@
 //! that uses it. One lock per channel keeps a single order per channel; channels are spread
 //! over shards so no lock is global. A subscriber whose queue overflows is closed (4001) and
 //! removed, never waited for.
+//!
+//! A channel of a conflated namespace ([`Flow::period`]) is delivered differently: a
+//! publication only replaces the channel's `latest` and wakes the channel's flusher task, so a
+//! skipped publication costs nothing per subscriber. The flusher, at most once per period,
+//! queues the newest publication to every member that does not have it yet; a member whose
+//! queue is full is skipped (it gets the newest at a later flush), not closed.
+//!
+//! A channel that has had more than [`FANOUT_OFFLOAD`] subscribers on this node is fanned out
+//! off the publisher's path: `deliver` appends the publication to the channel's backlog and
+//! returns; one drain job at a time (on the blocking pool) takes the backlog in order and
+//! queues it to the members, split into chunks over the machine's cores. Each member is in
+//! exactly one chunk per batch and gets the batch in offset order, and batches follow each
+//! other, so the order per channel per subscriber holds.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use herald_protocol::{ClientInfo, CloseCode};
 use serde::{Deserialize, Serialize};
 
+use crate::channel::NamespaceOptions;
 use crate::engine::{PublicationRecord, StreamPosition};
 use crate::ws::{self, CloseFrame, Outbox, Prepared, SendError};
 
@@ -27,6 +42,12 @@ pub trait Encoder: Send + Sync + std::fmt::Debug + 'static {
     fn slot(&self) -> usize;
     /// The frame for a stored publication of `channel` in stream `epoch`.
     fn publication(&self, channel: &str, epoch: &str, record: &PublicationRecord) -> Frame;
+    /// The frame for a publication of a conflated channel: publications before it may have
+    /// been skipped for this subscriber (its offset may jump). By default the same frame as
+    /// [`Encoder::publication`]; a door whose wire can say so overrides it.
+    fn conflated_publication(&self, channel: &str, epoch: &str, record: &PublicationRecord) -> Frame {
+        self.publication(channel, epoch, record)
+    }
     /// The frame for an event that is not a publication; `None`: this door does not show it.
     fn event(&self, _channel: &str, _event: &ChannelEvent) -> Option<Frame> {
         None
@@ -68,11 +89,30 @@ impl Frame {
         Self::Ws(Box::new(Prepared::text(text.into())))
     }
 
-    fn queue(&self, outbox: &Outbox) -> Result<(), SendError> {
+    /// Queues this frame; a WebSocket frame may wait up to `delay` to share a write.
+    fn queue(&self, outbox: &Outbox, delay: Duration) -> Result<(), SendError> {
         match self {
-            Self::Ws(p) => outbox.send_prepared(p),
+            Self::Ws(p) => outbox.send_prepared_within(p, delay),
             Self::Raw(b) => outbox.push(b.clone()),
         }
+    }
+}
+
+/// How a channel's publications flow to its subscribers: its namespace's `conflation`,
+/// `max_rate` and `write_delay`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// Conflated: the least time between two deliveries of the channel to one subscriber
+    /// (1 / `max_rate`), each the newest publication. `None`: every publication.
+    pub period: Option<Duration>,
+    /// How long a publication may wait in a subscriber's queue to share a write.
+    pub write_delay: Duration,
+}
+
+impl Flow {
+    pub fn of(ns: &NamespaceOptions) -> Self {
+        let period = ns.conflated().then(|| Duration::from_secs(1) / ns.max_rate.max(1));
+        Self { period, write_delay: ns.write_delay }
     }
 }
 
@@ -143,15 +183,18 @@ pub struct Delivery {
     channel: Arc<str>,
     epoch: Arc<str>,
     record: PublicationRecord,
+    /// Encoded with [`Encoder::conflated_publication`].
+    conflated: bool,
     encoded: [OnceLock<Frame>; SLOTS],
 }
 
 impl Delivery {
-    fn new(channel: &str, position: &StreamPosition, record: &PublicationRecord) -> Self {
+    fn new(channel: &str, position: &StreamPosition, record: &PublicationRecord, conflated: bool) -> Self {
         Self {
             channel: Arc::from(channel),
             epoch: position.epoch.clone(),
             record: record.clone(),
+            conflated,
             encoded: Default::default(),
         }
     }
@@ -160,18 +203,250 @@ impl Delivery {
         self.record.offset
     }
 
-    fn queue(&self, sub: &Subscriber) -> Result<(), SendError> {
-        let encode = || sub.encoder.publication(&self.channel, &self.epoch, &self.record);
+    fn queue(&self, sub: &Subscriber, delay: Duration) -> Result<(), SendError> {
+        let encode = || match self.conflated {
+            true => sub.encoder.conflated_publication(&self.channel, &self.epoch, &self.record),
+            false => sub.encoder.publication(&self.channel, &self.epoch, &self.record),
+        };
         match self.encoded.get(sub.encoder.slot()) {
-            Some(cell) => cell.get_or_init(encode).queue(&sub.outbox),
-            None => encode().queue(&sub.outbox),
+            Some(cell) => cell.get_or_init(encode).queue(&sub.outbox, delay),
+            None => encode().queue(&sub.outbox, delay),
         }
     }
 }
 
 #[derive(Debug)]
 struct ChannelState {
+    /// Its namespace's flow, fixed when the channel is created (its first subscriber's).
+    flow: Flow,
     inner: Mutex<ChannelInner>,
+    /// Conflated channels: the newest publication, which the flusher hands out. Apart from the
+    /// members so that publishing never waits for a flush.
+    latest: Mutex<Option<Arc<Delivery>>>,
+    /// Wakes a conflated channel's flusher: a publication arrived, or the channel died.
+    wake: tokio::sync::Notify,
+    /// Has had more than [`FANOUT_OFFLOAD`] members: fanned out off the publisher's path.
+    big: AtomicBool,
+    /// Publications waiting for the drain job of a big channel, in offset order.
+    backlog: Mutex<Backlog>,
+}
+
+#[derive(Debug, Default)]
+struct Backlog {
+    queue: VecDeque<Arc<Delivery>>,
+    /// A drain job is running (or about to): publications must queue behind it.
+    draining: bool,
+}
+
+impl ChannelState {
+    fn new(flow: Flow) -> Self {
+        Self {
+            flow,
+            inner: Mutex::new(ChannelInner::default()),
+            latest: Mutex::new(None),
+            wake: tokio::sync::Notify::new(),
+            big: AtomicBool::new(false),
+            backlog: Mutex::new(Backlog::default()),
+        }
+    }
+
+    /// The drain job of a big channel: fans the backlog out, batch after batch, until it is
+    /// empty. An emptied channel is dropped by the unsubscribe of its last member.
+    fn drain(&self, subscriptions: &AtomicUsize) {
+        loop {
+            let mut backlog = lock(&self.backlog);
+            if backlog.queue.is_empty() {
+                backlog.draining = false;
+                return;
+            }
+            self.fan_out_backlog(backlog, subscriptions);
+        }
+    }
+
+    /// Takes the whole backlog and fans it out. The channel's lock is taken before the
+    /// backlog's is released, so batches reach the members in the order they left the backlog
+    /// (the drain job's and an overloaded publisher's alike). Returns whether no member is left.
+    fn fan_out_backlog(&self, mut backlog: MutexGuard<'_, Backlog>, subscriptions: &AtomicUsize) -> bool {
+        let batch: Vec<Arc<Delivery>> = backlog.queue.drain(..).collect();
+        let mut inner = lock(&self.inner);
+        drop(backlog);
+        fan_out_locked(&mut inner, &batch, self.flow.write_delay, subscriptions)
+    }
+
+    /// Queues the channel's newest publication to every live member that does not have it.
+    /// A member whose queue is full keeps its place and gets the newest at a later flush.
+    fn flush(&self, channel: &str) -> Flushed {
+        let latest = lock(&self.latest).clone();
+        let mut inner = lock(&self.inner);
+        if inner.dead {
+            return Flushed::Dead;
+        }
+        let Some(latest) = latest else { return Flushed::All };
+        let (offset, delay) = (latest.offset(), self.flow.write_delay);
+        let (mut skipped, mut behind) = (0u64, 0u64);
+        for m in inner.members.iter_mut().filter(|m| m.pending.is_none() && m.floor < offset) {
+            if latest.record.exclude == Some(m.sub.id) {
+                m.floor = offset;
+                continue;
+            }
+            match latest.queue(&m.sub, delay) {
+                Ok(()) => {
+                    skipped += offset - m.floor - 1;
+                    m.floor = offset;
+                }
+                Err(SendError::Full) => behind += 1,
+                // Gone: its unsubscribe removes it.
+                Err(SendError::Closed) => {}
+            }
+        }
+        drop(inner);
+        if skipped > 0 {
+            metrics::counter!("herald_conflated_total").increment(skipped);
+        }
+        if behind > 0 {
+            metrics::counter!("herald_conflated_behind_total").increment(behind);
+            tracing::trace!(channel, behind, "conflated subscribers with a full queue wait for the next flush");
+            return Flushed::Behind;
+        }
+        Flushed::All
+    }
+}
+
+/// What a flush of a conflated channel did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flushed {
+    /// Every live member has the newest publication.
+    All,
+    /// Some members' queues were full: flush again after a period, publication or not.
+    Behind,
+    /// The channel is gone.
+    Dead,
+}
+
+/// Members above which a channel is fanned out off the publisher's path, and the least members
+/// per parallel chunk.
+pub const FANOUT_OFFLOAD: usize = 1000;
+
+/// Most publications waiting in a big channel's backlog; beyond, the publisher fans the backlog
+/// out itself (back-pressure instead of unbounded memory).
+const MAX_BACKLOG: usize = 1000;
+
+/// Queues `batch` (in offset order) to every member, in parallel chunks for a big channel,
+/// and removes the members that are gone. Under the channel's lock: one batch at a time.
+/// Returns whether no member is left.
+fn fan_out_locked(
+    inner: &mut ChannelInner,
+    batch: &[Arc<Delivery>],
+    delay: Duration,
+    subscriptions: &AtomicUsize,
+) -> bool {
+    if inner.dead {
+        return false;
+    }
+    let gone = fan_out_parallel(&mut inner.members, batch, delay);
+    for id in gone {
+        if inner.remove(id) {
+            subscriptions.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    inner.members.is_empty()
+}
+
+/// Threads one fan-out may use: the machine's cores.
+fn workers() -> usize {
+    static WORKERS: OnceLock<usize> = OnceLock::new();
+    *WORKERS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// [`fan_out`] over chunks of `members` in parallel (scoped threads: the chunks borrow the
+/// members under the channel's lock), when there are enough of them.
+fn fan_out_parallel(members: &mut [Member], batch: &[Arc<Delivery>], delay: Duration) -> Vec<u64> {
+    let chunks = workers().min(members.len() / FANOUT_OFFLOAD).max(1);
+    if chunks == 1 {
+        return fan_out(members, batch, delay);
+    }
+    let size = members.len().div_ceil(chunks);
+    // Each chunk is taken exactly once: by its thread, or here when the thread could not start
+    // (or had not taken it yet when this thread got to it).
+    let parts: Vec<Mutex<Option<&mut [Member]>>> = members.chunks_mut(size).map(|p| Mutex::new(Some(p))).collect();
+    std::thread::scope(|scope| {
+        let mut threads = Vec::new();
+        for cell in parts.iter().skip(1) {
+            let run = move || lock(cell).take().map(|p| fan_out(p, batch, delay)).unwrap_or_default();
+            if let Ok(t) = std::thread::Builder::new().name("herald-fanout".into()).spawn_scoped(scope, run) {
+                threads.push(t);
+            }
+        }
+        let mut gone = Vec::new();
+        for cell in &parts {
+            if let Some(p) = lock(cell).take() {
+                gone.extend(fan_out(p, batch, delay));
+            }
+        }
+        for t in threads {
+            gone.extend(t.join().unwrap_or_default());
+        }
+        gone
+    })
+}
+
+/// Queues each publication of `batch` (in offset order) to each of `members`; returns the ids
+/// of members that are gone (closed, or cut off as slow consumers).
+fn fan_out(members: &mut [Member], batch: &[Arc<Delivery>], delay: Duration) -> Vec<u64> {
+    let mut gone = Vec::new();
+    'members: for m in members.iter_mut() {
+        for delivery in batch {
+            let offset = delivery.offset();
+            if let Some(held) = m.pending.as_mut() {
+                if held.len() < MAX_PENDING {
+                    held.push(delivery.clone());
+                    continue;
+                }
+                slow_consumer(&m.sub, &delivery.channel);
+                gone.push(m.sub.id);
+                continue 'members;
+            }
+            if offset <= m.floor {
+                continue;
+            }
+            if delivery.record.exclude == Some(m.sub.id) {
+                m.floor = offset;
+                continue;
+            }
+            match delivery.queue(&m.sub, delay) {
+                Ok(()) => m.floor = offset,
+                Err(SendError::Full) => {
+                    slow_consumer(&m.sub, &delivery.channel);
+                    gone.push(m.sub.id);
+                    continue 'members;
+                }
+                Err(SendError::Closed) => {
+                    gone.push(m.sub.id);
+                    continue 'members;
+                }
+            }
+        }
+    }
+    gone
+}
+
+/// A conflated channel's flusher: after a publication, flushes the newest to the members, then
+/// waits a period before the next flush, so each member gets at most one per period. Ends when
+/// the channel dies ([`Hub::drop_if_empty`] wakes it).
+async fn flusher(state: Arc<ChannelState>, channel: Arc<str>, period: Duration) {
+    loop {
+        state.wake.notified().await;
+        let flushed = state.flush(&channel);
+        if flushed == Flushed::Dead {
+            return;
+        }
+        tokio::time::sleep(period).await;
+        if flushed == Flushed::Behind {
+            // Once its queue drains, a member that was behind gets the newest even if nothing
+            // more is published.
+            state.wake.notify_one();
+        }
+    }
 }
 
 /// A subscriber and where it is in the channel's stream.
@@ -233,7 +508,7 @@ pub trait Occupancy: Send + Sync + std::fmt::Debug {
 pub struct Hub {
     shards: Box<[Shard]>,
     hasher: std::collections::hash_map::RandomState,
-    subscriptions: AtomicUsize,
+    subscriptions: Arc<AtomicUsize>,
     /// Set only when someone listens (webhooks configured): otherwise nothing is called.
     occupancy: OnceLock<Arc<dyn Occupancy>>,
 }
@@ -257,7 +532,7 @@ impl Hub {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: Default::default(),
-            subscriptions: AtomicUsize::new(0),
+            subscriptions: Arc::new(AtomicUsize::new(0)),
             occupancy: OnceLock::new(),
         }
     }
@@ -277,16 +552,31 @@ impl Hub {
     /// to recover) in between: whatever was published before this call is in it, whatever
     /// comes after is held, and [`Hub::activate`] drops the overlap.
     pub fn subscribe(&self, channel: &Arc<str>, sub: Subscriber) -> Result<(), SubscribeError> {
+        self.subscribe_with(channel, sub, Flow::default())
+    }
+
+    /// [`Hub::subscribe`] to a channel whose namespace has `flow` (the channel keeps the flow
+    /// it was created with, i.e. its first subscriber's).
+    pub fn subscribe_with(&self, channel: &Arc<str>, sub: Subscriber, flow: Flow) -> Result<(), SubscribeError> {
         loop {
+            let mut created = None;
             let state = lock(self.shard(channel))
                 .entry(channel.clone())
                 .or_insert_with(|| {
                     if let Some(o) = self.occupancy.get() {
                         o.occupied(channel);
                     }
-                    Arc::new(ChannelState { inner: Mutex::new(ChannelInner::default()) })
+                    let runtime = tokio::runtime::Handle::try_current().ok();
+                    // No runtime to flush on (a test of the hub alone): every publication.
+                    let flow = Flow { period: flow.period.filter(|_| runtime.is_some()), ..flow };
+                    let state = Arc::new(ChannelState::new(flow));
+                    created = runtime.zip(flow.period).map(|(rt, period)| (rt, period, state.clone()));
+                    state
                 })
                 .clone();
+            if let Some((rt, period, state)) = created {
+                drop(rt.spawn(flusher(state, channel.clone(), period)));
+            }
             let mut inner = lock(&state.inner);
             if inner.dead {
                 continue;
@@ -297,6 +587,9 @@ impl Hub {
             let i = inner.members.len();
             inner.index.insert(sub.id, i);
             inner.members.push(Member { sub, floor: 0, pending: Some(Vec::new()) });
+            if inner.members.len() > FANOUT_OFFLOAD {
+                state.big.store(true, Ordering::Relaxed);
+            }
             self.subscriptions.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
@@ -312,6 +605,9 @@ impl Hub {
         };
         let mut inner = lock(&state.inner);
         let Some(&i) = inner.index.get(&id) else { return Err(SubscribeError::Closed) };
+        let delay = state.flow.write_delay;
+        // A conflated channel holds nothing per member: it gets the newest, if the reply lacks it.
+        let latest = lock(&state.latest).clone().filter(|l| l.offset() > offset);
         let member = &mut inner.members[i];
         member.floor = offset;
         let held = member.pending.take().unwrap_or_default();
@@ -322,9 +618,9 @@ impl Hub {
                 Sink::WebSocket => member.sub.outbox.send_text(text),
             })
             .and_then(|()| {
-                for d in held.iter().filter(|d| d.offset() > offset) {
+                for d in held.iter().chain(latest.as_ref()).filter(|d| d.offset() > offset) {
                     if d.record.exclude != Some(member.sub.id) {
-                        d.queue(&member.sub)?;
+                        d.queue(&member.sub, delay)?;
                     }
                     member.floor = d.offset();
                 }
@@ -370,6 +666,8 @@ impl Hub {
             if inner.members.is_empty() {
                 inner.dead = true;
                 drop(inner);
+                // A conflated channel's flusher sees it is dead and ends.
+                state.wake.notify_one();
                 shard.remove(channel);
                 if let Some(o) = self.occupancy.get() {
                     o.vacated(channel);
@@ -382,46 +680,44 @@ impl Hub {
     /// the engine in offset order per channel.
     pub fn deliver(&self, channel: &str, position: &StreamPosition, record: &PublicationRecord) {
         let Some(state) = lock(self.shard(channel)).get(channel).cloned() else { return };
-        let mut inner = lock(&state.inner);
-        if inner.dead {
+        if state.flow.period.is_some() {
+            // Conflated: the newest replaces the previous; the flusher hands it out.
+            let mut latest = lock(&state.latest);
+            if latest.as_ref().is_none_or(|l| l.offset() < record.offset) {
+                *latest = Some(Arc::new(Delivery::new(channel, position, record, true)));
+            }
+            drop(latest);
+            state.wake.notify_one();
             return;
         }
-        let delivery = Arc::new(Delivery::new(channel, position, record));
-        let mut gone = Vec::new();
-        for m in inner.members.iter_mut() {
-            if let Some(held) = m.pending.as_mut() {
-                if held.len() < MAX_PENDING {
-                    held.push(delivery.clone());
-                } else {
-                    slow_consumer(&m.sub, channel);
-                    gone.push(m.sub.id);
+        let delivery = Arc::new(Delivery::new(channel, position, record, false));
+        if !state.big.load(Ordering::Relaxed) {
+            let mut inner = lock(&state.inner);
+            // Checked again under the lock: a channel turns big under it.
+            if !state.big.load(Ordering::Relaxed) {
+                let delay = state.flow.write_delay;
+                if fan_out_locked(&mut inner, std::slice::from_ref(&delivery), delay, &self.subscriptions) {
+                    drop(inner);
+                    self.drop_if_empty(channel);
                 }
-                continue;
-            }
-            if record.offset <= m.floor {
-                continue;
-            }
-            if record.exclude == Some(m.sub.id) {
-                m.floor = record.offset;
-                continue;
-            }
-            match delivery.queue(&m.sub) {
-                Ok(()) => m.floor = record.offset,
-                Err(SendError::Full) => {
-                    slow_consumer(&m.sub, channel);
-                    gone.push(m.sub.id);
-                }
-                Err(SendError::Closed) => gone.push(m.sub.id),
+                return;
             }
         }
-        for id in gone {
-            if inner.remove(id) {
-                self.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        // A big channel: behind the backlog, which one drain job at a time fans out.
+        let mut backlog = lock(&state.backlog);
+        backlog.queue.push_back(delivery);
+        let runtime = tokio::runtime::Handle::try_current();
+        if let (Ok(rt), true) = (&runtime, backlog.queue.len() <= MAX_BACKLOG) {
+            if !backlog.draining {
+                backlog.draining = true;
+                let (state, subscriptions) = (state.clone(), self.subscriptions.clone());
+                drop(rt.spawn_blocking(move || state.drain(&subscriptions)));
             }
+            return;
         }
-        let empty = inner.members.is_empty();
-        drop(inner);
-        if empty {
+        // The drain job is behind (or there is no runtime to run one): the publisher fans the
+        // backlog out itself, in order after what the job holds.
+        if state.fan_out_backlog(backlog, &self.subscriptions) {
             self.drop_if_empty(channel);
         }
     }
@@ -431,6 +727,7 @@ impl Hub {
     pub fn notify(&self, channel: &str, event: &ChannelEvent) {
         let Some(state) = lock(self.shard(channel)).get(channel).cloned() else { return };
         let inner = lock(&state.inner);
+        let delay = state.flow.write_delay;
         let encoded: [OnceLock<Option<Frame>>; SLOTS] = Default::default();
         let exclude = event.exclude();
         for m in inner.members.iter().filter(|m| m.pending.is_none() && Some(m.sub.id) != exclude) {
@@ -444,7 +741,7 @@ impl Hub {
                 }
             };
             if let Some(frame) = frame {
-                if frame.queue(&m.sub.outbox) == Err(SendError::Full) {
+                if frame.queue(&m.sub.outbox, delay) == Err(SendError::Full) {
                     slow_consumer(&m.sub, channel);
                 }
             }
@@ -744,6 +1041,137 @@ mod tests {
         assert!(slow.outbox.queued_bytes() < 200, "bounded: {}", slow.outbox.queued_bytes());
         assert_eq!(frames(&fast.outbox).len(), 20);
         assert_eq!(hub.channels(|_| true), vec![(ch.clone(), 1)]);
+    }
+
+    async fn frames_now(o: &Outbox) -> Vec<Bytes> {
+        let mut batch = VecDeque::new();
+        if o.queued_bytes() > 0 {
+            o.next_batch(&mut batch).await;
+        }
+        batch.into_iter().collect()
+    }
+
+    /// Lets the flusher run, for longer than its period.
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(120)).await;
+    }
+
+    const CONFLATED: Flow = Flow { period: Some(Duration::from_millis(50)), write_delay: Duration::ZERO };
+
+    #[tokio::test]
+    async fn a_conflated_subscriber_gets_the_newest_not_a_backlog() {
+        let hub = Hub::new();
+        let ch: Arc<str> = Arc::from("ticker");
+        let s = sub(1, 1 << 20, &Text);
+        hub.subscribe_with(&ch, s.clone(), CONFLATED).expect("subscribe");
+        hub.activate("ticker", 1, None, 0).expect("activate");
+        for i in 1..=100 {
+            publish(&hub, "ticker", i, if i == 100 { b"100" } else { b"x" });
+        }
+        settle().await;
+        let got = frames_now(&s.outbox).await;
+        assert_eq!(got.iter().map(|f| payload(f).to_vec()).collect::<Vec<_>>(), [b"100".to_vec()]);
+        // A later subscriber whose reply is older than the newest gets the newest after it.
+        let late = sub(2, 1 << 20, &Text);
+        hub.subscribe_with(&ch, late.clone(), CONFLATED).expect("subscribe");
+        hub.activate("ticker", 2, Some(Bytes::from_static(b"reply")), 40).expect("activate");
+        let got = frames_now(&late.outbox).await;
+        assert_eq!(got.iter().map(|f| payload(f).to_vec()).collect::<Vec<_>>(), [b"reply".to_vec(), b"100".to_vec()]);
+        publish(&hub, "ticker", 101, b"101");
+        settle().await;
+        for o in [&s.outbox, &late.outbox] {
+            assert_eq!(frames_now(o).await.iter().map(|f| payload(f).to_vec()).collect::<Vec<_>>(), [b"101".to_vec()]);
+        }
+        assert!(hub.unsubscribe("ticker", 1) && hub.unsubscribe("ticker", 2));
+        assert_eq!(hub.channel_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_conflated_subscriber_with_a_full_queue_waits_instead_of_being_closed() {
+        let hub = Hub::new();
+        let ch: Arc<str> = Arc::from("dash");
+        let s = sub(1, 8, &Text);
+        hub.subscribe_with(&ch, s.clone(), CONFLATED).expect("subscribe");
+        hub.activate("dash", 1, None, 0).expect("activate");
+        publish(&hub, "dash", 1, b"first");
+        settle().await;
+        // Not read: the next newest does not fit.
+        publish(&hub, "dash", 2, b"second");
+        settle().await;
+        assert!(!s.outbox.is_closing(), "not cut off");
+        assert_eq!(
+            frames_now(&s.outbox).await.iter().map(|f| payload(f).to_vec()).collect::<Vec<_>>(),
+            [b"first".to_vec()]
+        );
+        // Its queue drained: the newest follows without another publication.
+        settle().await;
+        assert_eq!(
+            frames_now(&s.outbox).await.iter().map(|f| payload(f).to_vec()).collect::<Vec<_>>(),
+            [b"second".to_vec()]
+        );
+        publish(&hub, "dash", 3, b"third");
+        settle().await;
+        assert_eq!(
+            frames_now(&s.outbox).await.iter().map(|f| payload(f).to_vec()).collect::<Vec<_>>(),
+            [b"third".to_vec()]
+        );
+        assert_eq!(hub.subscription_count(), 1);
+    }
+
+    /// `channels` channels of `members` each, `pubs` publications to each from one publisher
+    /// thread per channel at once; every member must get every offset once, in order.
+    async fn big_fan_out(channels: u64, members: u64, pubs: u64) {
+        let hub = Arc::new(Hub::new());
+        let mut subs = Vec::new();
+        let names: Vec<String> = (0..channels).map(|c| format!("c{c}")).collect();
+        for (c, name) in names.iter().enumerate() {
+            let ch: Arc<str> = Arc::from(name.as_str());
+            for i in 0..members {
+                let s = sub(c as u64 * members + i, 1 << 24, &Text);
+                hub.subscribe(&ch, s.clone()).expect("subscribe");
+                hub.activate(name, s.id, None, 0).expect("activate");
+                subs.push(s);
+            }
+        }
+        let publishers: Vec<_> = names
+            .iter()
+            .map(|name| {
+                let (hub, rt, name) = (hub.clone(), tokio::runtime::Handle::current(), name.clone());
+                std::thread::spawn(move || {
+                    let _rt = rt.enter();
+                    for offset in 1..=pubs {
+                        let pos = StreamPosition { epoch: Arc::from("e"), offset };
+                        let data = Bytes::from(offset.to_string());
+                        hub.deliver(&name, &pos, &PublicationRecord { offset, data, ..Default::default() });
+                    }
+                })
+            })
+            .collect();
+        for p in publishers {
+            p.join().expect("publisher");
+        }
+        for s in &subs {
+            let mut got = Vec::new();
+            while got.len() < pubs as usize {
+                let mut batch = VecDeque::new();
+                tokio::time::timeout(Duration::from_secs(30), s.outbox.next_batch(&mut batch)).await.expect("in time");
+                got.extend(batch.iter().map(|f| String::from_utf8_lossy(payload(f)).parse::<u64>().unwrap_or(0)));
+            }
+            assert_eq!(got, (1..=pubs).collect::<Vec<_>>(), "subscriber {}", s.id);
+        }
+        assert_eq!(hub.subscription_count(), (channels * members) as usize);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_big_fan_out_off_the_publishers_path_keeps_every_offset_once_in_order() {
+        big_fan_out(2, FANOUT_OFFLOAD as u64 * 2 + 500, 300).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_publisher_ahead_of_the_drain_job_fans_out_itself_and_keeps_the_order() {
+        // More publications than the backlog holds, published faster than 1,001 members take
+        // them: the publisher drains the backlog itself at times.
+        big_fan_out(1, FANOUT_OFFLOAD as u64 + 1, MAX_BACKLOG as u64 + 500).await;
     }
 
     #[test]

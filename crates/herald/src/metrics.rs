@@ -94,6 +94,16 @@ fn describe() {
          fall behind, and clients that send commands without reading their replies."
     );
     describe_counter!(
+        "herald_conflated_total",
+        "Publications skipped for a subscriber of a conflated namespace because a newer one was sent \
+         instead (one per subscriber per skipped publication)."
+    );
+    describe_counter!(
+        "herald_conflated_behind_total",
+        "Flushes of a conflated channel that found a subscriber's queue full: it gets the newest later \
+         instead of being disconnected."
+    );
+    describe_counter!(
         "herald_limit_refusals_total",
         "Commands, publications and connects refused by a limit (limit: commands_per_second, \
          publications_per_second, max_connections_per_user, max_channels, max_history_bytes)."

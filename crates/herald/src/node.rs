@@ -15,7 +15,7 @@ use crate::engine::{
     Delivery, Engine, EngineError, EngineLimits, History, HistoryPolicy, HistoryQuery, MemoryEngine, PresenceChange,
     PresenceEntry, PublicationRecord, Publish, StreamPosition,
 };
-use crate::hub::{ChannelEvent, Hub, SubscribeError, Subscriber};
+use crate::hub::{ChannelEvent, Flow, Hub, SubscribeError, Subscriber};
 use crate::ws::{self, WsContext};
 
 /// Shared state of one node.
@@ -137,7 +137,7 @@ impl Node {
         reply: impl FnOnce(&History, Option<bool>) -> Option<Bytes>,
     ) -> Result<History, SubscribeFailure> {
         let id = sub.id;
-        self.hub.subscribe(channel.shared(), sub).map_err(SubscribeFailure::Hub)?;
+        self.hub.subscribe_with(channel.shared(), sub, Flow::of(ns)).map_err(SubscribeFailure::Hub)?;
         // Listening first: whatever is published after the position read below reaches us.
         if let Err(e) = self.engine.listen(channel.as_str()).await {
             self.unsubscribe(channel.as_str(), id);
@@ -155,6 +155,10 @@ impl Node {
         if !history.complete {
             // Partial recovery would leave a hole the app cannot see: all or nothing.
             history.publications.clear();
+        }
+        if ns.conflated() && history.publications.len() > 1 {
+            // A conflated channel never hands out a backlog: the newest missed one is enough.
+            history.publications.drain(..history.publications.len() - 1);
         }
         if asked {
             let result = if history.complete { "recovered" } else { "not_recovered" };

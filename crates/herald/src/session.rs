@@ -507,6 +507,7 @@ impl Session {
                     recovered,
                     publications: history.publications.iter().map(to_wire).collect(),
                     expires: None,
+                    conflated: ns.conflated(),
                 };
                 Some(frame(result, &tags))
             })
@@ -820,6 +821,12 @@ impl Encoder for NativeEncoder {
 
     fn publication(&self, channel: &str, _epoch: &str, record: &PublicationRecord) -> Frame {
         let push = herald_protocol::encode_pub_push(channel, Some(record.offset), &record.data, record.info.as_ref());
+        Frame::text(push)
+    }
+
+    fn conflated_publication(&self, channel: &str, _epoch: &str, record: &PublicationRecord) -> Frame {
+        let push =
+            herald_protocol::encode_conflated_pub_push(channel, record.offset, &record.data, record.info.as_ref());
         Frame::text(push)
     }
 

@@ -10,7 +10,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-pub use crate::channel::{ChannelsConfig, NamespaceOptions};
+pub use crate::channel::{ChannelsConfig, Conflation, NamespaceOptions};
 pub use crate::secret::Secret;
 use crate::ws;
 
@@ -443,6 +443,12 @@ impl Config {
         for ns in self.channels.namespaces.keys() {
             let ok = !ns.is_empty() && ns.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
             check(ok, "channels.namespaces", &format!("`{ns}` is not a namespace name (letters, digits, _ and -)"))?;
+        }
+        for (name, ns) in std::iter::once(("default", &self.channels.default))
+            .chain(self.channels.namespaces.iter().map(|(k, v)| (k.as_str(), v)))
+        {
+            let ok = ns.conflation == crate::channel::Conflation::None || ns.max_rate > 0;
+            check(ok, "channels.conflation", &format!("`{name}`: conflation = \"latest\" needs max_rate > 0"))?;
         }
         self.auth.validate().map_err(|e| match e {
             crate::auth::AuthError::BadKey { key, message } => ConfigError::Invalid { key, message },

@@ -70,6 +70,11 @@ fn bad_values_name_the_key() {
         jail.create_file("log.toml", "[log]\nlevel = \"loud\"\n")?;
         let err = load(Some(Path::new("log.toml")), &Overrides::default()).expect_err("bad level").to_string();
         assert!(err.contains("log.level"), "{err}");
+        jail.create_file("flow.toml", "[channels.namespaces.ticks]\nconflation = \"latest\"\n")?;
+        let err = load(Some(Path::new("flow.toml")), &Overrides::default()).expect_err("no max_rate").to_string();
+        assert!(err.contains("channels.conflation") && err.contains("`ticks`"), "{err}");
+        jail.create_file("flow.toml", "[channels.namespaces.ticks]\nconflation = \"latest\"\nmax_rate = 10\n")?;
+        load(Some(Path::new("flow.toml")), &Overrides::default()).expect("conflated with a rate");
         Ok(())
     });
     let err = load(Some(Path::new("/nonexistent/herald.toml")), &Overrides::default()).expect_err("missing file");

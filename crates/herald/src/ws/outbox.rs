@@ -115,6 +115,9 @@ fn clock() -> Instant {
 struct Queue {
     frames: VecDeque<Bytes>,
     bytes: usize,
+    /// When every queued frame may still wait (each was queued with a delay), the earliest of
+    /// their deadlines; `None` when empty or when something must go out at once.
+    due: Option<Instant>,
     /// A close frame is queued as the last frame; nothing more is accepted.
     closing: bool,
     /// The writer has finished (close written or the socket failed).
@@ -168,6 +171,18 @@ impl Outbox {
     /// Queues an encoded frame. Fails with `Full` when the queue holds more than its byte
     /// limit; the caller decides what that means (Herald closes slow consumers).
     pub fn push(&self, frame: Bytes) -> Result<(), SendError> {
+        self.push_until(frame, None)
+    }
+
+    /// [`Outbox::push`] for a frame that may wait up to `delay` so that frames queued
+    /// meanwhile share its write. The WebSocket writer writes when the earliest deadline of
+    /// what it holds is due, or at once when a frame without a delay is queued (everything
+    /// waiting goes along). An SSE body does not wait.
+    pub fn push_within(&self, frame: Bytes, delay: Duration) -> Result<(), SendError> {
+        self.push_until(frame, (!delay.is_zero()).then(|| Instant::now() + delay))
+    }
+
+    fn push_until(&self, frame: Bytes, deadline: Option<Instant>) -> Result<(), SendError> {
         let mut q = self.lock();
         if q.closing {
             return Err(SendError::Closed);
@@ -182,10 +197,26 @@ impl Outbox {
                 q.stamp = Some(clock());
             }
         }
+        // The writer is woken when the queue's deadline moves earlier (or to now).
+        let wake = match (was_empty, q.due, deadline) {
+            (true, _, d) => {
+                q.due = d;
+                true
+            }
+            (false, None, _) => false,
+            (false, Some(_), None) => {
+                q.due = None;
+                true
+            }
+            (false, Some(due), Some(d)) => {
+                q.due = Some(due.min(d));
+                d < due
+            }
+        };
         q.bytes += frame.len();
         q.frames.push_back(frame);
         drop(q);
-        if was_empty {
+        if wake {
             self.shared.wake_writer.notify_one();
         }
         Ok(())
@@ -194,6 +225,11 @@ impl Outbox {
     /// Queues a prepared message in the variant this connection negotiated.
     pub fn send_prepared(&self, p: &Prepared) -> Result<(), SendError> {
         self.push(p.frame_for(&self.shared.mode))
+    }
+
+    /// [`Outbox::send_prepared`] with [`Outbox::push_within`]'s `delay`.
+    pub fn send_prepared_within(&self, p: &Prepared, delay: Duration) -> Result<(), SendError> {
+        self.push_within(p.frame_for(&self.shared.mode), delay)
     }
 
     /// Frames and queues one message for this connection only.
@@ -231,6 +267,7 @@ impl Outbox {
             q.stamp = None;
         }
         q.closing = true;
+        q.due = None;
         let bytes = frame::encode_close(frame.as_ref(), None);
         q.bytes += bytes.len();
         q.frames.push_back(bytes);
@@ -275,21 +312,37 @@ impl Outbox {
     /// time the batch's first frame was queued when the batch is sampled, `None` otherwise.
     #[inline]
     fn try_take(&self, batch: &mut VecDeque<Bytes>, stamp: &mut Option<Instant>) -> Option<bool> {
+        match self.take(batch, false, stamp) {
+            Take::Batch(more) => Some(more),
+            Take::Empty | Take::Wait(_) => None,
+        }
+    }
+
+    /// Moves everything queued into `batch`; with `hold`, only once the queue's deadline is due.
+    /// `stamp` as for [`Outbox::try_take`].
+    #[inline]
+    fn take(&self, batch: &mut VecDeque<Bytes>, hold: bool, stamp: &mut Option<Instant>) -> Take {
         let mut q = self.lock();
         if !q.frames.is_empty() {
+            if let Some(due) = q.due.filter(|_| hold) {
+                if due > Instant::now() {
+                    return Take::Wait(due);
+                }
+            }
             std::mem::swap(&mut q.frames, batch);
             *stamp = q.stamp.take();
             q.bytes = 0;
+            q.due = None;
             if q.closing {
                 q.done = true;
             }
-            return Some(true);
+            return Take::Batch(true);
         }
         if q.closing || q.done {
             q.done = true;
-            return Some(false);
+            return Take::Batch(false);
         }
-        None
+        Take::Empty
     }
 
     /// Marks the consumer gone: later pushes fail and the reader is told.
@@ -300,6 +353,7 @@ impl Outbox {
         q.frames.clear();
         q.bytes = 0;
         q.stamp = None;
+        q.due = None;
         drop(q);
         self.shared.wake_reader.notify_one();
     }
@@ -314,6 +368,7 @@ impl Outbox {
             *stamp = later;
         }
         q.bytes = 0;
+        q.due = None;
         if q.closing {
             q.done = true;
         }
@@ -351,10 +406,16 @@ impl Outbox {
             let mut batch: VecDeque<Bytes> = VecDeque::new();
             let mut stamp = None;
             loop {
-                let more = match self.try_take(&mut batch, &mut stamp) {
-                    Some(more) => more,
-                    None => {
+                let more = match self.take(&mut batch, true, &mut stamp) {
+                    Take::Batch(more) => more,
+                    Take::Empty => {
                         self.shared.wake_writer.notified().await;
+                        continue;
+                    }
+                    Take::Wait(due) => {
+                        // Until the deadline, or earlier when something more urgent is queued.
+                        let due = tokio::time::Instant::from_std(due);
+                        let _ = tokio::time::timeout_at(due, self.shared.wake_writer.notified()).await;
                         continue;
                     }
                 };
@@ -389,6 +450,16 @@ impl Outbox {
             self.finish();
         }
     }
+}
+
+/// What the writer finds in the queue.
+enum Take {
+    /// Frames were moved into the batch (`true`), or the queue is finished (`false`).
+    Batch(bool),
+    /// Nothing queued.
+    Empty,
+    /// Frames that may wait until then.
+    Wait(Instant),
 }
 
 /// Most slices handed to one `writev` (Linux accepts 1024; 64 frames are plenty per call).
@@ -584,6 +655,52 @@ mod tests {
         let (frames, writes) = writes_for(Duration::ZERO).await;
         assert_eq!(frames, 5);
         assert!(writes >= 2, "without a delay the first frame goes out alone ({writes} writes)");
+    }
+
+    /// Frames and writes when frames are queued with per-frame delays (a namespace's
+    /// `write_delay`) on a connection without a global one.
+    async fn writes_for_delays(delays: &[u64]) -> (u64, u64) {
+        use metrics_exporter_prometheus::PrometheusBuilder;
+        use tokio::io::AsyncReadExt;
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let metrics = metrics::with_local_recorder(&recorder, super::super::WsMetrics::new);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let (_read, write) = server.into_split();
+        let outbox = Outbox::new(1 << 20, SendMode::PLAIN);
+        let writer = outbox.clone().spawn_writer(WriteHalf::Tcp(write), Duration::ZERO, metrics);
+        for (i, ms) in delays.iter().enumerate() {
+            let text = Bytes::from(((b'a' + i as u8) as char).to_string());
+            outbox.send_prepared_within(&Prepared::text(text), Duration::from_millis(*ms)).expect("queue");
+            tokio::task::yield_now().await;
+        }
+        let mut got = vec![0u8; 3 * delays.len()];
+        client.read_exact(&mut got).await.expect("every frame");
+        let expected: Vec<u8> = (0..delays.len()).flat_map(|i| [0x81, 1, b'a' + i as u8]).collect();
+        assert_eq!(got, expected, "in order");
+        outbox.close(None);
+        writer.await.expect("writer");
+        let text = handle.render();
+        let value = |name: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
+        };
+        (value("herald_frames_sent_total") - 1, value("herald_writes_total") - 1)
+    }
+
+    #[tokio::test]
+    async fn delayed_frames_share_one_write_and_an_immediate_one_takes_them_along() {
+        // Five frames that may wait long: one write when the first deadline is due.
+        assert_eq!(writes_for_delays(&[300, 300, 300, 300, 300]).await, (5, 1));
+        // Four that may wait, then one that may not: it goes at once with the four.
+        assert_eq!(writes_for_delays(&[60_000, 60_000, 60_000, 60_000, 0]).await, (5, 1));
+        // Without delays each frame is written as it comes (the writer is idle in between).
+        let (frames, writes) = writes_for_delays(&[0, 0, 0, 0, 0]).await;
+        assert_eq!(frames, 5);
+        assert!(writes >= 2, "{writes} writes");
     }
 
     #[test]
