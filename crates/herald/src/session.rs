@@ -44,6 +44,14 @@ pub enum Dialect {
 }
 
 impl Dialect {
+    /// The transport's name in webhooks (`connect` and `disconnect` events).
+    fn transport(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::Centrifugo => "centrifugo",
+        }
+    }
+
     /// Encodes a reply.
     fn reply(self, id: u32, result: ReplyResult, ctx: &ReplyContext<'_>) -> Vec<u8> {
         match self {
@@ -360,7 +368,7 @@ impl Session {
         let reply = ConnectResult { client: client.clone(), version: crate::VERSION.to_owned(), ping, subscriptions };
         tracing::debug!(session = self.id, %client, name = req.name.as_deref().unwrap_or(""), "connected");
         // Queued before the reply: a client that saw its reply knows the event is on its way.
-        node.webhooks.connect(&self.user, &client, "native");
+        node.webhooks.connect(&self.user, &client, self.dialect.transport());
         self.client = Some(client);
         self.reply(id, ReplyResult::Connect(reply));
         // Server-side subscriptions: each announced by a `subscribe` push sent under the
@@ -770,7 +778,7 @@ impl Session {
             self.presence_remove(&channel).await;
         }
         if let Some(client) = self.client.take() {
-            self.node.webhooks.disconnect(&self.user, &client, "native");
+            self.node.webhooks.disconnect(&self.user, &client, self.dialect.transport());
         }
     }
 }
@@ -848,7 +856,7 @@ impl Drop for Session {
             self.node.unsubscribe(&channel, self.id);
         }
         if let Some(client) = self.client.take() {
-            self.node.webhooks.disconnect(&self.user, &client, "native");
+            self.node.webhooks.disconnect(&self.user, &client, self.dialect.transport());
         }
     }
 }
