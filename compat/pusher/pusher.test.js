@@ -7,6 +7,8 @@ import assert from "node:assert/strict";
 import { promisify } from "node:util";
 import PusherJsModule from "pusher-js";
 import Echo from "laravel-echo";
+import { Centrifuge } from "centrifuge";
+import WebSocket from "ws";
 import { Backend, Herald, waitFor, sleep } from "./harness.js";
 
 const PusherJs = PusherJsModule.default ?? PusherJsModule;
@@ -169,4 +171,38 @@ test("client events, socket_id exclusion, signin and terminate_connections", asy
   await herald.sdk.terminateUserConnections("7");
   await waitFor(() => a.connection.state !== "connected", "a's connection is terminated");
   assert.equal(b.connection.state, "connected", "other users stay");
+});
+
+test("one core, several doors: a Pusher API event reaches a centrifuge-js subscriber", async () => {
+  // centrifuge-js (unmodified, from npm) on Herald's Centrifugo door, pusher-js on the Pusher
+  // door, both on channel `doors`; the event is triggered with the unmodified `pusher` SDK.
+  const centrifuge = new Centrifuge(`ws://127.0.0.1:${herald.port}/connection/websocket`, { websocket: WebSocket });
+  const got = [];
+  const sub = centrifuge.newSubscription("doors");
+  sub.on("publication", (ctx) => got.push(ctx));
+  const ready = new Promise((ok, fail) => {
+    sub.on("subscribed", ok);
+    sub.on("error", (e) => fail(new Error(`centrifuge subscription error: ${JSON.stringify(e)}`)));
+  });
+  centrifuge.connect();
+  sub.subscribe();
+  await ready;
+  const p = client();
+  const doors = p.subscribe("doors");
+  await subscribed(doors);
+  const greets = collect(doors, "greet");
+  try {
+    await herald.sdk.trigger("doors", "greet", { from: "pusher api" });
+    await waitFor(() => got.length === 1 && greets.length === 1, "the event on both doors");
+    assert.deepEqual(got[0].data, { from: "pusher api" });
+    assert.equal(got[0].tags?.event, "greet", "the Pusher event name travels as a tag");
+    assert.deepEqual(greets[0].data, { from: "pusher api" });
+    // And back: Herald's own API reaches both.
+    await herald.api("publish", { channel: "doors", data: { from: "herald" } });
+    await waitFor(() => got.length === 2, "Herald's publication on the Centrifugo door");
+    assert.deepEqual(got[1].data, { from: "herald" });
+    assert.ok(got[1].offset > got[0].offset, "one stream, one order");
+  } finally {
+    centrifuge.disconnect();
+  }
 });
