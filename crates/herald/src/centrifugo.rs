@@ -37,6 +37,17 @@ impl Encoder for CentrifugoEncoder {
         4
     }
 
+    /// Centrifugo's own "slow" (3008): centrifuge-js reconnects.
+    fn slow_consumer_close(&self) -> (u16, &'static str) {
+        (3008, "slow")
+    }
+
+    /// Centrifugo's "insufficient state" (3010): the client reconnects and recovers, as
+    /// Centrifugo asks when it lost publications.
+    fn lost_close(&self) -> (u16, &'static str) {
+        (3010, "insufficient state")
+    }
+
     fn publication(&self, channel: &str, _epoch: &str, record: &PublicationRecord) -> Frame {
         let tags = record.tags.as_deref();
         Frame::text(encode_pub_push(channel, Some(record.offset), &record.data, record.info.as_ref(), tags))

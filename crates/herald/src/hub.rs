@@ -62,6 +62,12 @@ pub trait Encoder: Send + Sync + std::fmt::Debug + 'static {
     fn slow_consumer_close(&self) -> (u16, &'static str) {
         (CloseCode::SlowConsumer.as_u16(), CloseCode::SlowConsumer.reason())
     }
+    /// The close code and reason a WebSocket subscriber gets when the engine lost publications
+    /// it cannot hand over ([`Hub::lost`]): the client must reconnect and recover. 4004 by
+    /// default; a door picks one its clients reconnect on.
+    fn lost_close(&self) -> (u16, &'static str) {
+        (CloseCode::ServerError.as_u16(), "missed publications; reconnect and recover")
+    }
 }
 
 /// What a subscriber's outbox feeds.
@@ -773,10 +779,8 @@ impl Hub {
             match sub.sink() {
                 Sink::Stream => sub.outbox.finish(),
                 Sink::WebSocket => {
-                    let code = CloseCode::ServerError;
-                    let frame =
-                        CloseFrame::new(ws::CloseCode(code.as_u16()), "missed publications; reconnect and recover");
-                    sub.outbox.close_now(Some(frame));
+                    let (code, reason) = sub.encoder.lost_close();
+                    sub.outbox.close_now(Some(CloseFrame::new(ws::CloseCode(code), reason)));
                 }
             }
         }
@@ -1022,6 +1026,39 @@ mod tests {
         };
         assert_eq!(ChannelEvent::decode(&join.encode()), Some(join));
         assert_eq!(ChannelEvent::decode(b"not an event"), None);
+    }
+
+    /// Text, but its clients reconnect on other close codes.
+    #[derive(Debug)]
+    struct OwnCodes;
+    impl Encoder for OwnCodes {
+        fn slot(&self) -> usize {
+            2
+        }
+        fn publication(&self, _: &str, _: &str, record: &PublicationRecord) -> Frame {
+            Frame::text(record.data.clone())
+        }
+        fn lost_close(&self) -> (u16, &'static str) {
+            (3010, "insufficient state")
+        }
+    }
+
+    fn close_code(outbox: &Outbox) -> Option<u16> {
+        let last = frames(outbox).pop()?;
+        (last[0] == 0x88).then(|| u16::from_be_bytes([last[2], last[3]]))
+    }
+
+    #[test]
+    fn lost_publications_close_each_subscriber_with_its_doors_code() {
+        let hub = Hub::new();
+        let ch: Arc<str> = Arc::from("gap");
+        let (native, own) = (sub(1, 1 << 20, &Text), sub(2, 1 << 20, &OwnCodes));
+        join(&hub, &ch, &native, 0);
+        join(&hub, &ch, &own, 0);
+        assert_eq!(hub.lost("gap"), 2);
+        assert_eq!(close_code(&native.outbox), Some(CloseCode::ServerError.as_u16()));
+        assert_eq!(close_code(&own.outbox), Some(3010));
+        assert_eq!(hub.channel_count(), 0);
     }
 
     #[test]

@@ -76,6 +76,12 @@ impl Encoder for PusherEncoder {
     fn slow_consumer_close(&self) -> (u16, &'static str) {
         (close::OVER_CAPACITY, SLOW)
     }
+
+    /// pusher-js reconnects at once on 4200-4299 (it would give up on Herald's 4004, which
+    /// Pusher uses for "over connection quota").
+    fn lost_close(&self) -> (u16, &'static str) {
+        (close::GENERIC_RECONNECT, "missed publications; reconnect")
+    }
 }
 
 /// Why a Pusher client that does not read fast enough is closed (4100: reconnect after a
