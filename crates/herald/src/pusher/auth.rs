@@ -2,29 +2,13 @@
 //! time. Channel auth signs `socket_id:channel[:channel_data]`, user auth
 //! `socket_id::user::user_data`, API requests `METHOD\nPATH\nsorted_query`.
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
-use crate::secret::Secret;
-
-/// Lower-case hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)] as char);
-        out.push(DIGITS[usize::from(b & 15)] as char);
-    }
-    out
-}
+use crate::secret::{hex, hmac_sha256_hex, Secret};
 
 /// Hex HMAC-SHA256 of `message` with `secret`.
 pub fn sign(secret: &Secret, message: &str) -> String {
-    // HMAC takes keys of any length; `new_from_slice` cannot fail for it.
-    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes()) else { return String::new() };
-    mac.update(message.as_bytes());
-    hex(&mac.finalize().into_bytes())
+    hmac_sha256_hex(secret.expose().as_bytes(), message.as_bytes())
 }
 
 /// Whether `given` (hex) is the signature of `message`, in constant time.
