@@ -3,6 +3,7 @@
 
 mod conn;
 mod fanout;
+mod floor;
 mod hist;
 mod procfs;
 mod publisher;
@@ -33,6 +34,12 @@ enum Scenario {
     /// N subscribers over C channels, a publisher posting through HTTP; deliveries/s,
     /// publish-to-delivery latency, lost, duplicated and reordered messages.
     Fanout(fanout::FanoutArgs),
+    /// The floor of a fan-out here: one thread writing one message to each of N sockets per
+    /// round, no server around it; round time and latency from the schedule.
+    Floor(floor::FloorArgs),
+    /// The receiving half of `floor` (started by it).
+    #[command(hide = true)]
+    FloorReceive(floor::ReceiveArgs),
     /// Hold N subscribed connections; the server's resident memory per connection.
     Idle(IdleArgs),
     /// A native client publishing to a channel it is subscribed to; latency to its own delivery.
@@ -134,6 +141,8 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         match args.scenario {
             Scenario::Connect(a) => connect(a).await,
             Scenario::Fanout(a) => fanout::run(a).await,
+            Scenario::Floor(a) => floor::run(a).await,
+            Scenario::FloorReceive(a) => floor::receive(a).await,
             Scenario::Idle(a) => idle(a).await,
             Scenario::Roundtrip(a) => roundtrip(a).await,
         }

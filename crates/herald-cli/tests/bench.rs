@@ -220,3 +220,22 @@ fn a_stalled_server_shows_up_as_latency() {
     assert_eq!(v["lost"], 0, "{v}");
     assert_eq!(v["received"].as_u64().expect("received"), 2 * published, "{v}");
 }
+
+/// `herald bench floor`: the sender and its receiver process (a real second `herald`) agree
+/// on what was written: every measured message arrives, once per socket per round.
+#[test]
+fn the_floor_counts_every_message_it_wrote() {
+    let out = herald()
+        .args(["bench", "floor", "--connections", "50", "--rate", "40", "--duration", "0.5", "--warmup", "0.25"])
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("JSON");
+    assert_eq!(json["scenario"], "floor");
+    assert_eq!(json["rounds"], 20, "0.5 s at 40/s measured: {json}");
+    assert_eq!(json["round_ms"]["count"], 20);
+    assert_eq!(json["received"], 50 * 20, "every measured message, once per socket: {json}");
+    assert_eq!(json["latency_ms"]["count"], 50 * 20);
+    assert!(json["floor_ms"].as_f64().is_some_and(|f| f > 0.0), "{json}");
+}
