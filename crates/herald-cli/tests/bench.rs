@@ -19,11 +19,17 @@ impl Drop for Server {
 
 /// `herald serve` on a free port with these extra variables, once it listens.
 fn serve(env: &[(&str, &str)]) -> (Server, String) {
+    serve_with(&[], env)
+}
+
+/// [`serve`] with extra arguments (`--config FILE`).
+fn serve_with(args: &[&str], env: &[(&str, &str)]) -> (Server, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
     let addr = format!("127.0.0.1:{port}");
     let server = Server(
         herald()
             .args(["serve", "--listen", &addr])
+            .args(args)
             .env("HERALD_LOG__LEVEL", "error")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
@@ -238,4 +244,35 @@ fn the_floor_counts_every_message_it_wrote() {
     assert_eq!(json["received"], 50 * 20, "every measured message, once per socket: {json}");
     assert_eq!(json["latency_ms"]["count"], 50 * 20);
     assert!(json["floor_ms"].as_f64().is_some_and(|f| f > 0.0), "{json}");
+}
+
+/// `--conflated` against a conflated namespace: values a subscriber did not get are skipped,
+/// not lost; every subscriber got the newest, in order, once.
+#[test]
+fn a_conflated_run_counts_skipped_values_not_lost_ones() {
+    let dir = std::env::temp_dir().join(format!("herald-bench-conflated-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let config = dir.join("herald.toml");
+    std::fs::write(&config, "[channels.namespaces.tick]\nconflation = \"latest\"\nmax_rate = 5\n").expect("config");
+    let (_server, addr) = serve_with(&["--config", config.to_str().expect("utf-8 path")], &[]);
+    let out = herald()
+        .args(["bench", "fanout", "--url", &format!("ws://{addr}"), "--channel-prefix", "tick:"])
+        .args(["--subscribers", "10", "--channels", "1", "--rate", "50", "--duration", "2", "--warmup", "0.5"])
+        .arg("--conflated")
+        .output()
+        .expect("runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("JSON");
+    let n = |k: &str| json[k].as_u64().unwrap_or_else(|| panic!("{k} in {json}"));
+    assert_eq!(json["conflated"], true);
+    assert_eq!(n("lost"), 0, "every subscriber got the newest: {json}");
+    assert_eq!((n("duplicated"), n("reordered"), n("dropped_connections")), (0, 0, 0), "{json}");
+    // 50/s published, at most 5/s per subscriber delivered: most values are skipped.
+    let published = n("publications");
+    assert!(n("skipped") > published * 10 / 2, "{json}");
+    // Each accepted value either arrived or was skipped (publications still in flight at the
+    // end may arrive too, beyond the accepted count).
+    assert!(n("received") + n("skipped") >= published * 10, "{json}");
 }

@@ -55,6 +55,10 @@ pub(super) struct FanoutArgs {
     /// The server's process id(s), for its CPU time per delivery (several are summed).
     #[arg(long, value_name = "PID")]
     pid: Vec<u32>,
+    /// The channels are in a conflated namespace (`conflation = "latest"`): values a
+    /// subscriber did not get are `skipped`, and it lost only if it never got the newest.
+    #[arg(long)]
+    conflated: bool,
     #[command(flatten)]
     target: TargetArgs,
 }
@@ -203,13 +207,18 @@ pub(super) async fn run(args: FanoutArgs) -> anyhow::Result<String> {
 
     // Late deliveries: wait until all arrived, or none came for a second.
     let drain_until = Instant::now() + args.drain;
-    let connected: u64 = opened.opened.iter().filter(|(_, h)| !h.is_finished()).count() as u64;
+    // Subscribers still connected, per channel: each owes one delivery per accepted publication.
+    let mut connected = vec![0u64; args.channels];
+    for (channel, h) in &opened.opened {
+        connected[*channel] += u64::from(!h.is_finished());
+    }
+    let all_connected = connected.iter().sum::<u64>() == args.subscribers as u64;
     let mut last = (Instant::now(), shared.delivered_total());
     while Instant::now() < drain_until {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let d = shared.delivered_total();
-        let expected: u64 = shared.accepted_total() * connected / args.subscribers as u64;
-        if d >= expected && connected == args.subscribers as u64 {
+        let expected: u64 = shared.accepted.iter().zip(&connected).map(|(a, n)| a.load(Ordering::Relaxed) * n).sum();
+        if d >= expected && all_connected {
             break;
         }
         if d != last.1 {
@@ -230,13 +239,16 @@ pub(super) async fn run(args: FanoutArgs) -> anyhow::Result<String> {
                     dropped += 1;
                     first_drop.get_or_insert(why);
                 }
-                ended.seqs.report(accepted)
+                ended.seqs.report_as(accepted, args.conflated)
             }
             // Stuck or failed: what it received cannot be read, so it counts as receiving nothing.
             _ => {
                 handle.abort();
                 unfinished += 1;
-                SeqReport::unfinished(accepted)
+                match args.conflated {
+                    true => SeqReport::unfinished_conflated(accepted),
+                    false => SeqReport::unfinished(accepted),
+                }
             }
         };
         if r.lost > 0 {
@@ -279,6 +291,12 @@ pub(super) async fn run(args: FanoutArgs) -> anyhow::Result<String> {
          dropped connections {dropped}",
         total.lost, total.duplicated, total.reordered
     );
+    if args.conflated {
+        println!(
+            "  conflated: {} values skipped by design; lost counts subscribers that never got the newest",
+            total.skipped
+        );
+    }
     if unsent > 0 || behind_max_ns > 100_000_000 {
         println!(
             "  publisher behind schedule: up to {:.1} ms late, {unsent} publications due but never sent \
@@ -323,6 +341,8 @@ pub(super) async fn run(args: FanoutArgs) -> anyhow::Result<String> {
         "publisher_behind_max_ms": super::ms(behind_max_ns),
         "received": total.received,
         "lost": total.lost,
+        "conflated": args.conflated,
+        "skipped": total.skipped,
         "subscribers_with_loss": with_loss,
         "subscribers_unfinished": unfinished,
         "duplicated": total.duplicated,

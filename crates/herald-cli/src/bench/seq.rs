@@ -21,6 +21,8 @@ pub(super) struct SeqReport {
     pub(super) lost: u64,
     pub(super) duplicated: u64,
     pub(super) reordered: u64,
+    /// Conflated runs: publications skipped by design (not lost).
+    pub(super) skipped: u64,
 }
 
 impl SeqTracker {
@@ -49,7 +51,17 @@ impl SeqTracker {
 
     /// `published`: how many publications (seqs 0..published) the server accepted for the
     /// channel. A seq the server accepted but this subscriber never saw is lost.
+    #[cfg(test)]
     pub(super) fn report(&self, published: u64) -> SeqReport {
+        self.report_as(published, false)
+    }
+
+    /// [`SeqTracker::report`]; `conflated`: the channel is in a conflated namespace, where a
+    /// subscriber gets the newest value, not every one. Then what it did not see is *skipped*,
+    /// and it *lost* (1) only if it never got the newest: the last accepted publication, or
+    /// a later one (a publication still in flight when publishing stopped is accepted by the
+    /// server, and newer, but not counted as accepted here).
+    pub(super) fn report_as(&self, published: u64, conflated: bool) -> SeqReport {
         let seen_of_published: u64 = if published >= MAX_SEQ {
             self.distinct
         } else {
@@ -60,11 +72,17 @@ impl SeqTracker {
             }
             n
         };
+        let missing = published - seen_of_published;
+        let (lost, skipped) = match conflated {
+            false => (missing, 0),
+            true => (u64::from(published > 0 && self.highest.is_none_or(|h| h + 1 < published)), missing),
+        };
         SeqReport {
             received: self.distinct + self.duplicated + self.untracked,
-            lost: published - seen_of_published,
+            lost,
             duplicated: self.duplicated,
             reordered: self.reordered,
+            skipped,
         }
     }
 }
@@ -76,11 +94,17 @@ impl SeqReport {
         Self { lost: published, ..Self::default() }
     }
 
+    /// [`SeqReport::unfinished`] in a conflated run: it did not get the newest.
+    pub(super) fn unfinished_conflated(published: u64) -> Self {
+        Self { lost: published.min(1), skipped: published.saturating_sub(1), ..Self::default() }
+    }
+
     pub(super) fn add(&mut self, other: SeqReport) {
         self.received += other.received;
         self.lost += other.lost;
         self.duplicated += other.duplicated;
         self.reordered += other.reordered;
+        self.skipped += other.skipped;
     }
 }
 
@@ -101,32 +125,38 @@ mod tests {
         let mut t = SeqTracker::default();
         let new: Vec<bool> = [0, 1, 1, 2, 0].iter().map(|&s| t.record(s)).collect();
         assert_eq!(new, [true, true, false, true, false]);
-        assert_eq!(t.report(3), SeqReport { received: 5, lost: 0, duplicated: 2, reordered: 0 });
+        assert_eq!(t.report(3), SeqReport { received: 5, lost: 0, duplicated: 2, reordered: 0, skipped: 0 });
     }
 
     #[test]
     fn a_subscriber_that_did_not_finish_lost_everything() {
         let mut total = run(&[0, 1, 2], 3);
         total.add(SeqReport::unfinished(3));
-        assert_eq!(total, SeqReport { received: 3, lost: 3, duplicated: 0, reordered: 0 });
+        assert_eq!(total, SeqReport { received: 3, lost: 3, duplicated: 0, reordered: 0, skipped: 0 });
     }
 
     #[test]
     fn in_order_and_complete() {
         let all: Vec<u64> = (0..1000).collect();
-        assert_eq!(run(&all, 1000), SeqReport { received: 1000, lost: 0, duplicated: 0, reordered: 0 });
+        assert_eq!(run(&all, 1000), SeqReport { received: 1000, lost: 0, duplicated: 0, reordered: 0, skipped: 0 });
     }
 
     #[test]
     fn gaps_are_lost() {
-        assert_eq!(run(&[0, 1, 3, 4, 9], 10), SeqReport { received: 5, lost: 5, duplicated: 0, reordered: 0 });
+        assert_eq!(
+            run(&[0, 1, 3, 4, 9], 10),
+            SeqReport { received: 5, lost: 5, duplicated: 0, reordered: 0, skipped: 0 }
+        );
         // Nothing at all.
         assert_eq!(run(&[], 7).lost, 7);
     }
 
     #[test]
     fn duplicates_are_counted_once_each() {
-        assert_eq!(run(&[0, 1, 1, 2, 1, 2], 3), SeqReport { received: 6, lost: 0, duplicated: 3, reordered: 0 });
+        assert_eq!(
+            run(&[0, 1, 1, 2, 1, 2], 3),
+            SeqReport { received: 6, lost: 0, duplicated: 3, reordered: 0, skipped: 0 }
+        );
     }
 
     #[test]
@@ -147,10 +177,28 @@ mod tests {
     }
 
     #[test]
+    fn a_conflated_subscriber_skips_but_loses_only_a_missing_newest() {
+        let mut t = SeqTracker::default();
+        for s in [0, 4, 9] {
+            t.record(s);
+        }
+        let r = t.report_as(10, true);
+        assert_eq!((r.lost, r.skipped, r.received, r.reordered), (0, 7, 3, 0));
+        // An 11th publication (seq 10) that never arrived: the newest is missing.
+        let r = t.report_as(11, true);
+        assert_eq!((r.lost, r.skipped), (1, 8));
+        assert_eq!(t.report_as(0, true).lost, 0);
+        // A newer one than the last counted as accepted (in flight at the end) is the newest.
+        t.record(12);
+        assert_eq!(t.report_as(11, true).lost, 0);
+        assert_eq!(SeqReport::unfinished_conflated(5), SeqReport { lost: 1, skipped: 4, ..SeqReport::default() });
+    }
+
+    #[test]
     fn reports_add_up() {
         let mut total = SeqReport::default();
         total.add(run(&[0, 0], 2));
         total.add(run(&[1, 0], 2));
-        assert_eq!(total, SeqReport { received: 4, lost: 1, duplicated: 1, reordered: 1 });
+        assert_eq!(total, SeqReport { received: 4, lost: 1, duplicated: 1, reordered: 1, skipped: 0 });
     }
 }
