@@ -2,15 +2,26 @@
 //! its bytes are shared by every connection's [`Outbox`]; each connection's writer drains its
 //! queue into vectored writes. Queues are bounded in bytes. One batch in [`SAMPLE_EVERY`] per
 //! connection carries the time its first frame was queued, for `herald_queue_write_seconds`.
+//!
+//! On plain TCP without a write delay, a frame pushed with `direct` while the queue is empty
+//! and the writer idle is written by the pusher itself (a non-blocking `write`, under the
+//! queue's lock): a big channel's fan-out job then makes 10,000 writes on its own threads, not
+//! 10,000 task wake-ups and polls on the runtime's workers, which stay free for the request
+//! path. Whatever the socket does not take at once (or any error) goes to the queue and the
+//! writer as before.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use super::close::CloseFrame;
@@ -126,6 +137,23 @@ struct Queue {
     batches: u32,
     /// When the first frame of the queued batch was pushed, if this batch is sampled.
     stamp: Option<Instant>,
+    /// The writer holds a batch it has not finished writing: pushers must queue behind it.
+    writing: bool,
+    /// Plain TCP with no connection-wide write delay: pushers may write an idle connection's
+    /// socket themselves. Cleared when the writer ends.
+    direct: Option<Direct>,
+}
+
+/// The socket's write half, shared by the writer task and the pushers' direct writes.
+struct Direct {
+    io: Arc<OwnedWriteHalf>,
+    metrics: WsMetrics,
+}
+
+impl std::fmt::Debug for Direct {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Direct")
+    }
 }
 
 #[derive(Debug)]
@@ -171,7 +199,7 @@ impl Outbox {
     /// Queues an encoded frame. Fails with `Full` when the queue holds more than its byte
     /// limit; the caller decides what that means (Herald closes slow consumers).
     pub fn push(&self, frame: Bytes) -> Result<(), SendError> {
-        self.push_until(frame, None)
+        self.push_until(frame, None, false)
     }
 
     /// [`Outbox::push`] for a frame that may wait up to `delay` so that frames queued
@@ -179,10 +207,18 @@ impl Outbox {
     /// what it holds is due, or at once when a frame without a delay is queued (everything
     /// waiting goes along). An SSE body does not wait.
     pub fn push_within(&self, frame: Bytes, delay: Duration) -> Result<(), SendError> {
-        self.push_until(frame, (!delay.is_zero()).then(|| Instant::now() + delay))
+        self.push_until(frame, (!delay.is_zero()).then(|| Instant::now() + delay), false)
     }
 
-    fn push_until(&self, frame: Bytes, deadline: Option<Instant>) -> Result<(), SendError> {
+    /// [`Outbox::push_within`]; with `direct`, when the frame need not wait, the queue is empty
+    /// and the writer idle, the caller writes it to the socket itself (non-blocking; what the
+    /// socket does not take goes to the queue). For a fan-out running on its own threads: on
+    /// a runtime worker, 10,000 writes would hold the worker for tens of milliseconds.
+    pub fn push_within_direct(&self, frame: Bytes, delay: Duration, direct: bool) -> Result<(), SendError> {
+        self.push_until(frame, (!delay.is_zero()).then(|| Instant::now() + delay), direct)
+    }
+
+    fn push_until(&self, mut frame: Bytes, deadline: Option<Instant>, direct: bool) -> Result<(), SendError> {
         let mut q = self.lock();
         if q.closing {
             return Err(SendError::Closed);
@@ -195,6 +231,25 @@ impl Outbox {
             q.batches = q.batches.wrapping_add(1);
             if q.batches % SAMPLE_EVERY == 0 {
                 q.stamp = Some(clock());
+            }
+            if direct && deadline.is_none() && !q.writing {
+                let q = &mut *q;
+                if let Some(d) = &q.direct {
+                    // Non-blocking: `WouldBlock` (or any error, which the writer then meets)
+                    // leaves the frame to the queue below.
+                    if let Ok(n) = d.io.try_write(&frame) {
+                        if n == frame.len() {
+                            d.metrics.sent(1, 1, n as u64);
+                            if let Some(queued) = q.stamp.take() {
+                                d.metrics.queue_write_took(queued.elapsed());
+                            }
+                            return Ok(());
+                        }
+                        // The rest is the writer's; the frame is counted when it is finished.
+                        d.metrics.sent(0, 1, n as u64);
+                        frame.advance(n);
+                    }
+                }
             }
         }
         // The writer is woken when the queue's deadline moves earlier (or to now).
@@ -230,6 +285,11 @@ impl Outbox {
     /// [`Outbox::send_prepared`] with [`Outbox::push_within`]'s `delay`.
     pub fn send_prepared_within(&self, p: &Prepared, delay: Duration) -> Result<(), SendError> {
         self.push_within(p.frame_for(&self.shared.mode), delay)
+    }
+
+    /// [`Outbox::send_prepared_within`] with [`Outbox::push_within_direct`]'s `direct`.
+    pub fn send_prepared_within_direct(&self, p: &Prepared, delay: Duration, direct: bool) -> Result<(), SendError> {
+        self.push_within_direct(p.frame_for(&self.shared.mode), delay, direct)
     }
 
     /// Frames and queues one message for this connection only.
@@ -333,11 +393,13 @@ impl Outbox {
             *stamp = q.stamp.take();
             q.bytes = 0;
             q.due = None;
+            q.writing = true;
             if q.closing {
                 q.done = true;
             }
             return Take::Batch(true);
         }
+        q.writing = false;
         if q.closing || q.done {
             q.done = true;
             return Take::Batch(false);
@@ -354,7 +416,9 @@ impl Outbox {
         q.bytes = 0;
         q.stamp = None;
         q.due = None;
+        let direct = q.direct.take();
         drop(q);
+        drop(direct);
         self.shared.wake_reader.notify_one();
     }
 
@@ -383,6 +447,12 @@ impl Outbox {
         metrics: WsMetrics,
     ) -> tokio::task::JoinHandle<()> {
         match io {
+            WriteHalf::Tcp(w) if delay.is_zero() => {
+                let w = Arc::new(w);
+                let direct = Direct { io: w.clone(), metrics: metrics.clone() };
+                self.lock().direct = Some(direct);
+                tokio::spawn(self.write_loop(SharedTcp(w), false, delay, metrics))
+            }
             WriteHalf::Tcp(w) => tokio::spawn(self.write_loop(w, false, delay, metrics)),
             WriteHalf::Other(w) => tokio::spawn(self.write_loop(w, true, delay, metrics)),
         }
@@ -449,6 +519,57 @@ impl Outbox {
             }
             self.finish();
         }
+    }
+}
+
+/// The writer's side of a write half shared with direct pushers: writes wait for readiness
+/// and then use the non-blocking `try_write`, which take `&self`.
+struct SharedTcp(Arc<OwnedWriteHalf>);
+
+impl SharedTcp {
+    fn stream(&self) -> &TcpStream {
+        (*self.0).as_ref()
+    }
+}
+
+impl AsyncWrite for SharedTcp {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let s = self.stream();
+        loop {
+            ready!(s.poll_write_ready(cx))?;
+            match s.try_write(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let s = self.stream();
+        loop {
+            ready!(s.poll_write_ready(cx))?;
+            match s.try_write_vectored(bufs) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    /// Half-closes the socket (after the close frame), as `OwnedWriteHalf` does.
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(socket2::SockRef::from(self.stream()).shutdown(std::net::Shutdown::Write))
     }
 }
 
@@ -578,6 +699,64 @@ mod tests {
             .collect();
         let p = Prepared::binary(Bytes::from(noise));
         assert_eq!(p.frame_for(&mode)[0], 0x82);
+    }
+
+    /// Direct writes from a fan-out thread, queued pushes from another, and the writer task on
+    /// one socket whose reader keeps stalling (so writes go partial and would block): every
+    /// frame arrives whole, each pusher's in its order, nothing lost or interleaved.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn direct_writes_and_the_writer_never_lose_or_interleave_frames() {
+        use tokio::io::AsyncReadExt;
+        const EACH: u32 = 100_000;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let (_read, write) = server.into_split();
+        let outbox = Outbox::new(1 << 30, SendMode::PLAIN);
+        let writer = outbox.clone().spawn_writer(WriteHalf::Tcp(write), Duration::ZERO, WsMetrics::new());
+        let pusher = |tag: u8, direct: bool| {
+            let outbox = outbox.clone();
+            std::thread::spawn(move || {
+                for i in 0..EACH {
+                    let text = format!("{}{i:09}", tag as char);
+                    let frame = frame::encode(true, false, OpCode::Text, text.as_bytes(), None);
+                    outbox.push_within_direct(frame, Duration::ZERO, direct).expect("queued");
+                    if i % 1000 == 0 {
+                        std::thread::yield_now();
+                    }
+                }
+            })
+        };
+        let (a, b) = (pusher(b'a', true), pusher(b'b', false));
+        let mut next = [0u32; 2];
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 4096];
+        let mut reads = 0u64;
+        while next != [EACH, EACH] {
+            let n = client.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "the stream ended early at {next:?}");
+            buf.extend_from_slice(&chunk[..n]);
+            reads += 1;
+            if reads % 64 == 0 {
+                // Stall now and then, so the server's socket buffer fills up.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let mut at = 0;
+            while buf.len() - at >= 12 {
+                assert_eq!(&buf[at..at + 2], b"\x81\x0a", "a whole text frame at byte {at}");
+                let body = &buf[at + 2..at + 12];
+                let which = usize::from(body[0] - b'a');
+                let i: u32 = std::str::from_utf8(&body[1..]).expect("digits").parse().expect("a number");
+                assert_eq!(i, next[which], "pusher {} in order", body[0] as char);
+                next[which] += 1;
+                at += 12;
+            }
+            buf.drain(..at);
+        }
+        a.join().expect("pusher a");
+        b.join().expect("pusher b");
+        outbox.close(None);
+        writer.await.expect("writer");
     }
 
     /// Frames and writes counted by a writer with `delay`: one frame queued, taken by the
