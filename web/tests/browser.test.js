@@ -31,7 +31,10 @@ async function newPage(url) {
 }
 
 const state = (page) => page.evaluate(() => document.getElementById("state").dataset.state);
-const connected = (page) => until("the page to be connected", async () => (await state(page)) === "connected");
+const connected = (page, ms) => until("the page to be connected", async () => (await state(page)) === "connected", ms);
+// After an outage: the SDK retries with full-jitter backoff doubling from 250 ms, so a few
+// seconds offline can put its next attempt up to 8-16 s away (backoffMax is 20 s).
+const AFTER_OUTAGE_MS = 25000;
 const texts = (page, selector) => page.$$eval(selector, (els) => els.map((e) => e.textContent));
 const shot = (page, name) => page.screenshot({ path: path.join(shots, `${name}.png`), fullPage: true });
 
@@ -91,7 +94,7 @@ describe("demo pages", () => {
 
       proxy.restore();
       await page.context().setOffline(false);
-      await connected(page);
+      await connected(page, AFTER_OUTAGE_MS);
       await until("the 50 missed messages", async () => (await texts(page, "#messages li[data-offset]")).length >= 51, 20000);
       await page.waitForTimeout(300); // anything extra (a duplicate) would show up now
       const shown = await texts(page, "#messages li[data-offset]");
@@ -156,7 +159,7 @@ describe("demo pages", () => {
       await page.waitForTimeout(2000); // about 8 updates published meanwhile
       proxy.restore();
       await page.context().setOffline(false);
-      await connected(page);
+      await connected(page, AFTER_OUTAGE_MS);
       await until("the recovery", async () => (await page.textContent("#recovered")) === "1");
       await until("updates past the outage", async () => Number(await page.textContent("#offset")) >= before + 10);
       assert.equal(await page.textContent("#gaps"), "0", "every offset once, in order");
