@@ -331,7 +331,12 @@ impl Outbox {
         let bytes = frame::encode_close(frame.as_ref(), None);
         q.bytes += bytes.len();
         q.frames.push_back(bytes);
+        // Nothing more is pushed, so nothing more is written directly: the socket is the
+        // writer's alone, and closes when the writer ends or is aborted, whoever still holds
+        // this outbox.
+        let direct = q.direct.take();
         drop(q);
+        drop(direct);
         self.shared.wake_writer.notify_one();
         self.shared.wake_reader.notify_one();
         true
@@ -756,6 +761,7 @@ mod tests {
         a.join().expect("pusher a");
         b.join().expect("pusher b");
         outbox.close(None);
+        assert!(outbox.lock().direct.is_none(), "a closing outbox holds no socket");
         writer.await.expect("writer");
     }
 
