@@ -207,7 +207,7 @@ impl Outbox {
     /// what it holds is due, or at once when a frame without a delay is queued (everything
     /// waiting goes along). An SSE body does not wait.
     pub fn push_within(&self, frame: Bytes, delay: Duration) -> Result<(), SendError> {
-        self.push_until(frame, (!delay.is_zero()).then(|| Instant::now() + delay), false)
+        self.push_within_direct(frame, delay, false)
     }
 
     /// [`Outbox::push_within`]; with `direct`, when the frame need not wait, the queue is empty
@@ -284,7 +284,7 @@ impl Outbox {
 
     /// [`Outbox::send_prepared`] with [`Outbox::push_within`]'s `delay`.
     pub fn send_prepared_within(&self, p: &Prepared, delay: Duration) -> Result<(), SendError> {
-        self.push_within(p.frame_for(&self.shared.mode), delay)
+        self.send_prepared_within_direct(p, delay, false)
     }
 
     /// [`Outbox::send_prepared_within`] with [`Outbox::push_within_direct`]'s `direct`.
@@ -535,18 +535,27 @@ impl SharedTcp {
     fn stream(&self) -> &TcpStream {
         (*self.0).as_ref()
     }
-}
 
-impl AsyncWrite for SharedTcp {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    /// Waits for write readiness and runs `write` (a `try_write`), again while it would block.
+    fn poll_with(
+        &self,
+        cx: &mut Context<'_>,
+        mut write: impl FnMut(&TcpStream) -> std::io::Result<usize>,
+    ) -> Poll<std::io::Result<usize>> {
         let s = self.stream();
         loop {
             ready!(s.poll_write_ready(cx))?;
-            match s.try_write(buf) {
+            match write(s) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 r => return Poll::Ready(r),
             }
         }
+    }
+}
+
+impl AsyncWrite for SharedTcp {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.poll_with(cx, |s| s.try_write(buf))
     }
 
     fn poll_write_vectored(
@@ -554,14 +563,7 @@ impl AsyncWrite for SharedTcp {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        let s = self.stream();
-        loop {
-            ready!(s.poll_write_ready(cx))?;
-            match s.try_write_vectored(bufs) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                r => return Poll::Ready(r),
-            }
-        }
+        self.poll_with(cx, |s| s.try_write_vectored(bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
