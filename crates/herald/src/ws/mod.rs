@@ -1,5 +1,5 @@
 //! Our WebSocket layer (RFC 6455, RFC 7692), owned because fan-out needs prepared frames:
-//! encoded and compressed once, written to many connections (see DESIGN.md).
+//! encoded and compressed once, written to many connections (ARCHITECTURE.md says why).
 //!
 //! Layout: `frame` (wire format), `decoder` (bytes → messages), `utf8`, `deflate`,
 //! `handshake` (upgrade request checks), `outbox` (bounded send queue and writer),
