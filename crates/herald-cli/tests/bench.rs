@@ -1,6 +1,7 @@
 //! `herald bench` against a real `herald serve`: a short fan-out loses nothing, on one node and
 //! spread over two Redis-backed nodes. And against a server that stalls: the stall shows up as
 //! latency (no coordinated omission).
+#![allow(clippy::disallowed_methods)] // plain #[test]s wait for child processes; no runtime here
 
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};

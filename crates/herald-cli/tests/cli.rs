@@ -1,4 +1,5 @@
 //! The `herald` binary as an operator runs it.
+#![allow(clippy::disallowed_methods)] // plain #[test]s wait for child processes; no runtime here
 
 use std::io::{Read, Write};
 use std::thread::JoinHandle;

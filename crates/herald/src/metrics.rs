@@ -38,6 +38,7 @@ pub fn install() -> Option<PrometheusHandle> {
             // Without it, a server nobody scrapes would keep every sample in memory. A thread,
             // not a task: the recorder outlives any one runtime (tests start many).
             let spawned = std::thread::Builder::new().name("herald-metrics".into()).spawn(move || loop {
+                #[allow(clippy::disallowed_methods)] // the metrics upkeep thread, not a runtime worker
                 std::thread::sleep(UPKEEP_EVERY);
                 upkeep.run_upkeep();
             });

@@ -145,6 +145,7 @@ fn send(listener: &TcpListener, args: &FloorArgs, period: Duration, rounds: u64)
         let due = start + period.mul_f64(round as f64);
         let now = Instant::now();
         if due > now {
+            #[allow(clippy::disallowed_methods)] // the floor's sender is a plain thread by design
             std::thread::sleep(due - now);
         } else if round >= warmup_rounds {
             late += 1;

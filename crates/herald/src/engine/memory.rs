@@ -520,6 +520,7 @@ mod tests {
         let e = MemoryEngine::new();
         let policy = HistoryPolicy { size: 10, ttl: Duration::from_millis(1) };
         let first = e.publish_now("c", Publish::data(Bytes::from_static(b"1")), policy).expect("publish");
+        #[allow(clippy::disallowed_methods)] // a plain #[test], no runtime
         std::thread::sleep(Duration::from_millis(5));
         // History expired; the stream is still touched recently, then idle past its TTL.
         e.sweep_now();
@@ -548,6 +549,7 @@ mod tests {
         let policy = HistoryPolicy { size: 10, ttl: Duration::from_millis(1) };
         let first = e.publish_now("c", Publish::data(Bytes::from_static(b"1")), policy).expect("publish");
         e.publish_now("quiet", Publish::data(Bytes::from_static(b"1")), policy).expect("publish");
+        #[allow(clippy::disallowed_methods)] // a plain #[test], no runtime
         std::thread::sleep(Duration::from_millis(5));
         e.sweep_now();
         assert_eq!(e.stats().history_bytes, 0, "history expires all the same");

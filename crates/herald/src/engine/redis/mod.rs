@@ -1241,6 +1241,7 @@ mod tests {
 
     impl Delivery for Slow {
         fn deliver(&self, channel: &str, position: &StreamPosition, publication: &PublicationRecord) {
+            #[allow(clippy::disallowed_methods)] // on purpose: a delivery that blocks its caller
             std::thread::sleep(Duration::from_millis(2));
             self.0.deliver(channel, position, publication);
         }

@@ -91,6 +91,7 @@ impl RedisServer {
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return Ok(());
             }
+            #[allow(clippy::disallowed_methods)] // a blocking test helper, not async code
             std::thread::sleep(Duration::from_millis(20));
         }
         Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "redis-server did not start"))
