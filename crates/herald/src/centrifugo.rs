@@ -191,7 +191,7 @@ const MAX_BROADCAST_CHANNELS: usize = 1000;
 
 async fn publish(node: &Node, channel: &str, data: &RawValue, tags: &Option<Tags>) -> Result<Value, Refusal> {
     let (channel, ns) = resolve(node, channel)?;
-    crate::rules::check_publication_size(&node.config.channels, data.get().len())?;
+    crate::rules::check_publication_size_with_tags(&node.config.channels, data.get().len(), tags.as_ref())?;
     let publish = Publish {
         tags: tags.clone().filter(|t| !t.is_empty()).map(Arc::new),
         ..Publish::data(bytes::Bytes::copy_from_slice(data.get().as_bytes()))

@@ -60,6 +60,28 @@ pub fn check_publication_size(cfg: &ChannelsConfig, len: usize) -> Result<(), Re
     Ok(())
 }
 
+/// Refuses a publication whose data and tags together (every key and value, in bytes) are
+/// larger than `channels.max_publication_size`: tags are stored in history and pushed with the
+/// data, so they count against the same limit.
+pub fn check_publication_size_with_tags(
+    cfg: &ChannelsConfig,
+    data_len: usize,
+    tags: Option<&crate::engine::Tags>,
+) -> Result<(), Refusal> {
+    let tags_len = tags.map_or(0, |t| t.iter().fold(0usize, |n, (k, v)| n.saturating_add(k.len() + v.len())));
+    if tags_len == 0 {
+        return check_publication_size(cfg, data_len);
+    }
+    let max = cfg.max_publication_size;
+    if data_len.saturating_add(tags_len) > max {
+        return Err(refuse(
+            ErrorCode::TooLarge,
+            format!("publication data and tags are larger than {max} bytes (channels.max_publication_size)"),
+        ));
+    }
+    Ok(())
+}
+
 /// The refusal for an engine failure, the same on every door (see [`EngineError::code`]).
 pub fn engine_refusal(e: &EngineError) -> Refusal {
     (e.code(), e.to_string())
@@ -98,6 +120,12 @@ mod tests {
             check_publication_size(&cfg, cfg.max_publication_size + 1).map_err(|e| e.0),
             Err(ErrorCode::TooLarge)
         );
+        let max = cfg.max_publication_size;
+        let tags = crate::engine::Tags::from([("k".repeat(10), "v".repeat(10))]);
+        assert!(check_publication_size_with_tags(&cfg, max - 20, Some(&tags)).is_ok());
+        let over = check_publication_size_with_tags(&cfg, max - 19, Some(&tags));
+        assert_eq!(over.map_err(|e| e.0), Err(ErrorCode::TooLarge));
+        assert!(check_publication_size_with_tags(&cfg, max, None).is_ok());
         let down = EngineError::Unavailable("redis: timeout".into());
         assert_eq!(engine_refusal(&down).0, down.code());
     }

@@ -787,10 +787,18 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// When `at` (Unix seconds) comes, on the runtime's clock.
+/// Longest wait armed for a token's expiry. A token's `exp` is whatever its signer wrote (up
+/// to 2^64 - 1 s): a later one waits this long, finds nothing due (`Session::expire` checks the
+/// wall clock) and waits again, so a far-future `exp` never overflows the runtime's clock.
+const MAX_EXPIRY_WAIT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// When `at` (Unix seconds) comes, on the runtime's clock, or [`MAX_EXPIRY_WAIT`] from now if
+/// that is sooner.
 fn instant_at(at: u64) -> Instant {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    Instant::now() + std::time::Duration::from_secs(at).saturating_sub(now)
+    let wait = std::time::Duration::from_secs(at).saturating_sub(now).min(MAX_EXPIRY_WAIT);
+    let start = Instant::now();
+    start.checked_add(wait).unwrap_or(start)
 }
 
 /// A presence list as the protocol carries it.
@@ -978,6 +986,17 @@ mod tests {
     use super::*;
     use crate::config::{Config, NamespaceOptions};
     use crate::ws::{SendMode, WsContext, WsMetrics};
+
+    #[test]
+    fn a_far_future_expiry_waits_at_most_a_day_without_overflowing() {
+        for at in [u64::MAX, u64::MAX / 2, 1 << 40] {
+            let wait = instant_at(at).saturating_duration_since(Instant::now());
+            assert!(wait <= MAX_EXPIRY_WAIT && wait > MAX_EXPIRY_WAIT / 2, "{at}: {wait:?}");
+        }
+        let soon = unix_now() + 60;
+        assert!(instant_at(soon).saturating_duration_since(Instant::now()) <= std::time::Duration::from_secs(61));
+        assert!(instant_at(0) <= Instant::now(), "a past expiry is due now");
+    }
 
     fn node() -> Arc<Node> {
         let mut config = Config::default();

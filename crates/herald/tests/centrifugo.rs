@@ -448,6 +448,33 @@ async fn centrifugos_server_api_shape_publishes_with_tags_and_answers_in_result(
 }
 
 #[tokio::test]
+async fn api_tags_count_with_the_data_against_max_publication_size() {
+    let mut cfg = config();
+    cfg.api.key = Secret::new("k");
+    cfg.channels.max_publication_size = 1000;
+    let server = TestServer::start(cfg).await;
+    // Small data, 2000 bytes of tags (keys and values both count): over the 1000-byte limit.
+    let tags = json!({"k".repeat(1000): "v".repeat(1000)});
+    for (method, body) in [
+        ("publish", json!({"channel": "chat:room", "data": 1, "tags": tags})),
+        ("broadcast", json!({"channels": ["chat:room"], "data": 1, "tags": tags})),
+    ] {
+        let (status, r) = cent_api(server.addr, method, body, "k").await;
+        let error = if method == "publish" { &r["error"] } else { &r["result"]["responses"][0]["error"] };
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(error["code"], 106, "refused as Centrifugo refuses a too-large publication: {r}");
+        assert!(error["message"].as_str().is_some_and(|m| m.contains("tags")), "{r}");
+    }
+    let (_, r) = cent_api(server.addr, "history", json!({"channel": "chat:room", "limit": -1}), "k").await;
+    assert_eq!(r["result"]["publications"], json!([]), "nothing was stored: {r}");
+    // Within the limit together, it is published with its tags.
+    let body = json!({"channel": "chat:room", "data": "x".repeat(400), "tags": {"k".repeat(100): "v".repeat(400)}});
+    let (_, r) = cent_api(server.addr, "publish", body, "k").await;
+    assert_eq!(r["result"]["offset"], 1, "{r}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_frame_of_many_commands_is_rate_limited_per_command_then_closed() {
     let server = TestServer::start(config()).await;
     let (mut c, _) = Cent::connected(server.addr, None).await;

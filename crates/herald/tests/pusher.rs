@@ -317,6 +317,28 @@ async fn client_events_reach_the_others_only_where_allowed() {
 }
 
 #[tokio::test]
+async fn client_event_names_longer_than_200_bytes_are_refused_with_4301() {
+    let server = TestServer::start(config()).await;
+    let mut a = Client::open(server.addr, KEY).await;
+    let mut b = Client::open(server.addr, KEY).await;
+    a.subscribe("private-chat", None).await;
+    b.subscribe("private-chat", None).await;
+    for len in [201, 120_000] {
+        let event = format!("client-{}", "n".repeat(len - "client-".len()));
+        a.send(json!({"event": event, "channel": "private-chat", "data": {}})).await;
+        let err = a.next().await;
+        assert_eq!((err["event"].as_str(), err["data"]["code"].as_u64()), (Some("pusher:error"), Some(4301)), "{len}");
+        assert!(err["data"]["message"].as_str().is_some_and(|m| m.contains("200")), "{err}");
+    }
+    b.silent(Duration::from_millis(200)).await;
+    // The longest allowed name still goes through, and the connection is unharmed.
+    let event = format!("client-{}", "n".repeat(200 - "client-".len()));
+    a.send(json!({"event": event, "channel": "private-chat", "data": {}})).await;
+    assert_eq!(b.next().await["event"].as_str(), Some(event.as_str()));
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn socket_id_exclusion_and_batches() {
     let server = TestServer::start(config()).await;
     let mut a = Client::open(server.addr, KEY).await;

@@ -400,3 +400,25 @@ async fn a_subscription_tokens_info_is_this_connections_presence_on_that_channel
     assert_eq!(infos(&r, "members:a"), [json!({"name": "Ada"})]);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_token_with_a_far_future_exp_connects_and_subscribes_like_any_other() {
+    let server = TestServer::start(rules_config()).await;
+    // Correctly signed, so only the numbers are hostile: the largest NumericDate a JSON
+    // integer can carry, and a huge `iat`.
+    for exp in [json!(u64::MAX), json!(1u64 << 40), json!(1.8e19)] {
+        let connection = hs256(&json!({"sub": "42", "exp": exp, "iat": u64::MAX}));
+        let mut c = as_user(server.addr, &connection).await;
+        let r = c.request("subscribe", json!({"channel": "open:a"})).await;
+        assert!(r.get("subscribe").is_some(), "exp {exp}: {r}");
+        let sub = hs256(&json!({"sub": "42", "channel": "private:a", "exp": exp}));
+        let r = c.request("subscribe", json!({"channel": "private:a", "token": sub})).await;
+        assert!(r["subscribe"]["expires"].as_u64().is_some(), "exp {exp}: {r}");
+        let r = c.request("refresh", json!({"token": connection})).await;
+        assert!(r["refresh"]["expires"].as_u64().is_some(), "exp {exp}: {r}");
+        // The session is alive after arming its timers: it still answers.
+        let r = c.request("presence_stats", json!({"channel": "open:a"})).await;
+        assert!(r.get("presence_stats").is_some(), "exp {exp}: {r}");
+    }
+    server.shutdown().await;
+}

@@ -14,13 +14,10 @@ use http::Method;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{auth, parse_socket_id, protocol, Kind, PusherApp};
+use super::{auth, parse_socket_id, protocol, Kind, PusherApp, MAX_EVENT_NAME};
 use crate::engine::Publish;
 use crate::http_error::ApiError;
 use crate::node::{Control, Node};
-
-/// Longest event name (Pusher's limit).
-const MAX_EVENT_NAME: usize = 200;
 
 /// `/apps/<id>/<rest>`.
 pub async fn dispatch(

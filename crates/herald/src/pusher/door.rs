@@ -476,6 +476,10 @@ impl Connection {
     async fn client_event(&mut self, event: String, channel: Option<String>, data: String) {
         let node = self.node.clone();
         let app = &node.config.pusher.apps[self.app];
+        if event.len() > super::MAX_EVENT_NAME {
+            let message = format!("Client event name is longer than {} bytes", super::MAX_EVENT_NAME);
+            return self.error(Some(protocol::error::CLIENT_EVENT_REJECTED), &message);
+        }
         let Some(name) = channel else { return self.error(None, "Client events need a `channel`") };
         let Ok((channel, _)) = app.channel(&node.config.channels, &name) else {
             return self.error(None, &format!("Invalid channel {name}"));

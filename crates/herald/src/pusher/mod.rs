@@ -123,6 +123,10 @@ pub fn pusher_form(local: &str) -> std::borrow::Cow<'_, str> {
 /// Longest Pusher channel name (Pusher's own limit).
 pub const MAX_CHANNEL_NAME: usize = 164;
 
+/// Longest event name, in bytes, for HTTP API events and `client-*` events alike (Pusher's
+/// limit of 200 characters, counted here in bytes).
+pub const MAX_EVENT_NAME: usize = 200;
+
 /// What kind of channel a Pusher name is, by prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
