@@ -359,9 +359,18 @@ fn publish(args: &PublishArgs) -> anyhow::Result<()> {
         println!("{}", answer.trim_end());
         return Ok(());
     }
+    let hint = match status.as_u16() {
+        401 | 403 if args.api_key.is_none() => {
+            "; the server wants an API key: pass --api-key KEY or set HERALD_API__KEY (the server's `api.key`)"
+        }
+        401 | 403 => "; check the key given with --api-key or HERALD_API__KEY against the server's `api.key`",
+        _ => "",
+    };
     match serde_json::from_str::<ErrorAnswer>(&answer) {
-        Ok(ErrorAnswer { error }) => anyhow::bail!("{} (code {}, HTTP {})", error.message, error.code, status.as_u16()),
-        Err(_) => anyhow::bail!("{url} answered HTTP {}: {}", status.as_u16(), answer.trim()),
+        Ok(ErrorAnswer { error }) => {
+            anyhow::bail!("{} (code {}, HTTP {}){hint}", error.message, error.code, status.as_u16())
+        }
+        Err(_) => anyhow::bail!("{url} answered HTTP {}: {}{hint}", status.as_u16(), answer.trim()),
     }
 }
 

@@ -501,3 +501,14 @@ fn each_subcommands_help_shows_only_its_own_options() {
     let serve = help(&["serve", "--help"]);
     assert!(serve.contains("--tls-cert") && serve.contains("--demo"), "{serve}");
 }
+
+#[test]
+fn a_refused_publish_says_how_to_give_the_api_key() {
+    let (url, server) = http_once("401 Unauthorized", r#"{"error":{"code":101,"message":"unauthorized"}}"#);
+    let out = herald().args(["publish", "news", "1", "--url", &url]).output().expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unauthorized (code 101, HTTP 401)"), "{err}");
+    assert!(err.contains("--api-key") && err.contains("HERALD_API__KEY"), "{err}");
+    assert!(!server.join().expect("server").to_ascii_lowercase().contains("authorization:"));
+}
