@@ -512,3 +512,15 @@ fn a_refused_publish_says_how_to_give_the_api_key() {
     assert!(err.contains("--api-key") && err.contains("HERALD_API__KEY"), "{err}");
     assert!(!server.join().expect("server").to_ascii_lowercase().contains("authorization:"));
 }
+
+#[test]
+fn subscribe_to_a_url_without_connect_says_what_is_wrong() {
+    let port = free_port();
+    let _server = Served::start(port, false);
+    let url = format!("ws://127.0.0.1:{port}/");
+    let out = herald().args(["subscribe", "news", "--url", &url]).output().expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is the path `/connect`"), "{err}");
+    assert!(!err.contains("Server sent no subprotocol"), "{err}");
+}
