@@ -31,6 +31,9 @@ enum Command {
     CheckConfig(ServeArgs),
     /// Print the version.
     Version,
+    /// Write a starter configuration with a freshly generated API key and token secret to
+    /// PATH (default `herald.toml`; `-` for stdout). Never overwrites an existing file.
+    Genconfig(GenconfigArgs),
     /// Publish a message on a channel through the HTTP API; print the answer.
     Publish(PublishArgs),
     /// Subscribe to channels over WebSocket and print each publication as one JSON line
@@ -42,6 +45,13 @@ enum Command {
     Token(TokenArgs),
     /// Load a server and measure it: connect, fanout, idle, roundtrip (see docs/benchmarks.md).
     Bench(bench::BenchArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+struct GenconfigArgs {
+    /// Where to write the configuration; `-` writes it to stdout.
+    #[arg(value_name = "PATH", default_value = "herald.toml")]
+    path: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -94,21 +104,21 @@ struct SubscribeArgs {
 #[derive(Debug, Clone, Args)]
 struct ServeArgs {
     /// TOML configuration file (see config/herald.example.toml).
-    #[arg(long, short = 'c', value_name = "FILE", global = true)]
+    #[arg(long, short = 'c', value_name = "FILE")]
     config: Option<PathBuf>,
     /// Address to listen on, e.g. 0.0.0.0:8080 or localhost:8080 (overrides `listen`).
-    #[arg(long, value_name = "HOST:PORT", global = true)]
+    #[arg(long, value_name = "HOST:PORT")]
     listen: Option<String>,
     /// PEM certificate chain: serve wss:// and https:// (overrides `tls.cert`; needs --tls-key).
-    #[arg(long, value_name = "FILE", global = true)]
+    #[arg(long, value_name = "FILE")]
     tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert (overrides `tls.key`).
-    #[arg(long, value_name = "FILE", global = true)]
+    #[arg(long, value_name = "FILE")]
     tls_key: Option<PathBuf>,
     /// Set up the demo pages at `/`: namespaces `chat` and `ticker` (unless configured), a
     /// development secret for this run (unless configured), `/demo/token` and a ticker
     /// publisher. For trying Herald on your machine; never in production.
-    #[arg(long, global = true)]
+    #[arg(long)]
     demo: bool,
 }
 
@@ -122,6 +132,7 @@ fn main() -> ExitCode {
             println!("herald {}", herald::VERSION);
             Ok(())
         }
+        Some(Command::Genconfig(args)) => genconfig(&args),
         Some(Command::Publish(args)) => publish(&args),
         Some(Command::Subscribe(args)) => subscribe(args),
         Some(Command::Token(args)) => token(args),
@@ -173,6 +184,91 @@ fn token(args: TokenArgs) -> anyhow::Result<()> {
         None => herald::auth::mint(&config.auth, &args.user, ttl, info)?,
     };
     println!("{token}");
+    Ok(())
+}
+
+/// A random secret of `bytes` bytes, as hex (printable, TOML-safe, no quoting issues).
+fn random_hex(bytes: usize) -> String {
+    use rand::RngCore as _;
+    let mut buf = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut buf);
+    buf.iter().fold(String::with_capacity(bytes * 2), |mut s, b| {
+        use std::fmt::Write as _;
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// The starter configuration `genconfig` writes, with fresh secrets.
+fn starter_config() -> String {
+    let api_key = random_hex(32);
+    let secret = random_hex(48);
+    format!(
+        r#"# Herald configuration written by `herald genconfig` (herald {version}).
+# Every key with its default and its meaning: config/herald.example.toml and
+# docs/configuration.md. Check this file with `herald check-config --config <this file>`.
+# This file holds secrets: keep it readable by the user Herald runs as only.
+
+# Loopback only. Use "0.0.0.0:8080" to accept other machines (read docs/security.md first).
+listen = "127.0.0.1:8080"
+
+[auth]
+# Connection tokens (JWT) are signed by your backend with this shared secret (HS256).
+# Mint one for development with `herald token --config <this file> --user 42`.
+algorithm = "HS256"
+secret = "{secret}"
+# Whether clients may connect without a token.
+allow_anonymous = true
+
+[api]
+# Backends send `Authorization: apikey <key>`; `herald publish` reads it from --api-key
+# or HERALD_API__KEY.
+key = "{api_key}"
+
+[http]
+# Web origins whose pages may connect from a browser, e.g. ["https://app.example.com"].
+allowed_origins = ["*"]
+
+# Channels without a namespace: anyone may subscribe; only the API publishes.
+[channels.default]
+subscribe = true
+publish = false
+
+# To serve wss:// and https:// directly, set both:
+# [tls]
+# cert = "/etc/herald/cert.pem"
+# key = "/etc/herald/key.pem"
+"#,
+        version = herald::VERSION
+    )
+}
+
+fn genconfig(args: &GenconfigArgs) -> anyhow::Result<()> {
+    let text = starter_config();
+    if args.path.as_os_str() == "-" {
+        print!("{text}");
+        return io::stdout().flush().context("cannot write to stdout");
+    }
+    let path = &args.path;
+    let mut options = std::fs::OpenOptions::new();
+    // `create_new` refuses an existing file (or symlink) atomically: nothing is overwritten.
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = match options.open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => anyhow::bail!(
+            "{} already exists; not overwriting it (remove it first, or choose another path)",
+            path.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
+    };
+    file.write_all(text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
+    eprintln!(
+        "herald: wrote {} with a new API key and token secret (not printed); check it with `herald check-config --config {}`",
+        path.display(),
+        path.display()
+    );
     Ok(())
 }
 
@@ -263,9 +359,18 @@ fn publish(args: &PublishArgs) -> anyhow::Result<()> {
         println!("{}", answer.trim_end());
         return Ok(());
     }
+    let hint = match status.as_u16() {
+        401 | 403 if args.api_key.is_none() => {
+            "; the server wants an API key: pass --api-key KEY or set HERALD_API__KEY (the server's `api.key`)"
+        }
+        401 | 403 => "; check the key given with --api-key or HERALD_API__KEY against the server's `api.key`",
+        _ => "",
+    };
     match serde_json::from_str::<ErrorAnswer>(&answer) {
-        Ok(ErrorAnswer { error }) => anyhow::bail!("{} (code {}, HTTP {})", error.message, error.code, status.as_u16()),
-        Err(_) => anyhow::bail!("{url} answered HTTP {}: {}", status.as_u16(), answer.trim()),
+        Ok(ErrorAnswer { error }) => {
+            anyhow::bail!("{} (code {}, HTTP {}){hint}", error.message, error.code, status.as_u16())
+        }
+        Err(_) => anyhow::bail!("{url} answered HTTP {}: {}{hint}", status.as_u16(), answer.trim()),
     }
 }
 

@@ -193,6 +193,22 @@ impl Served {
     }
 }
 
+impl Served {
+    /// Waits until the already spawned `child` listens on `port` (the caller kills it).
+    fn from_child(child: &mut std::process::Child, port: u16) {
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("herald serve exited: {status}");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("herald serve did not listen on {port}");
+    }
+}
+
 impl Drop for Served {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -391,4 +407,121 @@ fn keys_never_reach_the_log() {
     }
     assert!(log.contains("listening"), "{log}");
     assert!(!log.contains("k3y-value"), "{log}");
+}
+
+#[test]
+fn version_flag_prints_the_version_too() {
+    let out = herald().arg("--version").output().expect("runs");
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("herald {}", env!("CARGO_PKG_VERSION")));
+}
+
+/// The `secret = "..."` and `key = "..."` values of a generated configuration.
+fn generated_secrets(text: &str) -> (String, String) {
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} = \"")).and_then(|v| v.strip_suffix('"')))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .to_owned()
+    };
+    (value("secret"), value("key"))
+}
+
+#[test]
+fn genconfig_writes_a_config_that_checks_and_serves_and_never_overwrites() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("herald.toml");
+    let out = herald().arg("genconfig").arg(&file).output().expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&file).expect("written");
+    let (secret, key) = generated_secrets(&text);
+    assert!(secret.len() >= 64 && key.len() >= 32, "{text}");
+    let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!printed.contains(&secret) && !printed.contains(&key), "secrets not printed: {printed}");
+
+    let out = herald().arg("check-config").arg("--config").arg(&file).output().expect("runs");
+    let checked = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{checked}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(checked.contains("auth.algorithm = \"HS256\"  # file "), "{checked}");
+    assert!(checked.contains("api.key = \"<redacted>\""), "{checked}");
+
+    // A second run refuses and leaves the file as it was.
+    let out = herald().arg("genconfig").arg(&file).output().expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).expect("still there"), text);
+
+    // `serve --config` starts with it and takes the generated key for the API.
+    let port = free_port();
+    let mut child = herald()
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--config"])
+        .arg(&file)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("serve");
+    Served::from_child(&mut child, port);
+    let url = format!("http://127.0.0.1:{port}");
+    let out = herald().args(["publish", "news", "1", "--url", &url, "--api-key", "wrong"]).output().expect("runs");
+    assert!(!out.status.success(), "a wrong key is refused");
+    let out = herald().args(["publish", "news", "1", "--url", &url, "--api-key", &key]).output().expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = herald().args(["token", "--user", "42", "--config"]).arg(&file).output().expect("runs");
+    assert!(out.status.success(), "the generated secret signs tokens: {}", String::from_utf8_lossy(&out.stderr));
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn genconfig_to_stdout_makes_different_secrets_each_time() {
+    let run = || {
+        let out = herald().args(["genconfig", "-"]).output().expect("runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        generated_secrets(&String::from_utf8_lossy(&out.stdout))
+    };
+    let (a, b) = (run(), run());
+    assert_ne!(a.0, b.0);
+    assert_ne!(a.1, b.1);
+    assert_ne!(a.0, a.1);
+}
+
+#[test]
+fn each_subcommands_help_shows_only_its_own_options() {
+    let help = |args: &[&str]| {
+        let out = herald().args(args).output().expect("runs");
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let publish = help(&["publish", "--help"]);
+    assert!(
+        publish.contains("--api-key") && !publish.contains("--tls-cert") && !publish.contains("--demo"),
+        "{publish}"
+    );
+    let subscribe = help(&["subscribe", "--help"]);
+    assert!(subscribe.contains("--token") && !subscribe.contains("--listen"), "{subscribe}");
+    let serve = help(&["serve", "--help"]);
+    assert!(serve.contains("--tls-cert") && serve.contains("--demo"), "{serve}");
+}
+
+#[test]
+fn a_refused_publish_says_how_to_give_the_api_key() {
+    let (url, server) = http_once("401 Unauthorized", r#"{"error":{"code":101,"message":"unauthorized"}}"#);
+    let out = herald().args(["publish", "news", "1", "--url", &url]).output().expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unauthorized (code 101, HTTP 401)"), "{err}");
+    assert!(err.contains("--api-key") && err.contains("HERALD_API__KEY"), "{err}");
+    assert!(!server.join().expect("server").to_ascii_lowercase().contains("authorization:"));
+}
+
+#[test]
+fn subscribe_to_a_url_without_connect_says_what_is_wrong() {
+    let port = free_port();
+    let _server = Served::start(port, false);
+    let url = format!("ws://127.0.0.1:{port}/");
+    let out = herald().args(["subscribe", "news", "--url", &url]).output().expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is the path `/connect`"), "{err}");
+    assert!(!err.contains("Server sent no subprotocol"), "{err}");
 }

@@ -24,6 +24,14 @@ pub(crate) async fn open(url: &str, options: &ClientOptions) -> Result<(Socket, 
         let (mut socket, _) =
             tokio_tungstenite::connect_async_with_config(request, None, true).await.map_err(|e| match e {
                 tungstenite::Error::Url(_) => invalid_url(url, e),
+                // The server upgraded without `herald.v1`: it is not Herald's native endpoint
+                // (Herald closes such a connection with 4504); say so instead of "no subprotocol".
+                tungstenite::Error::Protocol(tungstenite::error::ProtocolError::SecWebSocketSubProtocolError(_)) => {
+                    Error::protocol(format!(
+                        "{url} is not Herald's native protocol endpoint (the server did not accept the `{SUBPROTOCOL}` \
+                         subprotocol): is the path `/connect`, e.g. ws://127.0.0.1:8080/connect?"
+                    ))
+                }
                 e => Error::transport(url, e),
             })?;
         let connect = ConnectRequest {
