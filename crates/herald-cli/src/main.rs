@@ -281,8 +281,8 @@ fn check_config(args: ServeArgs) -> anyhow::Result<()> {
     let addrs: Vec<std::net::SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(config.listen.as_str())
         .with_context(|| format!("cannot resolve listen address `{}`", config.listen))?
         .collect();
-    let mut warnings: Vec<String> =
-        addrs.iter().flat_map(|a| herald::server::exposure_warnings(config, a.ip())).collect();
+    let mut warnings: Vec<String> = loaded.warnings.clone();
+    warnings.extend(addrs.iter().flat_map(|a| herald::server::exposure_warnings(config, a.ip())));
     warnings.dedup();
     for w in warnings {
         eprintln!("warning: {w}");
@@ -294,6 +294,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (loaded, generated_secret) = load_demo(&args)?;
     let config = loaded.config;
     init_logging(&config.log.level, config.log.format)?;
+    for w in &loaded.warnings {
+        tracing::warn!("{w}");
+    }
     raise_open_file_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(async {

@@ -525,3 +525,68 @@ fn subscribe_to_a_url_without_connect_says_what_is_wrong() {
     assert!(err.contains("is the path `/connect`"), "{err}");
     assert!(!err.contains("Server sent no subprotocol"), "{err}");
 }
+
+/// What Kubernetes puts in every pod of a namespace with a Service named `herald`.
+const KUBERNETES_LINKS: [(&str, &str); 7] = [
+    ("HERALD_PORT", "tcp://10.96.0.12:8080"),
+    ("HERALD_SERVICE_HOST", "10.96.0.12"),
+    ("HERALD_SERVICE_PORT", "8080"),
+    ("HERALD_PORT_8080_TCP", "tcp://10.96.0.12:8080"),
+    ("HERALD_PORT_8080_TCP_ADDR", "10.96.0.12"),
+    ("HERALD_PORT_8080_TCP_PORT", "8080"),
+    ("HERALD_PORT_8080_TCP_PROTO", "tcp"),
+];
+
+#[test]
+fn serve_starts_in_a_kubernetes_environment_and_warns_about_a_typo() {
+    let port = free_port();
+    let mut cmd = herald();
+    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .envs(KUBERNETES_LINKS)
+        .env("HERALD_BIN", "/usr/local/bin/herald")
+        .env("HERALD_API_KEY", "typo-k3y-value")
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("runs");
+    let mut health = None;
+    for _ in 0..200 {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            write!(s, "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
+            let mut text = String::new();
+            s.read_to_string(&mut text).expect("read");
+            health = Some(text);
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("herald serve exited with {status}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("stderr");
+    let log = String::from_utf8_lossy(&out.stderr);
+    let health = health.expect("herald serve listened");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(log.contains("HERALD_API_KEY is not a Herald setting; ignored (did you mean HERALD_API__KEY?)"), "{log}");
+    assert!(!log.contains("k3y-value"), "{log}");
+    for (name, _) in KUBERNETES_LINKS {
+        assert!(!log.contains(&format!("{name} ")), "{name} is ignored silently: {log}");
+    }
+    assert!(!log.contains("HERALD_BIN"), "{log}");
+}
+
+#[test]
+fn check_config_shows_unknown_environment_variables() {
+    let out = herald()
+        .arg("check-config")
+        .envs(KUBERNETES_LINKS)
+        .env("HERALD_WEBSOCKET_MAX_FRAME_SIZE", "1000")
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("warning: environment variable HERALD_WEBSOCKET_MAX_FRAME_SIZE is not a Herald setting; ignored (did you mean HERALD_WEBSOCKET__MAX_FRAME_SIZE?)"),
+        "{err}"
+    );
+    assert!(!err.contains("HERALD_PORT"), "{err}");
+}

@@ -278,10 +278,13 @@ async fn health() -> impl IntoResponse {
 }
 
 async fn ready(State(node): State<Arc<Node>>) -> Response {
-    if node.is_ready() {
-        Json(serde_json::json!({"status": "ready"})).into_response()
-    } else {
-        ApiError::new(herald_protocol::ErrorCode::Unavailable, "shutting down").into_response()
+    // 503 with the reason: draining (shutdown started), or the engine is unreachable.
+    if !node.is_ready() {
+        return ApiError::new(herald_protocol::ErrorCode::Unavailable, "shutting down").into_response();
+    }
+    match node.engine.unavailable() {
+        None => Json(serde_json::json!({"status": "ready"})).into_response(),
+        Some(why) => ApiError::new(herald_protocol::ErrorCode::Unavailable, why).into_response(),
     }
 }
 

@@ -463,3 +463,39 @@ async fn nodes_share_a_redis_over_tls() {
         node.shutdown().await;
     }
 }
+
+/// Polls `/ready` until it answers `want`, for at most `within`; returns the last body.
+async fn ready_becomes(addr: SocketAddr, want: u16, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, body) = http(addr, "GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        if status == want {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "/ready still {status} (want {want}): {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_is_503_while_redis_is_down_and_health_stays_200() {
+    let mut redis = RedisServer::start().expect("redis-server");
+    let node = TestServer::start(config(&redis, "ready")).await;
+    let health = "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let body = ready_becomes(node.addr, 200, Duration::from_secs(10)).await;
+    assert_eq!(body["status"], "ready", "{body}");
+
+    redis.kill();
+    // The link pings every 2 s with a 500 ms timeout; a killed Redis closes it at once.
+    let body = ready_becomes(node.addr, 503, Duration::from_secs(10)).await;
+    assert_eq!(body["error"]["code"], 113, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("redis unreachable"), "{body}");
+    let (status, body) = http(node.addr, health).await;
+    assert_eq!(status, 200, "liveness is not readiness: {body}");
+
+    redis.resume().expect("redis back");
+    let body = ready_becomes(node.addr, 200, Duration::from_secs(15)).await;
+    assert_eq!(body["status"], "ready", "{body}");
+    node.shutdown().await;
+}

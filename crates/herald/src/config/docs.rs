@@ -132,8 +132,13 @@ pub fn reference_markdown() -> String {
          2. a TOML file given with `--config FILE` (see `config/herald.example.toml`),\n\
          3. environment variables `HERALD_<SECTION>__<KEY>`, upper case, sections separated by `__`,\n\
          4. command-line flags (`--listen`).\n\n\
-         Unknown keys in any source are errors, so a typo never goes unnoticed. `herald check-config`\n\
-         prints the effective configuration and where each value came from.\n\
+         Unknown keys in the file are errors, so a typo never goes unnoticed. A `HERALD_*`\n\
+         environment variable that names no key is ignored with a warning in the log and in\n\
+         `herald check-config` (`HERALD_API_KEY is not a Herald setting; ignored (did you mean\n\
+         HERALD_API__KEY?)`); a known variable with a bad value is an error. The service links\n\
+         Kubernetes injects for a Service named `herald` (`HERALD_PORT`, `HERALD_SERVICE_HOST`,\n\
+         `HERALD_SERVICE_PORT*`, `HERALD_PORT_8080_TCP*`) and `HERALD_BIN` are ignored silently.\n\
+         `herald check-config` prints the effective configuration and where each value came from.\n\
          Durations are written like `10s`, `1m 30s` or `250ms`; sizes are in bytes.\n",
     );
     for e in entries() {

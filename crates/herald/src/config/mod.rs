@@ -1,5 +1,6 @@
 //! The one typed configuration: defaults, then a TOML file, then `HERALD_*` environment
-//! variables, then command-line flags. Unknown keys are errors. The doc comments on these
+//! variables, then command-line flags. Unknown keys in the file are errors; unknown `HERALD_*`
+//! variables are warnings (see [`load`]). The doc comments on these
 //! fields are the user documentation: `docs/configuration.md` and
 //! `config/herald.example.toml` are generated from them and checked by a test.
 
@@ -357,13 +358,117 @@ pub struct Overrides {
 pub struct Loaded {
     pub config: Config,
     figment: Figment,
+    /// `HERALD_*` environment variables that set nothing, each with a hint: print them once
+    /// logging is up (`serve`) or on stderr (`check-config`).
+    pub warnings: Vec<String>,
 }
 
 /// Loads the configuration from the sources in order of precedence (lowest first): defaults,
 /// the TOML file, `HERALD_*` environment variables (`__` separates sections, e.g.
 /// `HERALD_WEBSOCKET__MAX_FRAME_SIZE`), flags.
+///
+/// A `HERALD_*` variable that names no setting is not an error (Kubernetes alone injects
+/// several, see [`is_ignored_env`]): it is left out, with a warning in [`Loaded::warnings`].
+/// Unknown keys in the file stay errors, as do bad values of known variables.
 pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Loaded, ConfigError> {
-    load_from(file, overrides, Env::prefixed("HERALD_").split("__"))
+    let names: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| k.get(..ENV_PREFIX.len()).is_some_and(|p| p.eq_ignore_ascii_case(ENV_PREFIX)))
+        .map(|k| k[ENV_PREFIX.len()..].to_owned())
+        .collect();
+    let (unknown, warnings) = unknown_env(&names);
+    let env = Env::prefixed(ENV_PREFIX).filter(move |k| !unknown.iter().any(|u| k == u.as_str())).split("__");
+    let mut loaded = load_from(file, overrides, env)?;
+    loaded.warnings = warnings;
+    Ok(loaded)
+}
+
+const ENV_PREFIX: &str = "HERALD_";
+
+/// Variables (named without the `HERALD_` prefix) that are not Herald settings and are left
+/// out silently: the service links Kubernetes injects into every pod of a namespace with a
+/// Service named `herald` (`HERALD_PORT`, `HERALD_SERVICE_HOST`, `HERALD_SERVICE_PORT*`,
+/// `HERALD_PORT_8080_TCP*`), and `HERALD_BIN` (the test harness's path to the binary).
+pub fn is_ignored_env(name: &str) -> bool {
+    let name = name.to_ascii_uppercase();
+    if name == "PORT" || name == "BIN" || name.starts_with("SERVICE_") {
+        return true;
+    }
+    let Some(rest) = name.strip_prefix("PORT_") else { return false };
+    let Some((port, rest)) = rest.split_once('_') else { return false };
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return false;
+    }
+    let proto = rest.split_once('_').map_or(rest, |(p, _)| p);
+    let suffix = &rest[proto.len()..];
+    matches!(proto, "TCP" | "UDP" | "SCTP") && matches!(suffix, "" | "_ADDR" | "_PORT" | "_PROTO")
+}
+
+/// Of the given variable names (without the prefix), those that set no configuration key
+/// (to leave out), and a warning for each one that is not ignored silently.
+fn unknown_env(names: &[String]) -> (Vec<String>, Vec<String>) {
+    let mut unknown = Vec::new();
+    let mut warnings = Vec::new();
+    for name in names {
+        if is_ignored_env(name) {
+            unknown.push(name.clone());
+            continue;
+        }
+        // Extract with this variable alone: an unknown field means it names no setting. A bad
+        // value of a real setting is left in, for `load_from` to report.
+        let only = name.clone();
+        let env = Env::prefixed(ENV_PREFIX).filter(move |k| k == only.as_str()).split("__");
+        let probe = Figment::from(Serialized::defaults(Config::default())).merge(env);
+        let names_nothing = match probe.extract::<Config>() {
+            Ok(_) => false,
+            Err(e) => e.into_iter().any(|e| matches!(e.kind, figment::error::Kind::UnknownField(..))),
+        };
+        if names_nothing {
+            unknown.push(name.clone());
+            let full = format!("{ENV_PREFIX}{name}");
+            let mut warning = format!("environment variable {full} is not a Herald setting; ignored");
+            if let Some(hint) = suggest_env(&full) {
+                warning.push_str(&format!(" (did you mean {hint}?)"));
+            }
+            warnings.push(warning);
+        }
+    }
+    (unknown, warnings)
+}
+
+/// The setting a mistyped variable probably meant: the same name with `__` where `_` was
+/// written (or the other way), or one a few edits away.
+fn suggest_env(full: &str) -> Option<String> {
+    let value = serde_json::to_value(Config::default()).ok()?;
+    let mut leaves = Vec::new();
+    flatten("", &value, &mut leaves);
+    let wanted = full.to_ascii_uppercase();
+    let squash = |s: &str| s.replace('_', "");
+    let candidates: Vec<String> = leaves.iter().map(|(k, _)| docs::env_name(k)).collect();
+    if let Some(c) = candidates.iter().find(|c| squash(c) == squash(&wanted)) {
+        return Some(c.clone());
+    }
+    candidates
+        .into_iter()
+        .map(|c| (edit_distance(&c, &wanted), c))
+        .filter(|(d, _)| *d <= 2)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+/// Levenshtein distance, by bytes (variable names are ASCII).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = prev[j] + usize::from(ca != cb);
+            cur.push(substitute.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 fn load_from(file: Option<&Path>, overrides: &Overrides, env: Env) -> Result<Loaded, ConfigError> {
@@ -386,7 +491,7 @@ fn load_from(file: Option<&Path>, overrides: &Overrides, env: Env) -> Result<Loa
     }
     let config: Config = figment.extract().map_err(Box::new)?;
     config.validate()?;
-    Ok(Loaded { config, figment })
+    Ok(Loaded { config, figment, warnings: Vec::new() })
 }
 
 /// A command-line flag as a figment provider, so `check-config` can name it as the source.

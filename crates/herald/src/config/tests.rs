@@ -50,10 +50,67 @@ fn unknown_keys_are_errors_wherever_they_come_from() {
         assert!(err.contains("max_frame"), "{err}");
         Ok(())
     });
+}
+
+#[test]
+fn unknown_env_variables_are_warnings_with_a_hint() {
     Jail::expect_with(|jail| {
         jail.set_env("HERALD_WEBSOKET__MAX_FRAME_SIZE", "1");
-        let err = load(None, &Overrides::default()).expect_err("unknown env key").to_string();
-        assert!(err.contains("websoket"), "{err}");
+        jail.set_env("HERALD_API_KEY", "secret-value");
+        jail.set_env("HERALD_WEBSOCKET__MAX_FRAME_SIZ", "1");
+        jail.set_env("HERALD_NONSENSE", "x");
+        jail.set_env("HERALD_WEBSOCKET__MAX_MESSAGE_SIZE", "4194304");
+        let loaded = load(None, &Overrides::default()).expect("unknown env keys are not fatal");
+        assert_eq!(loaded.config.websocket.max_message_size, 4_194_304, "known variables still apply");
+        let w = loaded.warnings.join("\n");
+        assert_eq!(loaded.warnings.len(), 4, "{w}");
+        assert!(w.contains("HERALD_API_KEY is not a Herald setting; ignored (did you mean HERALD_API__KEY?)"), "{w}");
+        assert!(
+            w.contains("HERALD_WEBSOKET__MAX_FRAME_SIZE") && w.contains("HERALD_WEBSOCKET__MAX_FRAME_SIZE?"),
+            "{w}"
+        );
+        assert!(
+            w.contains("HERALD_WEBSOCKET__MAX_FRAME_SIZ is") && w.contains("mean HERALD_WEBSOCKET__MAX_FRAME_SIZE?")
+        );
+        assert!(w.contains("HERALD_NONSENSE is not a Herald setting; ignored") && !w.contains("NONSENSE ("), "{w}");
+        assert!(!w.contains("secret-value"), "values are never shown: {w}");
+        Ok(())
+    });
+}
+
+#[test]
+fn kubernetes_service_links_and_herald_bin_are_ignored_silently() {
+    Jail::expect_with(|jail| {
+        for (k, v) in [
+            ("HERALD_PORT", "tcp://10.96.0.12:8080"),
+            ("HERALD_SERVICE_HOST", "10.96.0.12"),
+            ("HERALD_SERVICE_PORT", "8080"),
+            ("HERALD_SERVICE_PORT_HTTP", "8080"),
+            ("HERALD_PORT_8080_TCP", "tcp://10.96.0.12:8080"),
+            ("HERALD_PORT_8080_TCP_ADDR", "10.96.0.12"),
+            ("HERALD_PORT_8080_TCP_PORT", "8080"),
+            ("HERALD_PORT_8080_TCP_PROTO", "tcp"),
+            ("HERALD_PORT_53_UDP_ADDR", "10.96.0.12"),
+            ("HERALD_BIN", "/usr/local/bin/herald"),
+        ] {
+            jail.set_env(k, v);
+        }
+        let loaded = load(None, &Overrides::default()).expect("loads");
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        Ok(())
+    });
+    for not_a_link in ["PORT_8080_HTTP", "PORT_X_TCP", "PORT_8080_TCP_HOST", "PORTS", "BINARY"] {
+        assert!(!is_ignored_env(not_a_link), "{not_a_link}");
+    }
+}
+
+#[test]
+fn a_known_env_variable_with_a_bad_value_is_still_an_error() {
+    Jail::expect_with(|jail| {
+        jail.set_env("HERALD_WEBSOCKET__MAX_FRAME_SIZE", "lots");
+        let err = load(None, &Overrides::default()).expect_err("bad value").to_string();
+        assert!(err.contains("websocket.max_frame_size"), "{err}");
+        assert!(err.contains("HERALD_WEBSOCKET__MAX_FRAME_SIZE"), "{err}");
         Ok(())
     });
 }

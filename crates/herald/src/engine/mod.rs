@@ -315,4 +315,10 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
 
     /// What this engine holds on this node now.
     fn stats(&self) -> EngineStats;
+
+    /// Why this node cannot serve channels through the engine now (for `/ready`), or `None`
+    /// when it can. Cheap: it reads state the engine tracks anyway, never asks the backend.
+    fn unavailable(&self) -> Option<&'static str> {
+        None
+    }
 }

@@ -38,7 +38,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -255,6 +255,9 @@ struct Inner {
     /// bytes, bounded by `max_link_bytes`.
     queued_bytes: AtomicUsize,
     max_link_bytes: usize,
+    /// Whether the pub/sub link is connected and subscribed now: it pings Redis every
+    /// `PING_EVERY`, so a lost Redis turns this off within that plus `timeout`.
+    link_up: AtomicBool,
     /// Channels whose publications may have been missed (a message dropped at the bound, a
     /// reconnect): the delivery task reads them back from the stream.
     dirty: Mutex<HashSet<String>>,
@@ -318,6 +321,7 @@ impl RedisEngine {
             delivery: OnceLock::new(),
             listening: Mutex::new(HashMap::new()),
             queued_bytes: AtomicUsize::new(0),
+            link_up: AtomicBool::new(false),
             max_link_bytes: settings.max_link_bytes,
             dirty: Mutex::new(HashSet::new()),
             wake: tokio::sync::Notify::new(),
@@ -713,6 +717,7 @@ async fn link(
             tracing::info!(channels = wanted.len(), "redis pub/sub link up");
         }
         was_up = true;
+        inner.link_up.store(true, Ordering::SeqCst);
         for c in &wanted {
             inner.set_up(c, true);
         }
@@ -757,6 +762,7 @@ async fn link(
                 }
             }
         }
+        inner.link_up.store(false, Ordering::SeqCst);
         tracing::warn!("redis pub/sub link lost; reconnecting");
         metrics::counter!("herald_redis_link_losses_total").increment(1);
         for l in lock(&inner.listening).values() {
@@ -993,6 +999,14 @@ impl Engine for RedisEngine {
                 .collect();
             Ok(PresenceStats { clients: list.len(), users: users.len() })
         }))
+    }
+
+    fn unavailable(&self) -> Option<&'static str> {
+        if self.inner.link_up.load(Ordering::SeqCst) {
+            None
+        } else {
+            Some("redis unreachable: the pub/sub link is down")
+        }
     }
 
     /// Redis holds everything; this node holds nothing to count.
