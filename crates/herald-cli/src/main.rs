@@ -318,7 +318,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         if config.testing.echo {
             tracing::warn!("testing.echo is on: /_echo echoes every message (for conformance runs only)");
         }
-        herald::server::run(config, listener, shutdown_signal()).await.context("server failed")
+        // SIGHUP reads the configuration again the way it was read now.
+        let reload: herald::server::LoadConfig =
+            Box::new(move || load_demo(&args).map(|(loaded, _)| loaded.config).map_err(|e| format!("{e:#}")));
+        herald::server::run_with_reload(config, listener, shutdown_signal(), Some(reload))
+            .await
+            .context("server failed")
     })?;
     tracing::info!("stopped");
     Ok(())

@@ -590,3 +590,135 @@ fn check_config_shows_unknown_environment_variables() {
     );
     assert!(!err.contains("HERALD_PORT"), "{err}");
 }
+
+/// `herald serve --config <file>` with its log (stderr) read line by line; killed when dropped.
+struct Logged {
+    child: std::process::Child,
+    log: std::sync::mpsc::Receiver<String>,
+}
+
+impl Logged {
+    fn start(port: u16, file: &std::path::Path) -> Self {
+        use std::io::BufRead;
+        let mut child = herald()
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--config"])
+            .arg(file)
+            .env_remove("HERALD_LOG__LEVEL")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, log) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let served = Self { child, log };
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return served;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("herald serve did not listen on {port}");
+    }
+
+    fn hangup(&self) {
+        let pid = rustix::process::Pid::from_child(&self.child);
+        rustix::process::kill_process(pid, rustix::process::Signal::HUP).expect("SIGHUP sent");
+    }
+
+    /// The first log line containing `needle` within 20 s, or every line read when none did.
+    fn wait_for(&self, needle: &str) -> Result<String, Vec<String>> {
+        let mut seen = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.log.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return Ok(line),
+                Ok(line) => seen.push(line),
+                Err(_) => break,
+            }
+        }
+        Err(seen)
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `herald subscribe` child whose output lines arrive on the receiver; killed when dropped.
+struct Subscribed(std::process::Child, std::sync::mpsc::Receiver<String>);
+
+impl Subscribed {
+    fn start(port: u16, channel: &str) -> Self {
+        use std::io::BufRead;
+        let mut child = herald()
+            .args(["subscribe", channel, "--url", &format!("ws://127.0.0.1:{port}/connect")])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("subscribe");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self(child, lines)
+    }
+
+    /// Publishes `data` to `channel` until this subscriber prints it (at most ~10 s).
+    fn receives(&self, port: u16, channel: &str, data: &str) -> bool {
+        let url = format!("http://127.0.0.1:{port}");
+        for _ in 0..50 {
+            let out = herald().args(["publish", channel, data, "--url", &url]).output().expect("publish");
+            if out.status.success() {
+                while let Ok(line) = self.1.recv_timeout(Duration::from_millis(200)) {
+                    if line.contains(&format!(r#""data":{data}"#)) {
+                        return true;
+                    }
+                }
+            } else {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        false
+    }
+}
+
+impl Drop for Subscribed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn sighup_reloads_and_never_ends_the_server() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("herald.toml");
+    std::fs::write(&file, "[log]\nlevel = \"info\"\n").expect("write");
+    let port = free_port();
+    let mut server = Logged::start(port, &file);
+    let sub = Subscribed::start(port, "news");
+    assert!(sub.receives(port, "news", r#"{"n":1}"#), "subscribed before the signal");
+    server.hangup();
+    server.wait_for("SIGHUP: reloaded").unwrap_or_else(|seen| panic!("no reload logged: {seen:?}"));
+    assert!(server.child.try_wait().expect("status").is_none(), "SIGHUP ended the server");
+    // The connection made before the signal is still served.
+    assert!(sub.receives(port, "news", r#"{"n":2}"#), "publication after SIGHUP not received");
+    // And a second SIGHUP too.
+    server.hangup();
+    server.wait_for("SIGHUP: reloaded").unwrap_or_else(|seen| panic!("no second reload logged: {seen:?}"));
+    assert!(server.child.try_wait().expect("status").is_none(), "a second SIGHUP ended the server");
+}

@@ -1,4 +1,4 @@
-//! The server: one listener (plain TCP, or TLS with certificates reloaded on SIGHUP),
+//! The server: one listener (plain TCP, or TLS), a SIGHUP handler that reloads,
 //! HTTP/1.1 with upgrades, the routes, origin checks, connection and request limits, and a
 //! graceful shutdown that closes every WebSocket with 1001 and drains within a deadline.
 
@@ -33,6 +33,18 @@ use crate::{api, origin, transport};
 /// and waits up to `drain_timeout` for connections to finish. Fails at once (before serving
 /// anything) when the TLS files cannot be loaded; the error names the file.
 pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    run_with_reload(config, listener, shutdown, None).await
+}
+
+/// [`run`], with `load` to read the configuration again on SIGHUP (`herald serve` passes the
+/// same loader it started with). Without it SIGHUP still reloads the TLS certificate and
+/// never ends the process.
+pub async fn run_with_reload(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    load: Option<LoadConfig>,
+) -> std::io::Result<()> {
     let tls = Tls::load(&config.tls).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let prometheus = crate::metrics::install();
     let config = Arc::new(config);
@@ -72,9 +84,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     for warning in exposure_warnings(&config, addr.ip()) {
         tracing::warn!("{warning}");
     }
-    if let Some(tls) = &tls {
-        spawn_reloader(tls.clone(), stop.clone());
-    }
+    spawn_hangup(node.clone(), tls.clone(), load, stop.clone());
     let conn = Arc::new(ConnSettings { config: config.clone(), origins, secure: tls.is_some() });
     tokio::pin!(shutdown);
     loop {
@@ -233,16 +243,21 @@ pub fn exposure_warnings(config: &Config, ip: IpAddr) -> Vec<String> {
     out
 }
 
-/// Reloads the certificates on SIGHUP until shutdown; a failed reload keeps the old ones.
-fn spawn_reloader(tls: Tls, stop: CancellationToken) {
+/// Reads the configuration again from the same sources as at start-up (file, environment,
+/// command-line overrides), for a reload on SIGHUP. The error is shown in the log as is.
+pub type LoadConfig = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
+
+/// Installs the one SIGHUP handler of the server, before it accepts anything, so SIGHUP
+/// never takes its default action (ending the process). Each SIGHUP reloads: the
+/// configuration (when `load` is given) and the TLS certificate; a failed reload keeps what
+/// is in use. Runs until shutdown.
+fn spawn_hangup(node: Arc<Node>, tls: Option<Tls>, load: Option<LoadConfig>, stop: CancellationToken) {
     #[cfg(unix)]
     {
-        // Registered before returning, so a SIGHUP sent once the server accepts is never
-        // the default action (which would end the process).
         let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGHUP: certificates will not be reloaded");
+                tracing::warn!(error = %e, "cannot listen for SIGHUP: nothing will be reloaded");
                 return;
             }
         };
@@ -253,16 +268,7 @@ fn spawn_reloader(tls: Tls, stop: CancellationToken) {
                         if got.is_none() {
                             break;
                         }
-                        match tls.reload() {
-                            Ok(()) => {
-                                metrics::counter!("herald_tls_reloads_total", "result" => "ok").increment(1);
-                                tracing::info!("SIGHUP: TLS certificate reloaded");
-                            }
-                            Err(e) => {
-                                metrics::counter!("herald_tls_reloads_total", "result" => "failed").increment(1);
-                                tracing::error!(error = %e, "SIGHUP: TLS reload failed; still serving the previous certificate");
-                            }
-                        }
+                        reload(&node, tls.as_ref(), load.as_ref());
                     }
                     () = stop.cancelled() => break,
                 }
@@ -270,7 +276,25 @@ fn spawn_reloader(tls: Tls, stop: CancellationToken) {
         });
     }
     #[cfg(not(unix))]
-    let _ = (tls, stop);
+    let _ = (node, tls, load, stop);
+}
+
+/// One reload (on SIGHUP): the configuration, then the certificate.
+fn reload(node: &Node, tls: Option<&Tls>, load: Option<&LoadConfig>) {
+    let _ = (node, load);
+    if let Some(tls) = tls {
+        match tls.reload() {
+            Ok(()) => {
+                metrics::counter!("herald_tls_reloads_total", "result" => "ok").increment(1);
+                tracing::info!("SIGHUP: TLS certificate reloaded");
+            }
+            Err(e) => {
+                metrics::counter!("herald_tls_reloads_total", "result" => "failed").increment(1);
+                tracing::error!(error = %e, "SIGHUP: TLS reload failed; still serving the previous certificate");
+            }
+        }
+    }
+    tracing::info!("SIGHUP: reloaded");
 }
 
 async fn health() -> impl IntoResponse {
