@@ -28,7 +28,7 @@ enum Command {
     /// Run the server (the default when no command is given).
     Serve(ServeArgs),
     /// Print the effective configuration and where each value came from; fail on a bad one.
-    CheckConfig(ServeArgs),
+    CheckConfig(CheckArgs),
     /// Print the version.
     Version,
     /// Write a starter configuration with a freshly generated API key and token secret to
@@ -71,6 +71,19 @@ struct TokenArgs {
     channel: Option<String>,
     #[command(flatten)]
     config: ServeArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// Also ask the Herald running at URL (its HTTP address) what reloading it with this
+    /// configuration (SIGHUP) would change; nothing is applied.
+    #[arg(long, value_name = "URL")]
+    url: Option<String>,
+    /// The running server's API key, for --url (default: the `api.key` of this configuration).
+    #[arg(long, value_name = "KEY", env = "HERALD_API__KEY", hide_env_values = true)]
+    api_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -127,7 +140,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => serve(cli.serve),
         Some(Command::Serve(args)) => serve(merge(cli.serve, args)),
-        Some(Command::CheckConfig(args)) => check_config(merge(cli.serve, args)),
+        Some(Command::CheckConfig(args)) => {
+            check_config(merge(cli.serve, args.serve), args.url.as_deref(), args.api_key)
+        }
         Some(Command::Version) => {
             println!("herald {}", herald::VERSION);
             Ok(())
@@ -272,7 +287,7 @@ fn genconfig(args: &GenconfigArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn check_config(args: ServeArgs) -> anyhow::Result<()> {
+fn check_config(args: ServeArgs, url: Option<&str>, api_key: Option<String>) -> anyhow::Result<()> {
     let loaded = load(&args)?;
     print!("{}", loaded.explain());
     let config = &loaded.config;
@@ -287,13 +302,67 @@ fn check_config(args: ServeArgs) -> anyhow::Result<()> {
     for w in warnings {
         eprintln!("warning: {w}");
     }
+    if let Some(url) = url {
+        let key = api_key.or_else(|| {
+            let api = &config.api;
+            std::iter::once(&api.key).chain(&api.keys).find(|k| !k.is_empty()).map(|k| k.expose().to_owned())
+        });
+        print_reload_check(url, key.as_deref(), config)?;
+    }
+    Ok(())
+}
+
+/// Asks a running Herald (`POST /api/config_check`) what a reload with `config` would
+/// change, and prints it.
+fn print_reload_check(url: &str, key: Option<&str>, config: &herald::Config) -> anyhow::Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Change {
+        key: String,
+        from: String,
+        to: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Report {
+        changed: Vec<Change>,
+        restart_only: Vec<Change>,
+    }
+    let endpoint = format!("{}/api/config_check", url.trim_end_matches('/'));
+    let agent: ureq::Agent =
+        ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(PUBLISH_TIMEOUT)).build().into();
+    let mut request = agent.post(&endpoint);
+    if let Some(key) = key {
+        request = request.header("Authorization", format!("apikey {key}"));
+    }
+    let mut response = request.send_json(config).with_context(|| format!("cannot reach {endpoint}"))?;
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().context("reading the answer")?;
+    if status != 200 {
+        anyhow::bail!("{endpoint} answered HTTP {status}: {text}");
+    }
+    let report: Report = serde_json::from_str(&text).with_context(|| format!("unexpected answer: {text}"))?;
+    println!();
+    if report.changed.is_empty() && report.restart_only.is_empty() {
+        println!("# a reload of {url} would change nothing");
+    }
+    if !report.changed.is_empty() {
+        println!("# a reload of {url} (SIGHUP) would apply:");
+        for c in &report.changed {
+            println!("#   {}: {} -> {}", c.key, c.from, c.to);
+        }
+    }
+    if !report.restart_only.is_empty() {
+        println!("# changed, but only a restart applies it (a reload keeps the running value):");
+        for c in &report.restart_only {
+            println!("#   {}: {} -> {}", c.key, c.from, c.to);
+        }
+    }
     Ok(())
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (loaded, generated_secret) = load_demo(&args)?;
     let config = loaded.config;
-    init_logging(&config.log.level, config.log.format)?;
+    let log_filter = init_logging(&config.log.level, config.log.format)?;
     for w in &loaded.warnings {
         tracing::warn!("{w}");
     }
@@ -318,9 +387,31 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         if config.testing.echo {
             tracing::warn!("testing.echo is on: /_echo echoes every message (for conformance runs only)");
         }
-        // SIGHUP reads the configuration again the way it was read now.
-        let reload: herald::server::LoadConfig =
-            Box::new(move || load_demo(&args).map(|(loaded, _)| loaded.config).map_err(|e| format!("{e:#}")));
+        // SIGHUP reads the configuration again the way it was read now. A token secret
+        // `--demo` generated is kept: tokens minted before the reload stay valid.
+        let demo_secret = generated_secret.then(|| config.auth.secret.clone());
+        let load = move || {
+            let (mut loaded, generated) = load_demo(&args).map_err(|e| format!("{e:#}"))?;
+            if let (true, Some(secret)) = (generated, &demo_secret) {
+                loaded.config.auth.secret = secret.clone();
+            }
+            for w in &loaded.warnings {
+                tracing::warn!("{w}");
+            }
+            Ok(loaded.config)
+        };
+        let applied = move |config: &herald::Config| {
+            let Some(handle) = &log_filter else { return };
+            match tracing_subscriber::EnvFilter::try_new(&config.log.level) {
+                Ok(filter) => {
+                    if let Err(e) = handle.reload(filter) {
+                        tracing::warn!(error = %e, "log.level not changed");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "log.level not changed"),
+            }
+        };
+        let reload = herald::server::Reload { load: Box::new(load), applied: Box::new(applied) };
         herald::server::run_with_reload(config, listener, shutdown_signal(), Some(reload))
             .await
             .context("server failed")
@@ -491,22 +582,28 @@ fn print_publication(out: &mut impl Write, channel: &str, p: &Publication) -> io
     out.flush()
 }
 
-fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
+/// Changes the log filter of a running `herald serve` (on reload); `None` when `RUST_LOG`
+/// set it, which then stays.
+type LogFilter =
+    Option<tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>>;
+
+fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<LogFilter> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::EnvFilter;
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(v) if !v.is_empty() => EnvFilter::try_new(v).context("invalid RUST_LOG")?,
-        _ => EnvFilter::try_new(level).context("invalid log.level")?,
+    let (filter, from_env) = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => (EnvFilter::try_new(v).context("invalid RUST_LOG")?, true),
+        _ => (EnvFilter::try_new(level).context("invalid log.level")?, false),
     };
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     use std::io::IsTerminal as _;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(fmt).init(),
+        LogFormat::Json => registry.with(fmt.json()).init(),
     }
-    Ok(())
+    Ok((!from_env).then_some(handle))
 }
 
 /// Every connection is a file descriptor: lift the soft limit to the hard one.

@@ -679,9 +679,19 @@ impl Subscribed {
 
     /// Publishes `data` to `channel` until this subscriber prints it (at most ~10 s).
     fn receives(&self, port: u16, channel: &str, data: &str) -> bool {
+        self.receives_with_key(port, channel, data, "")
+    }
+
+    /// [`Self::receives`], publishing with API key `key` (none when empty).
+    fn receives_with_key(&self, port: u16, channel: &str, data: &str, key: &str) -> bool {
         let url = format!("http://127.0.0.1:{port}");
         for _ in 0..50 {
-            let out = herald().args(["publish", channel, data, "--url", &url]).output().expect("publish");
+            let mut publish = herald();
+            publish.args(["publish", channel, data, "--url", &url]).env_remove("HERALD_API__KEY");
+            if !key.is_empty() {
+                publish.args(["--api-key", key]);
+            }
+            let out = publish.output().expect("publish");
             if out.status.success() {
                 while let Ok(line) = self.1.recv_timeout(Duration::from_millis(200)) {
                     if line.contains(&format!(r#""data":{data}"#)) {
@@ -713,12 +723,134 @@ fn sighup_reloads_and_never_ends_the_server() {
     let sub = Subscribed::start(port, "news");
     assert!(sub.receives(port, "news", r#"{"n":1}"#), "subscribed before the signal");
     server.hangup();
-    server.wait_for("SIGHUP: reloaded").unwrap_or_else(|seen| panic!("no reload logged: {seen:?}"));
+    server.wait_for("SIGHUP: configuration reloaded").unwrap_or_else(|seen| panic!("no reload logged: {seen:?}"));
     assert!(server.child.try_wait().expect("status").is_none(), "SIGHUP ended the server");
     // The connection made before the signal is still served.
     assert!(sub.receives(port, "news", r#"{"n":2}"#), "publication after SIGHUP not received");
     // And a second SIGHUP too.
     server.hangup();
-    server.wait_for("SIGHUP: reloaded").unwrap_or_else(|seen| panic!("no second reload logged: {seen:?}"));
+    server
+        .wait_for("SIGHUP: configuration reloaded")
+        .unwrap_or_else(|seen| panic!("no second reload logged: {seen:?}"));
     assert!(server.child.try_wait().expect("status").is_none(), "a second SIGHUP ended the server");
+}
+
+/// A native-protocol client over a plain blocking socket: connects, subscribes to
+/// `channel`, and reads what the server pushes.
+struct Native(tokio_tungstenite::tungstenite::WebSocket<std::net::TcpStream>);
+
+impl Native {
+    fn subscribe(port: u16, channel: &str) -> Self {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+        let stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        let mut request = format!("ws://127.0.0.1:{port}/connect").into_client_request().expect("request");
+        request.headers_mut().insert("Sec-WebSocket-Protocol", "herald.v1".parse().expect("header"));
+        let (socket, _) = tokio_tungstenite::tungstenite::client(request, stream).expect("handshake");
+        let mut native = Self(socket);
+        native.send(r#"{"id":1,"connect":{}}"#);
+        assert!(native.next().get("connect").is_some());
+        native.send(&format!(r#"{{"id":2,"subscribe":{{"channel":"{channel}"}}}}"#));
+        let reply = native.next();
+        assert!(reply.get("subscribe").is_some(), "{reply}");
+        native
+    }
+
+    fn send(&mut self, text: &str) {
+        self.0.send(tokio_tungstenite::tungstenite::Message::text(text)).expect("send");
+    }
+
+    /// The next JSON frame (pings, `{}`, are skipped).
+    fn next(&mut self) -> serde_json::Value {
+        loop {
+            match self.0.read().expect("a frame within 20 s") {
+                tokio_tungstenite::tungstenite::Message::Text(t) if t.as_str() != "{}" => {
+                    return serde_json::from_str(t.as_str()).expect("JSON");
+                }
+                tokio_tungstenite::tungstenite::Message::Close(c) => panic!("closed: {c:?}"),
+                _ => {}
+            }
+        }
+    }
+}
+
+fn metrics_text(port: u16) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read");
+    text
+}
+
+#[test]
+fn sighup_applies_an_edited_configuration_and_keeps_every_connection() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("herald.toml");
+    let base = "[log]\nlevel = \"info\"\n\n[channels.namespaces.room]\nsubscribe = \"anonymous\"\n";
+    std::fs::write(&file, base).expect("write");
+    let port = free_port();
+    let server = Logged::start(port, &file);
+    let url = format!("http://127.0.0.1:{port}");
+    let publish = |channel: &str, key: Option<&str>| {
+        let mut cmd = herald();
+        cmd.args(["publish", channel, r#"{"n":1}"#, "--url", &url]).env_remove("HERALD_API__KEY");
+        if let Some(key) = key {
+            cmd.args(["--api-key", key]);
+        }
+        cmd.output().expect("publish")
+    };
+    let news = Subscribed::start(port, "news");
+    assert!(news.receives(port, "news", r#"{"n":1}"#), "subscribed before the reload");
+    let mut room = Native::subscribe(port, "room:a");
+    let out = publish("chat:x", None);
+    assert!(!out.status.success(), "no namespace chat yet");
+
+    // Add a namespace, require an API key, drop `room`, and ask for JSON logs.
+    let edited = "[log]\nlevel = \"info\"\nformat = \"json\"\n\n[api]\nkey = \"a-reloaded-api-key-0123456789\"\n\n\
+                  [channels.namespaces.chat]\nsubscribe = \"anonymous\"\n";
+    std::fs::write(&file, edited).expect("edit");
+    let check = herald()
+        .args(["check-config", "--config"])
+        .arg(&file)
+        .args(["--url", &url, "--api-key", ""])
+        .env_remove("HERALD_API__KEY")
+        .output()
+        .expect("check-config");
+    let shown = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{shown}{}", String::from_utf8_lossy(&check.stderr));
+    assert!(shown.contains("would apply:") && shown.contains("#   api.key: \"\" -> \"<redacted>\""), "{shown}");
+    assert!(shown.contains("#   channels.namespaces.chat: (unset) -> (a table)"), "{shown}");
+    assert!(shown.contains("#   channels.namespaces.room: (a table) -> (unset)"), "{shown}");
+    assert!(shown.contains("only a restart") && shown.contains("#   log.format: \"text\" -> \"json\""), "{shown}");
+    assert!(!shown.contains("a-reloaded-api-key"), "{shown}");
+
+    server.hangup();
+    let seen = server.wait_for("log.format changed but takes effect only after a restart");
+    assert!(seen.is_ok(), "the restart-only setting is named first: {seen:?}");
+    let line = server.wait_for("SIGHUP: configuration reloaded").unwrap_or_else(|seen| panic!("{seen:?}"));
+    assert!(line.contains("api.key") && line.contains("channels.namespaces.chat"), "{line}");
+    assert!(!line.contains("a-reloaded-api-key"), "{line}");
+
+    // The subscriber of a namespace that no longer exists is told, with code 102.
+    let push = room.next();
+    assert_eq!(push["push"]["channel"], "room:a", "{push}");
+    assert_eq!(push["push"]["unsubscribe"]["code"], 102, "{push}");
+    assert!(push["push"]["unsubscribe"]["reason"].as_str().unwrap_or("").contains("configuration reloaded"), "{push}");
+
+    // The new rules are in force, on the same port, and `news` kept its connection.
+    assert!(!publish("chat:x", None).status.success(), "the API now needs the key");
+    let out = publish("chat:x", Some("a-reloaded-api-key-0123456789"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(news.receives_with_key(port, "news", r#"{"n":2}"#, "a-reloaded-api-key-0123456789"));
+
+    // A broken file keeps the running configuration and says why.
+    std::fs::write(&file, "[api\nkey = 1").expect("break");
+    server.hangup();
+    let line = server.wait_for("configuration not reloaded").unwrap_or_else(|seen| panic!("{seen:?}"));
+    assert!(line.contains("still running the previous one"), "{line}");
+    assert!(news.receives_with_key(port, "news", r#"{"n":3}"#, "a-reloaded-api-key-0123456789"));
+    let metrics = metrics_text(port);
+    assert!(metrics.contains("herald_config_reloads_total{result=\"ok\"} 1"), "{metrics}");
+    assert!(metrics.contains("herald_config_reloads_total{result=\"failed\"} 1"), "{metrics}");
+    drop(server);
 }

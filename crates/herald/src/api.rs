@@ -22,8 +22,22 @@ use crate::http_error::ApiError;
 use crate::node::{Control, Node};
 use crate::origin::RequestOrigin;
 
-const METHODS: &[&str] =
-    &["publish", "broadcast", "channels", "info", "history", "presence", "presence_stats", "disconnect", "unsubscribe"];
+const METHODS: &[&str] = &[
+    "publish",
+    "broadcast",
+    "channels",
+    "info",
+    "history",
+    "presence",
+    "presence_stats",
+    "disconnect",
+    "unsubscribe",
+    "config_check",
+];
+
+/// Headers a reverse proxy adds: a request carrying one came through a proxy, so its
+/// loopback address says nothing about who sent it.
+const FORWARDING_HEADERS: &[&str] = &["forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip", "via"];
 
 /// Most channels one broadcast may name.
 const MAX_BROADCAST_CHANNELS: usize = 1000;
@@ -70,6 +84,7 @@ async fn handle(
         "presence_stats" => Json(presence(node, parse(&body)?, true).await?).into_response(),
         "disconnect" => Json(disconnect(node, parse(&body)?)?).into_response(),
         "unsubscribe" => Json(unsubscribe(node, parse(&body)?)?).into_response(),
+        "config_check" => Json(config_check(node, &body)?).into_response(),
         _ => Json(info(node)).into_response(),
     })
 }
@@ -80,13 +95,23 @@ pub(crate) fn authorize(
     origin: RequestOrigin,
     headers: &HeaderMap,
 ) -> Result<(), ApiError> {
-    let api = &node.config.api;
+    let api = &node.config().api;
     if !api.has_key() {
         if origin == RequestOrigin::Cross {
             // A page on another origin could otherwise post to a loopback Herald (CSRF).
             return Err(ApiError::new(
                 ErrorCode::Unauthorized,
                 "no API key is configured: the API does not answer browser requests from other origins",
+            ));
+        }
+        if let Some(h) = FORWARDING_HEADERS.iter().find(|h| headers.contains_key(**h)) {
+            // Behind a proxy on the same machine every client would look like loopback.
+            return Err(ApiError::new(
+                ErrorCode::Unauthorized,
+                format!(
+                    "no API key is configured: the API does not answer requests that came through a proxy \
+                     (`{h}` header); set api.key"
+                ),
             ));
         }
         return if peer.ip().is_loopback() || peer.ip().to_canonical().is_loopback() {
@@ -133,7 +158,7 @@ fn key_matches(api: &crate::config::ApiConfig, given: &str) -> bool {
 /// The request body, bounded in size (a declared `Content-Length` over the limit is refused
 /// before anything is read) and in time (`api.body_timeout`).
 pub(crate) async fn read_body(node: &Node, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
-    let limit = node.config.api.max_body_size;
+    let limit = node.config().api.max_body_size;
     let too_large = || {
         metrics::counter!("herald_http_refused_total", "reason" => "body_too_large").increment(1);
         ApiError::new(ErrorCode::TooLarge, format!("request body is larger than {limit} bytes (api.max_body_size)"))
@@ -142,7 +167,7 @@ pub(crate) async fn read_body(node: &Node, headers: &HeaderMap, body: Body) -> R
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    let timeout = node.config.api.body_timeout;
+    let timeout = node.config().api.body_timeout;
     match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
         Ok(Ok(b)) => Ok(b),
         Ok(Err(_)) => Err(too_large()),
@@ -171,8 +196,19 @@ fn parse_or_default<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, Ap
     }
 }
 
-fn channel<'a>(node: &'a Node, name: &str) -> Result<(ChannelName, &'a NamespaceOptions), ApiError> {
-    node.config.channels.resolve(name).map_err(|e| ApiError::new(ErrorCode::InvalidChannel, format!("`{name}`: {e}")))
+fn channel<'a>(config: &'a crate::config::Config, name: &str) -> Result<(ChannelName, &'a NamespaceOptions), ApiError> {
+    config.channels.resolve(name).map_err(|e| ApiError::new(ErrorCode::InvalidChannel, format!("`{name}`: {e}")))
+}
+
+/// `config_check`: what reloading this node with the configuration in the body (as
+/// `herald check-config --url` sends it: the loaded configuration as JSON) would change. The
+/// same comparison a reload makes; nothing is applied. Secrets are shown as `"<redacted>"`.
+fn config_check(node: &Node, body: &[u8]) -> Result<crate::reload::Report, ApiError> {
+    let candidate: crate::config::Config = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not a Herald configuration: {e}")))?;
+    crate::reload::plan(&node.config(), candidate)
+        .map(|(_, report)| report)
+        .map_err(|e| ApiError::bad_request(format!("the configuration is not valid: {e}")))
 }
 
 fn engine_error(e: EngineError) -> ApiError {
@@ -181,7 +217,7 @@ fn engine_error(e: EngineError) -> ApiError {
 }
 
 fn check_size(node: &Node, data: &RawValue) -> Result<Bytes, ApiError> {
-    crate::rules::check_publication_size(&node.config.channels, data.get().len())
+    crate::rules::check_publication_size(&node.config().channels, data.get().len())
         .map_err(|(code, message)| ApiError::new(code, message))?;
     Ok(Bytes::copy_from_slice(data.get().as_bytes()))
 }
@@ -194,7 +230,8 @@ struct PublishBody {
 }
 
 async fn publish(node: &Node, body: PublishBody) -> Result<PublishResult, ApiError> {
-    let (channel, ns) = channel(node, &body.channel)?;
+    let config = node.config();
+    let (channel, ns) = channel(&config, &body.channel)?;
     let data = check_size(node, &body.data)?;
     let p = node.publish(&channel, ns, Publish::data(data)).await.map_err(engine_error)?;
     Ok(PublishResult { epoch: p.epoch.to_string(), offset: p.offset })
@@ -220,11 +257,12 @@ struct ChannelResult {
 }
 
 async fn broadcast(node: &Node, body: BroadcastBody) -> Result<BroadcastResult, ApiError> {
+    let config = node.config();
     if body.channels.is_empty() || body.channels.len() > MAX_BROADCAST_CHANNELS {
         return Err(ApiError::bad_request(format!("`channels` must name 1 to {MAX_BROADCAST_CHANNELS} channels")));
     }
     // Validate everything before publishing anything: a bad request changes nothing.
-    let channels = body.channels.iter().map(|c| channel(node, c)).collect::<Result<Vec<_>, _>>()?;
+    let channels = body.channels.iter().map(|c| channel(&config, c)).collect::<Result<Vec<_>, _>>()?;
     let data = check_size(node, &body.data)?;
     let mut results = Vec::with_capacity(channels.len());
     for (c, ns) in channels {
@@ -280,7 +318,8 @@ struct HistoryBody {
 }
 
 async fn history(node: &Node, body: HistoryBody) -> Result<herald_protocol::HistoryResult, ApiError> {
-    let (channel, ns) = channel(node, &body.channel)?;
+    let config = node.config();
+    let (channel, ns) = channel(&config, &body.channel)?;
     if ns.history_size == 0 {
         return Err(ApiError::new(ErrorCode::NotAvailable, "this namespace keeps no history"));
     }
@@ -309,7 +348,8 @@ struct ChannelBody {
 }
 
 async fn presence(node: &Node, body: ChannelBody, stats: bool) -> Result<serde_json::Value, ApiError> {
-    let (channel, ns) = channel(node, &body.channel)?;
+    let config = node.config();
+    let (channel, ns) = channel(&config, &body.channel)?;
     if !ns.presence {
         return Err(ApiError::new(ErrorCode::NotAvailable, "presence is off in this namespace"));
     }
@@ -362,7 +402,8 @@ struct UnsubscribeBody {
 }
 
 fn unsubscribe(node: &Node, body: UnsubscribeBody) -> Result<CountResult, ApiError> {
-    let (channel, _) = channel(node, &body.channel)?;
+    let config = node.config();
+    let (channel, _) = channel(&config, &body.channel)?;
     let connections = node.control_user(&body.user, Control::Unsubscribe { channel: channel.to_string() });
     Ok(CountResult { connections })
 }

@@ -120,8 +120,8 @@ fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Refusal> {
     serde_json::from_slice(body).map_err(|e| (ErrorCode::BadRequest, format!("invalid request body: {e}")))
 }
 
-fn resolve<'a>(node: &'a Node, name: &str) -> Result<(ChannelName, &'a NamespaceOptions), Refusal> {
-    node.config.channels.resolve(name).map_err(|e| (ErrorCode::InvalidChannel, format!("`{name}`: {e}")))
+fn resolve<'a>(config: &'a crate::config::Config, name: &str) -> Result<(ChannelName, &'a NamespaceOptions), Refusal> {
+    config.channels.resolve(name).map_err(|e| (ErrorCode::InvalidChannel, format!("`{name}`: {e}")))
 }
 
 #[derive(Deserialize)]
@@ -190,8 +190,9 @@ struct ChannelsBody {
 const MAX_BROADCAST_CHANNELS: usize = 1000;
 
 async fn publish(node: &Node, channel: &str, data: &RawValue, tags: &Option<Tags>) -> Result<Value, Refusal> {
-    let (channel, ns) = resolve(node, channel)?;
-    crate::rules::check_publication_size_with_tags(&node.config.channels, data.get().len(), tags.as_ref())?;
+    let config = node.config();
+    let (channel, ns) = resolve(&config, channel)?;
+    crate::rules::check_publication_size_with_tags(&node.config().channels, data.get().len(), tags.as_ref())?;
     let publish = Publish {
         tags: tags.clone().filter(|t| !t.is_empty()).map(Arc::new),
         ..Publish::data(bytes::Bytes::copy_from_slice(data.get().as_bytes()))
@@ -214,6 +215,7 @@ fn unsupported_publish_options(body: &[u8]) -> Result<(), Refusal> {
 }
 
 async fn call(node: &Node, method: &str, body: &[u8]) -> Result<Value, Refusal> {
+    let config = node.config();
     let engine = |e: crate::engine::EngineError| crate::rules::engine_refusal(&e);
     if method == "publish" || method == "broadcast" {
         unsupported_publish_options(body)?;
@@ -230,7 +232,7 @@ async fn call(node: &Node, method: &str, body: &[u8]) -> Result<Value, Refusal> 
                 return Err((ErrorCode::BadRequest, message));
             }
             for c in &b.channels {
-                resolve(node, c)?;
+                resolve(&config, c)?;
             }
             let mut responses = Vec::with_capacity(b.channels.len());
             for c in &b.channels {
@@ -245,7 +247,7 @@ async fn call(node: &Node, method: &str, body: &[u8]) -> Result<Value, Refusal> 
         }
         "presence" | "presence_stats" => {
             let b: ChannelBody = parse(body)?;
-            let (channel, ns) = resolve(node, &b.channel)?;
+            let (channel, ns) = resolve(&config, &b.channel)?;
             if !ns.presence {
                 return Err((ErrorCode::NotAvailable, "presence is off in this namespace".into()));
             }
@@ -268,7 +270,7 @@ async fn call(node: &Node, method: &str, body: &[u8]) -> Result<Value, Refusal> 
         }
         "history" => {
             let b: HistoryBody = parse(body)?;
-            let (channel, ns) = resolve(node, &b.channel)?;
+            let (channel, ns) = resolve(&config, &b.channel)?;
             if ns.history_size == 0 {
                 return Err((ErrorCode::NotAvailable, "this namespace keeps no history".into()));
             }
@@ -298,7 +300,7 @@ async fn call(node: &Node, method: &str, body: &[u8]) -> Result<Value, Refusal> 
         }
         "unsubscribe" => {
             let b: UserBody = parse(body)?;
-            let (channel, _) = resolve(node, &b.channel)?;
+            let (channel, _) = resolve(&config, &b.channel)?;
             node.control_user(&b.user, Control::Unsubscribe { channel: channel.to_string() });
             Ok(json!({}))
         }

@@ -14,6 +14,11 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// What went wrong, as the client is told.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         let status = StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         Self { status, code, message: message.into() }

@@ -8,7 +8,9 @@
 //! - `engine`: where publications, history and presence live (`MemoryEngine`, `RedisEngine`; trait +
 //!   conformance suite).
 //! - `hub`: channel → subscribers; encode once, fan out, cut off slow consumers.
-//! - `node`: this node's shared state (config, hub, counters).
+//! - `node`: this node's shared state (config, hub, counters); `Node::reload` applies a new
+//!   configuration live.
+//! - `reload`: what a reload changes, key by key, and what only a restart changes.
 //! - `rules`: what every door shares: permission checks, the publication size limit, the code an
 //!   engine failure gets.
 //! - `limits`: per-connection rate limits (token buckets, refusals that end in a close).
@@ -43,6 +45,7 @@ pub mod metrics;
 pub mod node;
 pub mod origin;
 pub mod pusher;
+pub mod reload;
 pub mod rules;
 pub mod secret;
 pub mod server;

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use herald_protocol::ClientInfo;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -19,21 +20,33 @@ use crate::hub::{ChannelEvent, Flow, Hub, SubscribeError, Subscriber};
 use crate::ws::{self, WsContext};
 
 /// Shared state of one node.
+///
+/// What a reload (SIGHUP) can change is behind [`ArcSwap`]s: the configuration and what is
+/// built from it (token verifier, webhooks, origin policy, WebSocket settings). Readers take a
+/// snapshot (`node.config()`) and use it to the end of what they are doing; [`Node::reload`]
+/// swaps them all and tells every session ([`Node::reloads`]) to re-check its subscriptions.
 #[derive(Debug)]
 pub struct Node {
-    pub config: Arc<Config>,
+    config: ArcSwap<Config>,
     pub hub: Arc<Hub>,
     pub engine: Arc<dyn Engine>,
     pub ws: WsContext,
     /// `[websocket]` settings for client connections.
-    pub ws_settings: Arc<ws::Settings>,
+    ws_settings: ArcSwap<ws::Settings>,
     /// Large limits for the Autobahn echo endpoint.
     pub echo_settings: Arc<ws::Settings>,
     pub(crate) prometheus: Option<PrometheusHandle>,
     /// Verifies connection and subscription tokens; `None` when no key is configured.
-    pub verifier: Option<crate::auth::Verifier>,
-    /// Lifecycle webhooks (`[webhooks]`); free when no endpoint is configured.
-    pub webhooks: Arc<crate::webhooks::Webhooks>,
+    verifier: ArcSwapOption<crate::auth::Verifier>,
+    /// Lifecycle webhooks (`[webhooks]`); free when no endpoint is configured. Shared with
+    /// the hub, which tells the current ones about occupied and vacated channels.
+    webhooks: Arc<LiveWebhooks>,
+    /// Which web origins may connect (`http.allowed_origins`).
+    origins: ArcSwap<crate::origin::OriginPolicy>,
+    /// Counts reloads; every session watches it to re-check its subscriptions.
+    reloads: tokio::sync::watch::Sender<u64>,
+    /// One reload at a time.
+    reloading: std::sync::Mutex<()>,
     /// Connected sessions of identified users, for the API's `disconnect` and `unsubscribe`.
     users: std::sync::Mutex<UserSessions>,
     ready: AtomicBool,
@@ -61,6 +74,7 @@ impl Node {
         if let Some(v) = &verifier {
             v.watch();
         }
+        let verifier = ArcSwapOption::from(verifier.map(Arc::new));
         let hub = Arc::new(Hub::new());
         let limits = EngineLimits {
             max_channels: config.limits.max_channels,
@@ -71,20 +85,21 @@ impl Node {
             hub: hub.clone(),
             queue_time: metrics::histogram!("herald_publish_queue_seconds"),
         }));
-        let webhooks = Arc::new(crate::webhooks::Webhooks::new(&config.webhooks));
-        if webhooks.enabled() {
-            hub.set_occupancy(webhooks.clone());
-        }
+        let webhooks = Arc::new(LiveWebhooks(ArcSwap::from_pointee(crate::webhooks::Webhooks::new(&config.webhooks))));
+        hub.set_occupancy(webhooks.clone());
         Self {
-            ws_settings: Arc::new(config.websocket.clone()),
+            ws_settings: ArcSwap::from_pointee(config.websocket.clone()),
             echo_settings,
-            config,
+            origins: ArcSwap::from_pointee(crate::origin::OriginPolicy::new(&config.http.allowed_origins)),
+            config: ArcSwap::new(config),
             hub,
             engine,
             ws,
             prometheus,
             verifier,
             webhooks,
+            reloads: tokio::sync::watch::Sender::new(0),
+            reloading: std::sync::Mutex::new(()),
             users: Default::default(),
             ready: AtomicBool::new(true),
             started: Instant::now(),
@@ -92,6 +107,85 @@ impl Node {
             next_id: AtomicU64::new(1),
             sessions: AtomicUsize::new(0),
         }
+    }
+
+    /// The configuration now: a snapshot, unchanged by a later reload.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// `[websocket]` settings for a new client connection.
+    pub fn ws_settings(&self) -> Arc<ws::Settings> {
+        self.ws_settings.load_full()
+    }
+
+    /// The token verifier now; `None` when no key is configured.
+    pub fn verifier(&self) -> Option<Arc<crate::auth::Verifier>> {
+        self.verifier.load_full()
+    }
+
+    /// The webhooks now.
+    pub fn webhooks(&self) -> Arc<crate::webhooks::Webhooks> {
+        self.webhooks.0.load_full()
+    }
+
+    /// Which web origins may connect, now.
+    pub fn origins(&self) -> Arc<crate::origin::OriginPolicy> {
+        self.origins.load_full()
+    }
+
+    /// Changes each time a reload is applied: a session waits on it to re-check what it holds.
+    pub fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reloads.subscribe()
+    }
+
+    /// Applies `new` (a configuration read again on SIGHUP): what can change live is swapped
+    /// in at once, what cannot ([`crate::reload::RESTART_ONLY`]) keeps its running value and is
+    /// reported. Refused as a whole, with nothing changed, when the result is not valid.
+    /// Sessions then re-check their subscriptions against the new rules.
+    pub fn reload(&self, new: Config) -> Result<crate::reload::Report, String> {
+        let _one = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.config();
+        let (next, report) = crate::reload::plan(&old, new)?;
+        if report.changed.is_empty() {
+            return Ok(report);
+        }
+        let next = Arc::new(next);
+        // Everything that can fail is built before anything is swapped.
+        let verifier = if next.auth == old.auth {
+            None
+        } else {
+            Some(crate::auth::Verifier::new(&next.auth).map_err(|e| e.to_string())?.map(Arc::new))
+        };
+        let webhooks = (next.webhooks != old.webhooks || next.pusher.apps != old.pusher.apps)
+            .then(|| crate::webhooks::Webhooks::new(&next.webhooks));
+        if let Some(Some(v)) = &verifier {
+            v.watch();
+        }
+        self.config.store(next.clone());
+        if next.websocket != old.websocket {
+            self.ws_settings.store(Arc::new(next.websocket.clone()));
+        }
+        if next.http.allowed_origins != old.http.allowed_origins {
+            self.origins.store(Arc::new(crate::origin::OriginPolicy::new(&next.http.allowed_origins)));
+        }
+        if let Some(v) = verifier {
+            self.verifier.store(v);
+        }
+        if let Some(webhooks) = webhooks {
+            let webhooks = Arc::new(webhooks);
+            crate::pusher::name_webhook_channels(&next, &webhooks);
+            webhooks.start();
+            let old = self.webhooks.0.swap(webhooks);
+            // The old endpoints deliver what they hold (within their shutdown timeout).
+            if old.enabled() {
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move { old.shutdown().await });
+                }
+            }
+        }
+        self.reloads.send_modify(|n| *n += 1);
+        Ok(report)
     }
 
     /// An id for a connection (and each of its subscriptions), unique in the cluster: the high
@@ -194,10 +288,11 @@ impl Node {
         entry: PresenceEntry,
         ttl: std::time::Duration,
     ) -> Result<PresenceChange, EngineError> {
-        let user = self.webhooks.enabled().then(|| entry.user.clone());
+        let webhooks = self.webhooks();
+        let user = webhooks.enabled().then(|| entry.user.clone());
         let change = self.engine.presence_add(channel, entry, ttl).await;
         if let (Ok(PresenceChange::UserJoined), Some(user)) = (&change, user) {
-            self.webhooks.member_added(channel, &user);
+            webhooks.member_added(channel, &user);
         }
         change
     }
@@ -211,7 +306,7 @@ impl Node {
     ) -> Result<(PresenceChange, Option<PresenceEntry>), EngineError> {
         let change = self.engine.presence_remove(channel, client).await;
         if let Ok((PresenceChange::UserLeft, Some(entry))) = &change {
-            self.webhooks.member_removed(channel, &entry.user);
+            self.webhooks().member_removed(channel, &entry.user);
         }
         change
     }
@@ -220,13 +315,14 @@ impl Node {
     /// died), on the channels this node has subscribers of. Called by the sweeper.
     pub async fn expire_presence(&self) {
         // Only a shared engine keeps presence that outlives its sessions' node.
-        let shared = self.config.engine.kind != crate::config::EngineKind::Memory;
-        let namespaces = &self.config.channels;
+        let config = self.config();
+        let shared = config.engine.kind != crate::config::EngineKind::Memory;
+        let namespaces = &config.channels;
         if !shared || !(namespaces.default.presence || namespaces.namespaces.values().any(|ns| ns.presence)) {
             return;
         }
         for (channel, _) in self.hub.channels(|_| true) {
-            let Ok((_, ns)) = self.config.channels.resolve(&channel) else { continue };
+            let Ok((_, ns)) = namespaces.resolve(&channel) else { continue };
             if !ns.presence {
                 continue;
             }
@@ -237,8 +333,9 @@ impl Node {
                     continue;
                 }
             };
+            let webhooks = self.webhooks();
             for entry in &left {
-                self.webhooks.member_removed(&channel, &entry.user);
+                webhooks.member_removed(&channel, &entry.user);
             }
             if !ns.join_leave {
                 continue;
@@ -290,8 +387,9 @@ impl Node {
         metrics::gauge!("herald_stored_channels").set(stats.channels as f64);
         metrics::gauge!("herald_history_bytes").set(stats.history_bytes as f64);
         metrics::gauge!("herald_subscriptions").set(self.hub.subscription_count() as f64);
-        if self.webhooks.enabled() {
-            metrics::gauge!("herald_webhook_queue").set(self.webhooks.queued() as f64);
+        let webhooks = self.webhooks();
+        if webhooks.enabled() {
+            metrics::gauge!("herald_webhook_queue").set(webhooks.queued() as f64);
         }
     }
 
@@ -321,6 +419,26 @@ impl Node {
     pub(crate) fn session_guard(self: &Arc<Self>) -> SessionCount {
         self.sessions.fetch_add(1, Ordering::Relaxed);
         SessionCount(self.clone())
+    }
+}
+
+/// The node's current webhooks, as the hub's occupancy listener: a reload swaps them.
+#[derive(Debug)]
+struct LiveWebhooks(ArcSwap<crate::webhooks::Webhooks>);
+
+impl crate::hub::Occupancy for LiveWebhooks {
+    fn occupied(&self, channel: &str) {
+        let w = self.0.load();
+        if w.enabled() {
+            w.channel_occupied(channel);
+        }
+    }
+
+    fn vacated(&self, channel: &str) {
+        let w = self.0.load();
+        if w.enabled() {
+            w.channel_vacated(channel);
+        }
     }
 }
 

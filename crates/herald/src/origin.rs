@@ -145,7 +145,8 @@ fn same_origin(origin: &str, headers: &HeaderMap, secure: bool) -> bool {
 /// The API's front: answers CORS preflights, refuses browser requests from origins that are
 /// neither this server nor allowed (403), marks the rest with a [`RequestOrigin`] for the
 /// key check, and adds `Access-Control-Allow-Origin` to cross-origin answers.
-pub async fn api_layer(State(policy): State<Arc<OriginPolicy>>, mut req: Request, next: Next) -> Response {
+pub async fn api_layer(State(node): State<Arc<crate::node::Node>>, mut req: Request, next: Next) -> Response {
+    let policy = node.origins();
     let secure = req.extensions().get::<Secure>().is_some_and(|s| s.0);
     let origin = req.headers().get(header::ORIGIN).cloned();
     let kind = match &origin {

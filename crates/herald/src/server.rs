@@ -36,14 +36,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     run_with_reload(config, listener, shutdown, None).await
 }
 
-/// [`run`], with `load` to read the configuration again on SIGHUP (`herald serve` passes the
-/// same loader it started with). Without it SIGHUP still reloads the TLS certificate and
-/// never ends the process.
+/// [`run`], with `reload` to read the configuration again on SIGHUP and apply it (`herald
+/// serve` passes the same loader it started with). Without it SIGHUP still reloads the TLS
+/// certificate and never ends the process.
 pub async fn run_with_reload(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
-    load: Option<LoadConfig>,
+    reload: Option<Reload>,
 ) -> std::io::Result<()> {
     let tls = Tls::load(&config.tls).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let prometheus = crate::metrics::install();
@@ -52,10 +52,11 @@ pub async fn run_with_reload(
     let tracker = TaskTracker::new();
     let ws = WsContext { shutdown: stop.clone(), tracker: tracker.clone(), metrics: ws::WsMetrics::new() };
     let node = Arc::new(Node::new(config.clone(), ws, prometheus));
-    let origins = Arc::new(OriginPolicy::new(&config.http.allowed_origins));
-    let app = router(node.clone(), origins.clone());
-    crate::pusher::name_webhook_channels(&node);
-    node.webhooks.start();
+    let app = router(node.clone());
+    crate::pusher::name_webhook_channels(&config, &node.webhooks());
+    node.webhooks().start();
+    metrics::counter!("herald_config_reloads_total", "result" => "ok").absolute(0);
+    metrics::counter!("herald_config_reloads_total", "result" => "failed").absolute(0);
     tokio::spawn({
         // Forget idle channels and expired presence, until shutdown.
         let (node, stop, config) = (node.clone(), stop.clone(), config.clone());
@@ -77,21 +78,23 @@ pub async fn run_with_reload(
     if config.demo {
         tokio::spawn(crate::web::run_ticker(node.clone(), stop.clone()));
     }
-    let limits = Arc::new(ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip));
+    let limits = Arc::new(ConnLimits::default());
 
     let addr = listener.local_addr()?;
     tracing::info!(%addr, tls = tls.is_some(), "listening");
     for warning in exposure_warnings(&config, addr.ip()) {
         tracing::warn!("{warning}");
     }
-    spawn_hangup(node.clone(), tls.clone(), load, stop.clone());
-    let conn = Arc::new(ConnSettings { config: config.clone(), origins, secure: tls.is_some() });
+    spawn_hangup(node.clone(), tls.clone(), reload.map(Arc::new), stop.clone());
+    let conn = Arc::new(ConnSettings { node: node.clone(), secure: tls.is_some() });
+    drop(config);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let Some(guard) = limits.admit(peer.ip()) else { continue };
+                    let current = node.config();
+                    let Some(guard) = limits.admit(peer.ip(), &current.limits) else { continue };
                     let _ = stream.set_nodelay(true);
                     let (app, conn, stop) = (app.clone(), conn.clone(), stop.clone());
                     match &tls {
@@ -100,7 +103,7 @@ pub async fn run_with_reload(
                         }
                         Some(tls) => {
                             let acceptor = tls.acceptor().clone();
-                            let timeout = config.websocket.handshake_timeout;
+                            let timeout = current.websocket.handshake_timeout;
                             tracker.spawn(async move {
                                 match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                                     Ok(Ok(stream)) => serve_connection(stream, peer, guard, app, conn, stop).await,
@@ -130,22 +133,23 @@ pub async fn run_with_reload(
     drop(listener);
     node.set_ready(false);
     let open = tracker.len();
-    tracing::info!(connections = open, drain_timeout = ?config.drain_timeout, "shutting down: closing connections");
+    let drain_timeout = node.config().drain_timeout;
+    tracing::info!(connections = open, ?drain_timeout, "shutting down: closing connections");
     stop.cancel();
     tracker.close();
-    if tokio::time::timeout(config.drain_timeout, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(drain_timeout, tracker.wait()).await.is_err() {
         tracing::warn!(left = tracker.len(), "drain timeout reached; dropping remaining connections");
     }
     // After the sessions ended, so their `disconnect` and `member_removed` events go too.
-    node.webhooks.shutdown().await;
+    node.webhooks().shutdown().await;
     Ok(())
 }
 
-fn router(node: Arc<Node>, origins: Arc<OriginPolicy>) -> Router {
+fn router(node: Arc<Node>) -> Router {
     let api = Router::new()
         .route("/api/{method}", any(api::dispatch))
         .route("/centrifugo/api/{method}", any(crate::centrifugo::api))
-        .layer(axum::middleware::from_fn_with_state(origins, origin::api_layer));
+        .layer(axum::middleware::from_fn_with_state(node.clone(), origin::api_layer));
     let mut r = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -157,7 +161,7 @@ fn router(node: Arc<Node>, origins: Arc<OriginPolicy>) -> Router {
         .route("/app/{key}", any(crate::pusher::door::connect))
         .route("/apps/{id}/{*rest}", any(crate::pusher::api::dispatch))
         .merge(api);
-    if node.config.testing.echo {
+    if node.config().testing.echo {
         r = r.route("/_echo", any(echo));
     }
     r.merge(crate::web::routes(&node))
@@ -169,8 +173,7 @@ fn router(node: Arc<Node>, origins: Arc<OriginPolicy>) -> Router {
 /// What every connection's HTTP service needs besides the router.
 #[derive(Debug)]
 struct ConnSettings {
-    config: Arc<Config>,
-    origins: Arc<OriginPolicy>,
+    node: Arc<Node>,
     secure: bool,
 }
 
@@ -186,16 +189,17 @@ async fn serve_connection<I>(
 {
     let accepted_at = Instant::now();
     let guard = Arc::new(guard);
-    let (origins, secure) = (Origins(conn.origins.clone()), Secure(conn.secure));
+    let (node, secure) = (conn.node.clone(), Secure(conn.secure));
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut().insert(AcceptedAt(accepted_at));
         req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
         req.extensions_mut().insert(ws::Held(guard.clone()));
-        req.extensions_mut().insert(origins.clone());
+        // The policy in force when the request arrives (a reload may have changed it).
+        req.extensions_mut().insert(Origins(node.origins()));
         req.extensions_mut().insert(secure);
         app.clone().oneshot(req.map(Body::new))
     });
-    let config = &conn.config;
+    let config = conn.node.config();
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(config.websocket.handshake_timeout)
@@ -243,15 +247,27 @@ pub fn exposure_warnings(config: &Config, ip: IpAddr) -> Vec<String> {
     out
 }
 
-/// Reads the configuration again from the same sources as at start-up (file, environment,
-/// command-line overrides), for a reload on SIGHUP. The error is shown in the log as is.
-pub type LoadConfig = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
+/// How `herald serve` reloads on SIGHUP: read the configuration again from the sources it
+/// started with (file, environment, command-line flags), and what to do once a new one is in
+/// use (set the log filter).
+pub struct Reload {
+    /// Reads and validates the configuration; the error is logged as is.
+    pub load: Box<dyn Fn() -> Result<Config, String> + Send + Sync>,
+    /// Called with the configuration in use after a reload applied changes.
+    pub applied: Box<dyn Fn(&Config) + Send + Sync>,
+}
+
+impl std::fmt::Debug for Reload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reload").finish_non_exhaustive()
+    }
+}
 
 /// Installs the one SIGHUP handler of the server, before it accepts anything, so SIGHUP
 /// never takes its default action (ending the process). Each SIGHUP reloads: the
-/// configuration (when `load` is given) and the TLS certificate; a failed reload keeps what
+/// configuration (when `reload` is given) and the TLS certificate; a failed reload keeps what
 /// is in use. Runs until shutdown.
-fn spawn_hangup(node: Arc<Node>, tls: Option<Tls>, load: Option<LoadConfig>, stop: CancellationToken) {
+fn spawn_hangup(node: Arc<Node>, tls: Option<Tls>, reload: Option<Arc<Reload>>, stop: CancellationToken) {
     #[cfg(unix)]
     {
         let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -268,7 +284,7 @@ fn spawn_hangup(node: Arc<Node>, tls: Option<Tls>, load: Option<LoadConfig>, sto
                         if got.is_none() {
                             break;
                         }
-                        reload(&node, tls.as_ref(), load.as_ref());
+                        on_hangup(&node, tls.as_ref(), reload.as_ref()).await;
                     }
                     () = stop.cancelled() => break,
                 }
@@ -276,12 +292,43 @@ fn spawn_hangup(node: Arc<Node>, tls: Option<Tls>, load: Option<LoadConfig>, sto
         });
     }
     #[cfg(not(unix))]
-    let _ = (node, tls, load, stop);
+    let _ = (node, tls, reload, stop);
 }
 
 /// One reload (on SIGHUP): the configuration, then the certificate.
-fn reload(node: &Node, tls: Option<&Tls>, load: Option<&LoadConfig>) {
-    let _ = (node, load);
+async fn on_hangup(node: &Node, tls: Option<&Tls>, reload: Option<&Arc<Reload>>) {
+    if let Some(reload) = reload {
+        // Reading files is blocking work: off the runtime's workers.
+        let loader = reload.clone();
+        let read = tokio::task::spawn_blocking(move || (loader.load)())
+            .await
+            .unwrap_or_else(|e| Err(format!("the configuration loader failed: {e}")));
+        match read.and_then(|config| node.reload(config)) {
+            Ok(report) => {
+                metrics::counter!("herald_config_reloads_total", "result" => "ok").increment(1);
+                for c in &report.restart_only {
+                    tracing::warn!(
+                        key = %c.key,
+                        running = %c.from,
+                        read = %c.to,
+                        "SIGHUP: {} changed but takes effect only after a restart; keeping the running value",
+                        c.key
+                    );
+                }
+                for c in &report.changed {
+                    tracing::info!(key = %c.key, from = %c.from, to = %c.to, "SIGHUP: applied {}", c.key);
+                }
+                if !report.changed.is_empty() {
+                    (reload.applied)(&node.config());
+                }
+                tracing::info!(changed = report.changed.len(), "SIGHUP: configuration reloaded ({})", report.summary());
+            }
+            Err(e) => {
+                metrics::counter!("herald_config_reloads_total", "result" => "failed").increment(1);
+                tracing::error!("SIGHUP: configuration not reloaded, still running the previous one: {e}");
+            }
+        }
+    }
     if let Some(tls) = tls {
         match tls.reload() {
             Ok(()) => {
@@ -294,7 +341,6 @@ fn reload(node: &Node, tls: Option<&Tls>, load: Option<&LoadConfig>) {
             }
         }
     }
-    tracing::info!("SIGHUP: reloaded");
 }
 
 async fn health() -> impl IntoResponse {
@@ -346,21 +392,17 @@ async fn echo(State(node): State<Arc<Node>>, req: Request) -> Response {
 }
 
 /// Counts open TCP connections, in total and per IP address.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct ConnLimits {
-    max_total: usize,
-    max_per_ip: usize,
     total: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
 
 impl ConnLimits {
-    fn new(max_total: usize, max_per_ip: usize) -> Self {
-        Self { max_total, max_per_ip, total: AtomicUsize::new(0), per_ip: Mutex::new(HashMap::new()) }
-    }
-
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<ConnGuard> {
-        if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total {
+    /// A place for a new connection from `ip` under `limits` (the current ones: a reload can
+    /// lower them; connections already open stay).
+    fn admit(self: &Arc<Self>, ip: IpAddr, limits: &crate::config::LimitsConfig) -> Option<ConnGuard> {
+        if self.total.fetch_add(1, Ordering::AcqRel) >= limits.max_connections {
             self.total.fetch_sub(1, Ordering::AcqRel);
             metrics::counter!("herald_connections_refused_total", "reason" => "max_connections").increment(1);
             tracing::debug!(%ip, "connection refused: max_connections");
@@ -368,7 +410,7 @@ impl ConnLimits {
         }
         let mut map = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
         let n = map.entry(ip).or_insert(0);
-        if *n >= self.max_per_ip {
+        if *n >= limits.max_connections_per_ip {
             drop(map);
             self.total.fetch_sub(1, Ordering::AcqRel);
             metrics::counter!("herald_connections_refused_total", "reason" => "max_connections_per_ip").increment(1);

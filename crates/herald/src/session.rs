@@ -133,6 +133,8 @@ pub struct Session {
     subscriptions: HashSet<Arc<str>>,
     /// Subscriptions made with a subscription token.
     token_subscriptions: TokenSubscriptions,
+    /// The channels of the connection token's `channels` claim (subscribed by the server).
+    claimed: Box<[Arc<str>]>,
     /// Commands and publications per second.
     limiter: ConnectionLimiter,
     /// Set when a command's outcome ends the connection (a limit): the caller closes with it.
@@ -190,7 +192,7 @@ impl Session {
         let id = node.next_id();
         Self {
             dialect,
-            limiter: ConnectionLimiter::new(&node.config.limits, Instant::now()),
+            limiter: ConnectionLimiter::new(&node.config().limits, Instant::now()),
             close_with: None,
             node,
             id,
@@ -201,6 +203,7 @@ impl Session {
             expires_at: 0,
             subscriptions: HashSet::new(),
             token_subscriptions: TokenSubscriptions::default(),
+            claimed: Box::default(),
         }
     }
 
@@ -318,7 +321,7 @@ impl Session {
                 limit
             }
         };
-        let l = &self.node.config.limits;
+        let l = &self.node.config().limits;
         let rate = match limit {
             crate::limits::Limit::Commands => l.commands_per_second,
             crate::limits::Limit::Publications => l.publications_per_second,
@@ -330,7 +333,7 @@ impl Session {
     /// Refuses a user's connection beyond `limits.max_connections_per_user` (error 106, then
     /// close 4501).
     fn check_user_connections(&mut self, user: &str) -> Result<(), Refusal> {
-        let max = self.node.config.limits.max_connections_per_user;
+        let max = self.node.config().limits.max_connections_per_user;
         if user.is_empty() || self.node.user_connection_count(user) < max {
             return Ok(());
         }
@@ -346,33 +349,34 @@ impl Session {
         if self.is_connected() {
             return Err(refuse(ErrorCode::BadRequest, "already connected"));
         }
-        let node = self.node.clone();
+        let (node, config) = (self.node.clone(), self.node.config());
         let mut claimed = Vec::new();
         match req.token.as_deref() {
             Some(token) => {
                 let claims = self.verify(token)?;
                 self.check_user_connections(&claims.user)?;
-                claimed = self.claimed_channels(&node, &claims.user, &claims.channels)?;
+                claimed = self.claimed_channels(&config, &claims.user, &claims.channels)?;
                 self.user = claims.user;
                 self.expires_at = claims.expires_at;
                 self.info = claims.info.map(|v| Bytes::from(v.to_string()));
             }
-            None if !node.config.auth.allow_anonymous => {
+            None if !config.auth.allow_anonymous => {
                 return Err(refuse(ErrorCode::Unauthorized, "a connection token is required"));
             }
             None => {}
         }
         let client = uuid::Uuid::new_v4().to_string();
-        let ping = node.config.websocket.ping_interval.as_secs().clamp(1, u64::from(u32::MAX)) as u32;
+        let ping = config.websocket.ping_interval.as_secs().clamp(1, u64::from(u32::MAX)) as u32;
         let subscriptions = claimed.iter().map(|(c, _)| c.to_string()).collect();
         let reply = ConnectResult { client: client.clone(), version: crate::VERSION.to_owned(), ping, subscriptions };
         tracing::debug!(session = self.id, %client, name = req.name.as_deref().unwrap_or(""), "connected");
         // Queued before the reply: a client that saw its reply knows the event is on its way.
-        node.webhooks.connect(&self.user, &client, self.dialect.transport());
+        node.webhooks().connect(&self.user, &client, self.dialect.transport());
         self.client = Some(client);
         self.reply(id, ReplyResult::Connect(reply));
         // Server-side subscriptions: each announced by a `subscribe` push sent under the
         // channel's lock, so it precedes the channel's first publication.
+        self.claimed = claimed.iter().map(|(c, _)| c.shared().clone()).collect();
         for (channel, ns) in claimed {
             let name = channel.to_string();
             let (dialect, ctx) = (self.dialect, channel_context(ns.history_size > 0));
@@ -390,13 +394,13 @@ impl Session {
 
     /// The channels of a token's `channels` claim, checked before anything is subscribed: a
     /// claim naming a bad channel or another user's channel makes the whole token invalid.
-    fn claimed_channels<'n>(
+    fn claimed_channels<'c>(
         &self,
-        node: &'n Node,
+        config: &'c crate::config::Config,
         user: &str,
         names: &[String],
-    ) -> Result<Vec<(ChannelName, &'n NamespaceOptions)>, Refusal> {
-        let cfg = &node.config.channels;
+    ) -> Result<Vec<(ChannelName, &'c NamespaceOptions)>, Refusal> {
+        let cfg = &config.channels;
         let mut out: Vec<(ChannelName, &NamespaceOptions)> = Vec::new();
         for name in names {
             let (channel, ns) = cfg
@@ -421,7 +425,7 @@ impl Session {
 
     async fn subscribe(&mut self, id: u32, req: SubscribeRequest) -> Result<(), Refusal> {
         let node = self.node.clone();
-        let cfg = &node.config.channels;
+        let cfg = &node.config().channels;
         let (channel, ns) = cfg.resolve(&req.channel)?;
         let access = ns.subscribe.level(Access::Anonymous);
         let expires = match req.token.as_deref() {
@@ -471,7 +475,7 @@ impl Session {
 
     /// Checks a subscription token for `channel` and this connection's user.
     fn subscription_token(&self, token: &str, channel: &ChannelName) -> Result<TokenSubscription, Refusal> {
-        let Some(verifier) = &self.node.verifier else {
+        let Some(verifier) = self.node.verifier() else {
             return Err(refuse(ErrorCode::Unauthorized, "this server has no key to verify subscription tokens"));
         };
         let claims = verifier.verify_subscription(token).map_err(|e| refuse(e.code(), e.to_string()))?;
@@ -556,12 +560,14 @@ impl Session {
 
     async fn presence_remove(&self, channel: &str) {
         let Some(client) = self.client.as_deref() else { return };
-        let Ok((_, ns)) = self.node.config.channels.resolve(channel) else { return };
-        if !ns.presence {
+        let config = self.node.config();
+        let ns = config.channels.resolve(channel).ok().map(|(_, ns)| ns);
+        // A namespace a reload removed may have had presence: the entry is removed all the same.
+        if ns.is_some_and(|ns| !ns.presence) {
             return;
         }
         match self.node.presence_remove(channel, client).await {
-            Ok((PresenceChange::UserLeft, Some(entry))) if ns.join_leave => {
+            Ok((PresenceChange::UserLeft, Some(entry))) if ns.is_some_and(|ns| ns.join_leave) => {
                 let client = ClientInfo { user: entry.user, client: entry.client };
                 self.node.broadcast(channel, &ChannelEvent::Leave { client }).await;
             }
@@ -579,13 +585,14 @@ impl Session {
 
     /// Presence lives three ping intervals unless refreshed (each ping refreshes it).
     fn presence_ttl(&self) -> std::time::Duration {
-        self.node.config.websocket.ping_interval * 3
+        self.node.config().websocket.ping_interval * 3
     }
 
     /// Refreshes this client's presence on its channels (called every ping interval).
     pub async fn refresh_presence(&self) {
+        let config = self.node.config();
         for channel in &self.subscriptions {
-            let Ok((name, ns)) = self.node.config.channels.resolve(channel) else { continue };
+            let Ok((name, ns)) = config.channels.resolve(channel) else { continue };
             if ns.presence {
                 let entry = self.presence_entry(name.as_str());
                 let _ = self.node.presence_add(name.as_str(), entry, self.presence_ttl()).await;
@@ -594,7 +601,7 @@ impl Session {
     }
 
     async fn unsubscribe(&mut self, id: u32, req: UnsubscribeRequest) -> Result<(), Refusal> {
-        let (channel, _) = self.node.config.channels.resolve(&req.channel)?;
+        let (channel, _) = self.node.config().channels.resolve(&req.channel)?;
         self.token_subscriptions.remove(channel.as_str());
         if self.subscriptions.remove(channel.as_str()) {
             self.node.unsubscribe(channel.as_str(), self.id);
@@ -606,7 +613,7 @@ impl Session {
 
     async fn publish(&mut self, id: u32, req: PublishRequest) -> Result<(), Refusal> {
         let node = self.node.clone();
-        let cfg = &node.config.channels;
+        let cfg = &node.config().channels;
         let (channel, ns) = cfg.resolve(&req.channel)?;
         self.allowed(ns.publish.level(Access::Anonymous), &channel)?;
         let data = req.data.get();
@@ -623,7 +630,7 @@ impl Session {
     }
 
     fn verify(&self, token: &str) -> Result<crate::auth::Claims, Refusal> {
-        let Some(verifier) = &self.node.verifier else {
+        let Some(verifier) = self.node.verifier() else {
             return Err(refuse(ErrorCode::Unauthorized, "this server has no key to verify connection tokens"));
         };
         verifier.verify(token).map_err(|e| refuse(e.code(), e.to_string()))
@@ -640,7 +647,7 @@ impl Session {
     }
 
     fn sub_refresh(&mut self, id: u32, req: SubRefreshRequest) -> Result<(), Refusal> {
-        let (channel, _) = self.node.config.channels.resolve(&req.channel)?;
+        let (channel, _) = self.node.config().channels.resolve(&req.channel)?;
         if !self.token_subscriptions.contains_key(channel.as_str()) {
             return Err(refuse(ErrorCode::NotSubscribed, "not subscribed to this channel with a token"));
         }
@@ -658,7 +665,7 @@ impl Session {
     }
 
     fn leeway(&self) -> u64 {
-        self.node.config.auth.leeway.as_secs()
+        self.node.config().auth.leeway.as_secs()
     }
 
     /// The next moment (Unix seconds) a token of this connection runs out, leeway included:
@@ -705,7 +712,8 @@ impl Session {
         name: &str,
         rule: impl Fn(&NamespaceOptions) -> crate::channel::Rule,
     ) -> Result<(ChannelName, NamespaceOptions), Refusal> {
-        let (channel, ns) = self.node.config.channels.resolve(name)?;
+        let config = self.node.config();
+        let (channel, ns) = config.channels.resolve(name)?;
         self.allowed(rule(ns).level(ns.subscribe.level(Access::Anonymous)), &channel)?;
         Ok((channel, ns.clone()))
     }
@@ -770,6 +778,47 @@ impl Session {
         }
     }
 
+    /// After a reload: ends, with an `unsubscribe` push carrying the refusal's code, each
+    /// subscription the new rules would refuse now (namespace gone, subscribing no longer
+    /// allowed to this connection, another user's channel). Subscriptions a token granted (a
+    /// subscription token, the connection token's `channels` claim) stay while their
+    /// namespace exists and allows subscribing at all.
+    pub async fn recheck(&mut self) {
+        let config = self.node.config();
+        let ended: Vec<(Arc<str>, Refusal)> = self
+            .subscriptions
+            .iter()
+            .filter_map(|channel| self.still_allowed(&config, channel).err().map(|r| (channel.clone(), r)))
+            .collect();
+        for (channel, (code, reason)) in ended {
+            self.subscriptions.remove(&channel);
+            self.token_subscriptions.remove(&channel);
+            self.node.unsubscribe(&channel, self.id);
+            self.presence_remove(&channel).await;
+            metrics::counter!("herald_reload_unsubscribes_total").increment(1);
+            tracing::info!(session = self.id, channel = %channel, %reason, "configuration reloaded: subscription ended");
+            let reason = format!("configuration reloaded: {reason}");
+            let body = PushBody::Unsubscribe(Unsubscribed { code: Some(code.as_u16()), reason });
+            self.send(self.dialect.push(&channel, body, &channel_context(false)));
+        }
+    }
+
+    fn still_allowed(&self, config: &crate::config::Config, channel: &str) -> Result<(), Refusal> {
+        let (name, ns) = config.channels.resolve(channel)?;
+        let access = ns.subscribe.level(Access::Anonymous);
+        let granted = self.token_subscriptions.contains_key(channel) || self.claimed.iter().any(|c| &**c == channel);
+        if !granted {
+            return self.allowed(access, &name);
+        }
+        if access == Access::None {
+            return Err(refuse(ErrorCode::PermissionDenied, "this namespace no longer allows subscribing"));
+        }
+        if !name.allows_user(&self.user) {
+            return Err(refuse(ErrorCode::PermissionDenied, "permission denied"));
+        }
+        Ok(())
+    }
+
     /// Leaves every channel. Called when the connection ends.
     pub async fn end(&mut self) {
         let channels: Vec<Arc<str>> = self.subscriptions.drain().collect();
@@ -778,7 +827,7 @@ impl Session {
             self.presence_remove(&channel).await;
         }
         if let Some(client) = self.client.take() {
-            self.node.webhooks.disconnect(&self.user, &client, self.dialect.transport());
+            self.node.webhooks().disconnect(&self.user, &client, self.dialect.transport());
         }
     }
 }
@@ -864,7 +913,7 @@ impl Drop for Session {
             self.node.unsubscribe(&channel, self.id);
         }
         if let Some(client) = self.client.take() {
-            self.node.webhooks.disconnect(&self.user, &client, self.dialect.transport());
+            self.node.webhooks().disconnect(&self.user, &client, self.dialect.transport());
         }
     }
 }
@@ -884,11 +933,12 @@ pub fn run(node: Arc<Node>, mut socket: WebSocket, dialect: Dialect) -> impl std
         let _count = node.session_guard();
         socket.disable_keepalive();
         let mut session = Session::with_dialect(node.clone(), socket.outbox().clone(), dialect);
-        let every = node.config.websocket.ping_interval;
-        let pong_timeout = node.config.websocket.pong_timeout;
+        let every = node.config().websocket.ping_interval;
+        let pong_timeout = node.config().websocket.pong_timeout;
         let mut ping = tokio::time::interval_at(Instant::now() + every, every);
-        let mut connect_by = Some(Box::pin(tokio::time::sleep(node.config.websocket.handshake_timeout)));
+        let mut connect_by = Some(Box::pin(tokio::time::sleep(node.config().websocket.handshake_timeout)));
         let mut closing = false;
+        let mut reloads = node.reloads();
         let close = |socket: &mut WebSocket, code: CloseCode| {
             let (code, reason) = dialect.close(code);
             socket.close(ws::CloseCode(code), reason);
@@ -921,13 +971,14 @@ pub fn run(node: Arc<Node>, mut socket: WebSocket, dialect: Dialect) -> impl std
                         closing = true;
                     }
                 }
+                Ok(()) = reloads.changed(), if !closing => Box::pin(session.recheck()).await,
                 received = socket.recv() => match received {
                     Ok(Some(Message::Text(bytes))) => {
                         Box::pin(session.handle(&bytes)).await;
                         if let Some(code) = session.take_close() {
                             close(&mut socket, code);
                             closing = true;
-                        } else if socket.outbox().queued_bytes() > node.config.websocket.max_queue_bytes / 2 {
+                        } else if socket.outbox().queued_bytes() > node.config().websocket.max_queue_bytes / 2 {
                             // Commands already buffered are handled without a pause: let this
                             // connection's writer drain the replies before the queue overflows.
                             tokio::task::yield_now().await;

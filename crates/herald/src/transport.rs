@@ -26,7 +26,7 @@ use crate::ws::{self, Outbox, SendMode};
 
 /// `GET /connect`: the native protocol.
 pub async fn connect(State(node): State<Arc<Node>>, req: Request) -> Response {
-    let settings = node.ws_settings.clone();
+    let settings = node.ws_settings();
     let ctx = node.ws.clone();
     ws::upgrade(req, &ctx, settings, &[herald_protocol::SUBPROTOCOL], move |socket| {
         crate::session::run(node, socket, crate::session::Dialect::Native)
@@ -37,7 +37,7 @@ pub async fn connect(State(node): State<Arc<Node>>, req: Request) -> Response {
 /// centrifuge-python and their sibling SDKs connect unmodified. Same sessions and rules as
 /// `/connect`, another wire format.
 pub async fn centrifugo(State(node): State<Arc<Node>>, req: Request) -> Response {
-    let settings = node.ws_settings.clone();
+    let settings = node.ws_settings();
     let ctx = node.ws.clone();
     // A protobuf client is accepted only to be told why it cannot stay: a browser would
     // otherwise fail the handshake with no reason to show.
@@ -54,9 +54,12 @@ pub async fn centrifugo(State(node): State<Arc<Node>>, req: Request) -> Response
 
 /// Checks that an anonymous client may subscribe to `name` (the raw transports have no
 /// `connect`, so no identity and no token: only namespaces open to `"anonymous"`).
-fn anonymous_subscribe<'a>(node: &'a Node, name: &str) -> Result<(ChannelName, &'a NamespaceOptions), ApiError> {
+fn anonymous_subscribe<'a>(
+    config: &'a crate::config::Config,
+    name: &str,
+) -> Result<(ChannelName, &'a NamespaceOptions), ApiError> {
     let (channel, ns) =
-        node.config.channels.resolve(name).map_err(|e| ApiError::new(ErrorCode::InvalidChannel, e.to_string()))?;
+        config.channels.resolve(name).map_err(|e| ApiError::new(ErrorCode::InvalidChannel, e.to_string()))?;
     // A raw client can present no token: whatever is not open to anyone is refused.
     let access = match ns.subscribe.level(Access::Anonymous) {
         Access::Anonymous => Access::Anonymous,
@@ -77,13 +80,14 @@ fn parse_event_id(id: &str) -> Option<StreamPosition> {
 /// client is published to the channel where its namespace allows clients to publish (JSON as
 /// is, other text as a JSON string); where it does not, the connection closes with 4505.
 pub async fn raw_ws(State(node): State<Arc<Node>>, Path(name): Path<String>, req: Request) -> Response {
-    if let Err(e) = anonymous_subscribe(&node, &name) {
+    let config = node.config();
+    if let Err(e) = anonymous_subscribe(&config, &name) {
         return e.into_response();
     }
-    let settings = node.ws_settings.clone();
+    let settings = node.ws_settings();
     let ctx = node.ws.clone();
     ws::upgrade(req, &ctx, settings, &[], move |mut socket| async move {
-        let Ok((channel, ns)) = anonymous_subscribe(&node, &name) else { return };
+        let Ok((channel, ns)) = anonymous_subscribe(&config, &name) else { return };
         let _count = node.session_guard();
         let id = node.next_id();
         let sub = Subscriber { id, outbox: socket.outbox().clone(), encoder: &RAW };
@@ -91,9 +95,24 @@ pub async fn raw_ws(State(node): State<Arc<Node>>, Path(name): Path<String>, req
             return;
         }
         let _guard = SubscriptionGuard { node: node.clone(), channel: channel.shared().clone(), id };
-        while let Ok(Some(msg)) = socket.recv().await {
-            if let Err((code, reason)) = raw_publish(&node, &channel, ns, msg).await {
-                socket.close(code, reason);
+        let (mut reloads, mut config) = (node.reloads(), config.clone());
+        loop {
+            tokio::select! {
+                received = socket.recv() => {
+                    let Ok(Some(msg)) = received else { break };
+                    // Under the rules in force now.
+                    let Ok((_, ns)) = config.channels.resolve(&name) else { continue };
+                    if let Err((code, reason)) = raw_publish(&node, &channel, ns, msg).await {
+                        socket.close(code, reason);
+                    }
+                }
+                Ok(()) = reloads.changed() => {
+                    config = node.config();
+                    if let Err(e) = anonymous_subscribe(&config, &name) {
+                        tracing::info!(channel = %channel, reason = %e.message(), "configuration reloaded: raw subscription ended");
+                        socket.close(ws::CloseCode(herald_protocol::CloseCode::ForceDisconnect.as_u16()), "configuration reloaded: channel no longer open");
+                    }
+                }
             }
         }
     })
@@ -120,7 +139,7 @@ async fn raw_publish(
         // The frame is valid UTF-8 (the WebSocket layer checked), so this is lossless.
         Bytes::from(serde_json::Value::String(String::from_utf8_lossy(&text).into_owned()).to_string())
     };
-    if crate::rules::check_publication_size(&node.config.channels, data.len()).is_err() {
+    if crate::rules::check_publication_size(&node.config().channels, data.len()).is_err() {
         return Err((ws::CloseCode::MESSAGE_TOO_BIG, "publication larger than channels.max_publication_size"));
     }
     match node.publish(channel, ns, Publish::data(data)).await {
@@ -143,11 +162,12 @@ pub async fn sse(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
+    let config = node.config();
     // Browsers on other origins: refused unless allowed, and allowed ones get CORS headers.
     if let Err(e) = origins.0.check(&headers) {
         return e.into_response();
     }
-    let (channel, ns) = match anonymous_subscribe(&node, &name) {
+    let (channel, ns) = match anonymous_subscribe(&config, &name) {
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
@@ -157,7 +177,7 @@ pub async fn sse(
         .get("last-event-id")
         .map(|v| v.to_str().ok().and_then(parse_event_id).unwrap_or_else(crate::node::no_position));
     let id = node.next_id();
-    let outbox = Outbox::new(node.config.websocket.max_queue_bytes, SendMode::PLAIN);
+    let outbox = Outbox::new(node.config().websocket.max_queue_bytes, SendMode::PLAIN);
     let sub = Subscriber { id, outbox: outbox.clone(), encoder: &SSE };
     let subscribed = node
         .subscribe(&channel, ns, sub, resume, |history, recovered| {
@@ -197,6 +217,10 @@ pub async fn sse(
             Duration::from_secs(15),
         ),
         shutdown: node.ws.shutdown.clone(),
+        reloads: node.reloads(),
+        node: node.clone(),
+        name,
+        ended: false,
         _guard: SubscriptionGuard { node: node.clone(), channel: channel.shared().clone(), id },
         _count: node.session_guard(),
     };
@@ -221,25 +245,43 @@ struct SseStream {
     batch: VecDeque<Bytes>,
     keepalive: tokio::time::Interval,
     shutdown: tokio_util::sync::CancellationToken,
+    /// A reload ends the stream when the channel is no longer open to anyone.
+    reloads: tokio::sync::watch::Receiver<u64>,
+    node: Arc<Node>,
+    name: String,
+    ended: bool,
     _guard: SubscriptionGuard,
     _count: crate::node::SessionCount,
 }
 
 impl SseStream {
     async fn next(&mut self) -> Option<Bytes> {
-        tokio::select! {
-            more = self.outbox.next_batch(&mut self.batch) => {
-                if !more {
-                    return None;
+        if self.ended {
+            return None;
+        }
+        loop {
+            tokio::select! {
+                Ok(()) = self.reloads.changed() => {
+                    if let Err(e) = anonymous_subscribe(&self.node.config(), &self.name) {
+                        let why = e.message().replace('\n', " ");
+                        tracing::info!(channel = %self.name, reason = %why, "configuration reloaded: SSE stream ended");
+                        self.ended = true;
+                        return Some(Bytes::from(format!(": configuration reloaded: {why}\n\n")));
+                    }
                 }
-                let mut out = BytesMut::new();
-                for b in self.batch.drain(..) {
-                    out.extend_from_slice(&b);
+                more = self.outbox.next_batch(&mut self.batch) => {
+                    if !more {
+                        return None;
+                    }
+                    let mut out = BytesMut::new();
+                    for b in self.batch.drain(..) {
+                        out.extend_from_slice(&b);
+                    }
+                    return Some(out.freeze());
                 }
-                Some(out.freeze())
+                _ = self.keepalive.tick() => return Some(Bytes::from_static(b": keep-alive\n\n")),
+                () = self.shutdown.cancelled() => return None,
             }
-            _ = self.keepalive.tick() => Some(Bytes::from_static(b": keep-alive\n\n")),
-            () = self.shutdown.cancelled() => None,
         }
     }
 }

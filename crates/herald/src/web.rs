@@ -62,7 +62,7 @@ pub fn routes(node: &Node) -> Router<Arc<Node>> {
         .route("/demo/plain", get(|h: HeaderMap| async move { serve(&PLAIN, &h) }))
         .route("/demo/style.css", get(|h: HeaderMap| async move { serve(&STYLE, &h) }))
         .route("/demo/demo.js", get(|h: HeaderMap| async move { serve(&DEMO_JS, &h) }));
-    if node.config.demo {
+    if node.config().demo {
         r = r.route("/demo/token", get(demo_token));
     }
     r
@@ -107,7 +107,7 @@ pub async fn websocket_gate(State(node): State<Arc<Node>>, req: Request, next: a
         || path == "/connection/websocket"
         || path.starts_with("/ws/")
         || path.starts_with("/app/")
-        || (path == "/_echo" && node.config.testing.echo);
+        || (path == "/_echo" && node.config().testing.echo);
     if is_upgrade(req.headers()) && !endpoint {
         return not_an_endpoint(&node, req);
     }
@@ -119,7 +119,7 @@ pub async fn websocket_gate(State(node): State<Arc<Node>>, req: Request, next: a
 pub fn not_an_endpoint(node: &Node, req: Request) -> Response {
     metrics::counter!("herald_wrong_endpoint_total").increment(1);
     let code = herald_protocol::CloseCode::NotAnEndpoint;
-    ws::upgrade(req, &node.ws, node.ws_settings.clone(), &[], move |mut socket| async move {
+    ws::upgrade(req, &node.ws, node.ws_settings(), &[], move |mut socket| async move {
         socket.close(CloseCode(code.as_u16()), code.reason());
         while let Ok(Some(_)) = socket.recv().await {}
     })
@@ -198,7 +198,7 @@ async fn demo_token(State(node): State<Arc<Node>>, req: Request) -> Response {
             .into_response();
     }
     let info = serde_json::json!({ "name": user });
-    match crate::auth::mint(&node.config.auth, user, Duration::from_secs(3600), Some(info)) {
+    match crate::auth::mint(&node.config().auth, user, Duration::from_secs(3600), Some(info)) {
         Ok(token) => axum::Json(serde_json::json!({ "user": user, "token": token })).into_response(),
         Err(e) => ApiError::new(ErrorCode::NotAvailable, format!("no demo token: {e}")).into_response(),
     }
@@ -207,7 +207,8 @@ async fn demo_token(State(node): State<Arc<Node>>, req: Request) -> Response {
 /// Publishes made-up prices to [`TICKER_CHANNEL`] four times a second until `stop`, for the
 /// ticker demo. Runs only under `herald serve --demo`.
 pub async fn run_ticker(node: Arc<Node>, stop: tokio_util::sync::CancellationToken) {
-    let Ok((channel, ns)) = node.config.channels.resolve(TICKER_CHANNEL) else {
+    let config = node.config();
+    let Ok((channel, ns)) = config.channels.resolve(TICKER_CHANNEL) else {
         tracing::warn!(channel = TICKER_CHANNEL, "demo ticker not started: its namespace is not configured");
         return;
     };

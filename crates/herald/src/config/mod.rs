@@ -665,14 +665,7 @@ impl Loaded {
         flatten("", &value, &mut leaves);
         let mut out = String::new();
         for (key, v) in leaves {
-            let literal = match &v {
-                _ if !SECRET_KEYS.contains(&key.as_str()) => toml_literal(&v),
-                serde_json::Value::String(s) if !s.is_empty() => "\"<redacted>\"".to_owned(),
-                serde_json::Value::Array(a) => {
-                    format!("[{}]", a.iter().map(|_| "\"<redacted>\"").collect::<Vec<_>>().join(", "))
-                }
-                _ => toml_literal(&v),
-            };
+            let literal = shown(&key, &v);
             let source = match self.figment.find_metadata(&key) {
                 Some(m) => describe_source(m, &key),
                 None => "default".into(),
@@ -680,6 +673,18 @@ impl Loaded {
             out.push_str(&format!("{key} = {literal}  # {source}\n"));
         }
         out
+    }
+}
+
+/// The value at `key` as a TOML literal, or `"<redacted>"` for each secret in it.
+pub(crate) fn shown(key: &str, v: &serde_json::Value) -> String {
+    match v {
+        _ if !SECRET_KEYS.contains(&key) => toml_literal(v),
+        serde_json::Value::String(s) if !s.is_empty() => "\"<redacted>\"".to_owned(),
+        serde_json::Value::Array(a) => {
+            format!("[{}]", a.iter().map(|_| "\"<redacted>\"").collect::<Vec<_>>().join(", "))
+        }
+        _ => toml_literal(v),
     }
 }
 

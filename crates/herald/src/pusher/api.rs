@@ -32,7 +32,8 @@ pub async fn dispatch(
 }
 
 async fn handle(node: &Node, id: &str, rest: &str, req: Request) -> Result<Value, ApiError> {
-    let Some(app) = node.config.pusher.app_by_id(id) else {
+    let config = node.config();
+    let Some(app) = config.pusher.app_by_id(id) else {
         return Err(ApiError::not_found(format!("no Pusher app with id `{id}`")));
     };
     let (parts, body) = req.into_parts();
@@ -59,7 +60,7 @@ async fn handle(node: &Node, id: &str, rest: &str, req: Request) -> Result<Value
         ["batch_events"] => {
             expect(Method::POST)?;
             let batch: Batch = parse(&body)?;
-            let max = node.config.pusher.max_batch_size;
+            let max = node.config().pusher.max_batch_size;
             if batch.batch.len() > max {
                 return Err(ApiError::bad_request(format!("a batch has at most {max} events (pusher.max_batch_size)")));
             }
@@ -95,7 +96,7 @@ async fn handle(node: &Node, id: &str, rest: &str, req: Request) -> Result<Value
         }
         ["channels", name] => {
             expect(Method::GET)?;
-            let (channel, _) = app.channel(&node.config.channels, name).map_err(bad_channel)?;
+            let (channel, _) = app.channel(&node.config().channels, name).map_err(bad_channel)?;
             let info = param("info").unwrap_or_default();
             let subscribers = node.hub.channels(|c| c == channel.as_str()).first().map_or(0, |(_, n)| *n);
             let mut out = serde_json::Map::new();
@@ -120,7 +121,7 @@ async fn handle(node: &Node, id: &str, rest: &str, req: Request) -> Result<Value
             if Kind::of(name) != Kind::Presence {
                 return Err(ApiError::bad_request("users are listed for presence channels only"));
             }
-            let (channel, _) = app.channel(&node.config.channels, name).map_err(bad_channel)?;
+            let (channel, _) = app.channel(&node.config().channels, name).map_err(bad_channel)?;
             let ids = users(node, channel.as_str()).await?;
             Ok(json!({ "users": ids.into_iter().map(|id| json!({ "id": id })).collect::<Vec<_>>() }))
         }
@@ -216,7 +217,7 @@ fn check_signature(
         return Err(unauthorized("auth_version must be 1.0"));
     }
     let Ok(at) = timestamp.parse::<u64>() else { return Err(unauthorized("auth_timestamp is not a number")) };
-    let window = node.config.pusher.timestamp_window.as_secs();
+    let window = node.config().pusher.timestamp_window.as_secs();
     if unix_now().abs_diff(at) > window {
         return Err(unauthorized(&format!(
             "auth_timestamp is more than {window} s from the server's time (pusher.timestamp_window): check the clock"
@@ -280,7 +281,7 @@ impl Event {
 
 fn check_event(node: &Node, app: &PusherApp, e: &Event, single: bool) -> Result<(), ApiError> {
     let channels = e.channels();
-    let max = if single { 1 } else { node.config.pusher.max_event_channels };
+    let max = if single { 1 } else { node.config().pusher.max_event_channels };
     if channels.is_empty() || channels.len() > max {
         let what = if single {
             "exactly one `channel`".to_owned()
@@ -303,7 +304,7 @@ fn check_event(node: &Node, app: &PusherApp, e: &Event, single: bool) -> Result<
         return Err(ApiError::bad_request("socket_id must look like 123.456"));
     }
     for c in channels {
-        app.channel(&node.config.channels, c)
+        app.channel(&node.config().channels, c)
             .map_err(|err| ApiError::new(ErrorCode::InvalidChannel, format!("`{c}`: {err}")))?;
     }
     Ok(())
@@ -313,14 +314,15 @@ fn check_event(node: &Node, app: &PusherApp, e: &Event, single: bool) -> Result<
 /// subscribers of every door), excluding the connection `socket_id` names.
 async fn trigger(node: &Node, app: &PusherApp, e: Event, single: bool) -> Result<(), ApiError> {
     check_event(node, app, &e, single)?;
+    let config = node.config();
     let data = protocol::store_data(&e.text());
     // The app's limit is Pusher's; the namespace's holds too, as on every door.
-    crate::rules::check_publication_size(&node.config.channels, data.len())
+    crate::rules::check_publication_size(&config.channels, data.len())
         .map_err(|(code, message)| ApiError::new(code, message))?;
     let tags = Arc::new(BTreeMap::from([("event".to_owned(), e.name.clone())]));
     let exclude = e.socket_id.as_deref().and_then(parse_socket_id);
     for c in e.channels() {
-        let (channel, ns) = app.channel(&node.config.channels, c).map_err(bad_channel)?;
+        let (channel, ns) = app.channel(&config.channels, c).map_err(bad_channel)?;
         let publish = Publish { data: data.clone(), info: None, tags: Some(tags.clone()), exclude };
         node.publish(&channel, ns, publish).await.map_err(|err| ApiError::new(err.code(), err.to_string()))?;
     }

@@ -109,7 +109,7 @@ pub fn encoder(event_name: &str) -> &'static PusherEncoder {
 pub async fn connect(State(node): State<Arc<Node>>, Path(key): Path<String>, req: Request) -> Response {
     let protocol =
         req.uri().query().unwrap_or("").split('&').find_map(|kv| kv.strip_prefix("protocol=")).map(str::to_owned);
-    let settings = node.ws_settings.clone();
+    let settings = node.ws_settings();
     let ctx = node.ws.clone();
     ws::upgrade(req, &ctx, settings, &[], move |socket| run(node, key, protocol, socket))
 }
@@ -122,7 +122,8 @@ fn refuse_connection(socket: &mut WebSocket, code: u16, message: &str) {
 async fn run(node: Arc<Node>, key: String, protocol: Option<String>, mut socket: WebSocket) {
     let _count = node.session_guard();
     socket.disable_keepalive();
-    let app = node.config.pusher.apps.iter().position(|a| a.key == key);
+    let config = node.config();
+    let app = config.pusher.apps.iter().position(|a| a.key == key);
     let refused = match (&app, protocol.as_deref()) {
         (None, _) => Some((close::APP_NOT_FOUND, format!("App key {key} does not exist"))),
         (_, None) => Some((close::NO_PROTOCOL, "No protocol version supplied (?protocol=7)".to_owned())),
@@ -138,22 +139,24 @@ async fn run(node: Arc<Node>, key: String, protocol: Option<String>, mut socket:
         return;
     };
     metrics::gauge!("herald_pusher_connections").increment(1.0);
-    let mut conn = Connection::new(node.clone(), app, socket.outbox().clone());
+    let mut reloads = node.reloads();
+    let mut conn = Connection::new(node.clone(), config.clone(), app, socket.outbox().clone());
     let established = serde_json::json!({
         "socket_id": conn.socket_id,
-        "activity_timeout": node.config.pusher.activity_timeout.as_secs(),
+        "activity_timeout": config.pusher.activity_timeout.as_secs(),
     });
-    node.webhooks.connect("", &conn.socket_id, "pusher");
+    node.webhooks().connect("", &conn.socket_id, "pusher");
     conn.send(protocol::event("pusher:connection_established", None, &established.to_string()));
-    let activity = node.config.pusher.activity_timeout;
-    let pong_timeout = node.config.websocket.pong_timeout;
-    let every = node.config.websocket.ping_interval.min(activity).min(pong_timeout);
+    let activity = config.pusher.activity_timeout;
+    let pong_timeout = config.websocket.pong_timeout;
+    let every = config.websocket.ping_interval.min(activity).min(pong_timeout);
     let mut tick = tokio::time::interval_at(Instant::now() + every, every);
     // When the server's `pusher:ping` went out, while no message has come since.
     let mut pinged: Option<Instant> = None;
     let mut closing = false;
     let mut signin_by =
-        conn.app().user_authentication.then(|| Box::pin(tokio::time::sleep(node.config.pusher.signin_timeout)));
+        conn.app().user_authentication.then(|| Box::pin(tokio::time::sleep(config.pusher.signin_timeout)));
+    drop(config);
     let mut inbox: Option<tokio::sync::mpsc::Receiver<Control>> = None;
     loop {
         if inbox.is_none() {
@@ -170,6 +173,12 @@ async fn run(node: Arc<Node>, key: String, protocol: Option<String>, mut socket:
                         closing = true;
                     }
                     Control::Unsubscribe { channel } => conn.leave(&channel).await,
+                }
+            }
+            Ok(()) = reloads.changed(), if !closing => {
+                if let Some((code, reason)) = Box::pin(conn.reconfigure(node.config())).await {
+                    refuse_connection(&mut socket, code, &reason);
+                    closing = true;
                 }
             }
             received = socket.recv() => match received {
@@ -215,7 +224,7 @@ async fn run(node: Arc<Node>, key: String, protocol: Option<String>, mut socket:
         }
     }
     Box::pin(conn.end()).await;
-    node.webhooks.disconnect(conn.user.as_deref().unwrap_or(""), &conn.socket_id, "pusher");
+    node.webhooks().disconnect(conn.user.as_deref().unwrap_or(""), &conn.socket_id, "pusher");
     metrics::gauge!("herald_pusher_connections").decrement(1.0);
 }
 
@@ -233,6 +242,9 @@ struct Joined {
 #[derive(Debug)]
 struct Connection {
     node: Arc<Node>,
+    /// The configuration this connection follows: the node's, replaced on each reload.
+    config: Arc<crate::config::Config>,
+    /// Its app, in `config.pusher.apps`.
     app: usize,
     id: u64,
     socket_id: String,
@@ -248,12 +260,13 @@ struct Connection {
 }
 
 impl Connection {
-    fn new(node: Arc<Node>, app: usize, outbox: Outbox) -> Self {
+    fn new(node: Arc<Node>, config: Arc<crate::config::Config>, app: usize, outbox: Outbox) -> Self {
         let id = node.next_id();
         Self {
-            limiter: ConnectionLimiter::new(&node.config.limits, Instant::now()),
+            limiter: ConnectionLimiter::new(&config.limits, Instant::now()),
             socket_id: socket_id(id),
             node,
+            config,
             app,
             id,
             outbox,
@@ -265,7 +278,59 @@ impl Connection {
     }
 
     fn app(&self) -> &PusherApp {
-        &self.node.config.pusher.apps[self.app]
+        &self.config.pusher.apps[self.app]
+    }
+
+    /// Follows a reloaded configuration: the app is found again by its key (gone: the
+    /// connection is to be closed with 4001, returned), and each subscription the app or its
+    /// namespace no longer allows ends with a `pusher:subscription_error` (status 403).
+    async fn reconfigure(&mut self, config: Arc<crate::config::Config>) -> Option<(u16, String)> {
+        let key = self.app().key.clone();
+        let Some(index) = config.pusher.apps.iter().position(|a| a.key == key) else {
+            return Some((close::APP_NOT_FOUND, format!("App key {key} was removed from the configuration")));
+        };
+        let app = &config.pusher.apps[index];
+        let mut ended = Vec::new();
+        for channel in self.subscriptions.keys() {
+            match app.pusher_name(channel) {
+                None => ended.push((channel.clone(), None)),
+                Some(name) => {
+                    if let Err(why) = self.still_allowed(&config, app, &name) {
+                        ended.push((channel.clone(), Some((name.into_owned(), why))));
+                    }
+                }
+            }
+        }
+        // Left under the old configuration, which still resolves their names.
+        for (channel, told) in ended {
+            self.leave(&channel).await;
+            if let Some((name, why)) = told {
+                self.subscription_error(&name, 403, "PermissionDenied", &format!("Configuration reloaded: {why}"));
+            }
+        }
+        (self.config, self.app) = (config, index);
+        None
+    }
+
+    /// Whether this connection may still be subscribed to Pusher channel `name` under
+    /// `config` (the checks of `subscribe` that do not need the client's signature).
+    fn still_allowed(&self, config: &crate::config::Config, app: &PusherApp, name: &str) -> Result<(), String> {
+        let (channel, ns) = app.channel(&config.channels, name).map_err(|e| e.to_string())?;
+        if channel.users().is_some() && !channel.allows_user(self.user.as_deref().unwrap_or("")) {
+            return Err("this channel is another user's".into());
+        }
+        let allowed = match ns.subscribe.level(Access::Anonymous) {
+            Access::None => false,
+            _ if Kind::of(name).needs_auth() => true,
+            Access::Anonymous => true,
+            Access::Authenticated => self.user.is_some(),
+            Access::Token => false,
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err("this channel's namespace no longer allows it".into())
+        }
     }
 
     fn send(&self, frame: Bytes) {
@@ -322,7 +387,7 @@ impl Connection {
             },
             "pusher:unsubscribe" => match msg.data_as::<Unsubscribe>() {
                 Ok(u) => {
-                    if let Ok((channel, _)) = self.app().channel(&self.node.config.channels, &u.channel) {
+                    if let Ok((channel, _)) = self.app().channel(&self.config.channels, &u.channel) {
                         self.leave(channel.as_str()).await;
                     }
                 }
@@ -341,10 +406,10 @@ impl Connection {
     }
 
     async fn subscribe(&mut self, req: Subscribe) {
-        let node = self.node.clone();
-        let app = &node.config.pusher.apps[self.app];
+        let (node, config) = (self.node.clone(), self.config.clone());
+        let app = &config.pusher.apps[self.app];
         let name = req.channel.as_str();
-        let (channel, ns) = match app.channel(&node.config.channels, name) {
+        let (channel, ns) = match app.channel(&config.channels, name) {
             Ok(c) => c,
             Err(e) => return self.subscription_error(name, 400, "InvalidChannel", &e.to_string()),
         };
@@ -373,8 +438,8 @@ impl Connection {
                 "This channel's namespace does not allow it",
             );
         }
-        if self.subscriptions.len() >= node.config.channels.max_subscriptions {
-            let max = node.config.channels.max_subscriptions;
+        if self.subscriptions.len() >= config.channels.max_subscriptions {
+            let max = config.channels.max_subscriptions;
             return self.subscription_error(name, 400, "LimitExceeded", &format!("At most {max} subscriptions"));
         }
         let mut member = None;
@@ -449,8 +514,8 @@ impl Connection {
     }
 
     fn signin(&mut self, req: Signin) {
-        let node = self.node.clone();
-        let app = &node.config.pusher.apps[self.app];
+        let config = self.config.clone();
+        let app = &config.pusher.apps[self.app];
         let message = auth::user_message(&self.socket_id, &req.user_data);
         let user = serde_json::from_str::<UserData>(&req.user_data).map(|u| u.id.0);
         match user {
@@ -474,14 +539,14 @@ impl Connection {
     }
 
     async fn client_event(&mut self, event: String, channel: Option<String>, data: String) {
-        let node = self.node.clone();
-        let app = &node.config.pusher.apps[self.app];
+        let (node, config) = (self.node.clone(), self.config.clone());
+        let app = &config.pusher.apps[self.app];
         if event.len() > super::MAX_EVENT_NAME {
             let message = format!("Client event name is longer than {} bytes", super::MAX_EVENT_NAME);
             return self.error(Some(protocol::error::CLIENT_EVENT_REJECTED), &message);
         }
         let Some(name) = channel else { return self.error(None, "Client events need a `channel`") };
-        let Ok((channel, _)) = app.channel(&node.config.channels, &name) else {
+        let Ok((channel, _)) = app.channel(&config.channels, &name) else {
             return self.error(None, &format!("Invalid channel {name}"));
         };
         let Some(joined) = self.subscriptions.get(channel.as_str()) else {
@@ -503,7 +568,7 @@ impl Connection {
         if self.limited(verdict) {
             return;
         }
-        node.webhooks.client_event(channel.as_str(), &event, &data, Some(&self.socket_id), user.as_deref());
+        node.webhooks().client_event(channel.as_str(), &event, &data, Some(&self.socket_id), user.as_deref());
         let event = ChannelEvent::Client { event, data, user, exclude: Some(self.id) };
         node.broadcast(channel.as_str(), &event).await;
     }
@@ -512,7 +577,7 @@ impl Connection {
     async fn leave(&mut self, channel: &str) {
         if let Some(joined) = self.subscriptions.remove(channel) {
             self.node.unsubscribe(channel, self.id);
-            if let Ok((name, _)) = self.node.config.channels.resolve(channel) {
+            if let Ok((name, _)) = self.config.channels.resolve(channel) {
                 self.presence_remove(&name, joined.member.as_deref()).await;
             }
         }
@@ -533,7 +598,7 @@ impl Connection {
     }
 
     fn presence_ttl(&self) -> std::time::Duration {
-        self.node.config.websocket.ping_interval * 3
+        self.config.websocket.ping_interval * 3
     }
 
     async fn refresh_presence(&self) {

@@ -267,12 +267,12 @@ impl PusherConfig {
 
 /// Tells the webhooks of each app (`format = "pusher"` endpoints with the app's key) the app's
 /// names for Herald channels, so their events carry Pusher names and only the app's channels.
-pub fn name_webhook_channels(node: &crate::node::Node) {
-    for app in &node.config.pusher.apps {
+pub fn name_webhook_channels(config: &crate::config::Config, webhooks: &crate::webhooks::Webhooks) {
+    for app in &config.pusher.apps {
         let key = app.key.clone();
         let app = app.clone();
         let names = crate::webhooks::ChannelNames::new(move |c| app.pusher_name(c).map(std::borrow::Cow::into_owned));
-        node.webhooks.name_channels(&key, names);
+        webhooks.name_channels(&key, names);
     }
 }
 
