@@ -138,6 +138,43 @@ async fn a_cross_origin_post_to_a_keyless_loopback_api_is_refused() {
 }
 
 #[tokio::test]
+async fn a_keyless_api_never_trusts_a_request_that_came_through_a_proxy() {
+    let server = TestServer::start(Config::default()).await;
+    let addr = server.addr;
+    // What nginx, Caddy, HAProxy or a cloud load balancer add in front of a loopback Herald.
+    for header in [
+        "X-Forwarded-For: 203.0.113.9\r\n",
+        "X-Real-IP: 203.0.113.9\r\n",
+        "Forwarded: for=203.0.113.9;proto=https\r\n",
+        "X-Forwarded-Host: push.example.com\r\n",
+        "Via: 1.1 proxy\r\n",
+    ] {
+        let (code, body) = http(addr, &post(addr, header, NEWS)).await;
+        assert_eq!((code, body["error"]["code"].as_u64()), (401, Some(101)), "{header}: {body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("through a proxy") && message.contains("api.key"), "{message}");
+        // The Centrifugo-compatible API shares the rule.
+        let centrifugo = format!(
+            "POST /centrifugo/api/publish HTTP/1.1\r\nHost: {addr}\r\n{header}Content-Length: {}\r\nConnection: close\r\n\r\n{NEWS}",
+            NEWS.len()
+        );
+        assert_eq!(http(addr, &centrifugo).await.0, 401, "{header}");
+    }
+    // Direct from loopback, without forwarding headers: still answered.
+    assert_eq!(http(addr, &post(addr, "", NEWS)).await.0, 200);
+    server.shutdown().await;
+
+    // With a key the headers do not matter: the key decides.
+    let mut config = Config::default();
+    config.api.key = Secret::new("k3y-through-a-proxy");
+    let server = TestServer::start(config).await;
+    let addr = server.addr;
+    let keyed = "X-Forwarded-For: 203.0.113.9\r\nAuthorization: Bearer k3y-through-a-proxy\r\n";
+    assert_eq!(http(addr, &post(addr, keyed, NEWS)).await.0, 200);
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn preflights_are_answered_only_for_allowed_origins() {
     let mut config = restricted();
     config.api.key = Secret::new("k1");
