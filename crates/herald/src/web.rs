@@ -51,21 +51,52 @@ static PLAIN: Asset = asset(include_bytes!("../../../web/plain.html"), HTML);
 static STYLE: Asset = asset(include_bytes!("../../../web/style.css"), "text/css; charset=utf-8");
 static DEMO_JS: Asset = asset(include_bytes!("../../../web/demo.js"), "text/javascript; charset=utf-8");
 
-/// The browser-facing routes. `/demo/token` exists only under `herald serve --demo`.
+/// The browser-facing routes: `/herald.js` and `/` always; the demo pages and `/demo/token`
+/// only under `herald serve --demo` (without it `/` says what the server is).
 pub fn routes(node: &Node) -> Router<Arc<Node>> {
-    let mut r = Router::new()
-        .route("/", get(index))
-        .route("/herald.js", get(|h: HeaderMap| async move { serve(&SDK, &h) }))
+    let r = Router::new().route("/herald.js", get(|h: HeaderMap| async move { serve(&SDK, &h) }));
+    if !node.config().demo {
+        return r.route("/", get(home));
+    }
+    r.route("/", get(index))
         .route("/demo/chat", get(|h: HeaderMap| async move { serve(&CHAT, &h) }))
         .route("/demo/notifications", get(|h: HeaderMap| async move { serve(&NOTIFICATIONS, &h) }))
         .route("/demo/ticker", get(|h: HeaderMap| async move { serve(&TICKER, &h) }))
         .route("/demo/plain", get(|h: HeaderMap| async move { serve(&PLAIN, &h) }))
         .route("/demo/style.css", get(|h: HeaderMap| async move { serve(&STYLE, &h) }))
-        .route("/demo/demo.js", get(|h: HeaderMap| async move { serve(&DEMO_JS, &h) }));
-    if node.config().demo {
-        r = r.route("/demo/token", get(demo_token));
-    }
-    r
+        .route("/demo/demo.js", get(|h: HeaderMap| async move { serve(&DEMO_JS, &h) }))
+        .route("/demo/token", get(demo_token))
+}
+
+/// `GET /` without `--demo`: what this server is, its version, its endpoints and where the
+/// docs are. Nothing on it is secret: the same as `/api/info` minus the counts.
+async fn home() -> Response {
+    let version = crate::VERSION;
+    let page = format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Herald {version}</title>
+<style>body{{font:16px/1.5 system-ui,sans-serif;max-width:44rem;margin:3rem auto;padding:0 1rem;color:#1d2330}}
+code{{background:#eef1f6;padding:.1rem .3rem;border-radius:4px}}td{{padding:.2rem .8rem .2rem 0;vertical-align:top}}</style>
+</head><body>
+<h1>Herald {version}</h1>
+<p>A real-time push server: clients keep a WebSocket (or an event stream) open, subscribe to
+channels, and receive what a backend publishes.</p>
+<table>
+<tr><td><code>/connect</code></td><td>WebSocket, Herald's protocol (<code>herald.v1</code>); the JS SDK is at <a href="/herald.js"><code>/herald.js</code></a></td></tr>
+<tr><td><code>/connection/websocket</code></td><td>WebSocket, Centrifugo's protocol</td></tr>
+<tr><td><code>/app/&lt;key&gt;</code></td><td>WebSocket, Pusher protocol 7 (pusher-js, Laravel Echo)</td></tr>
+<tr><td><code>/ws/&lt;channel&gt;</code>, <code>/sse/&lt;channel&gt;</code></td><td>one channel as raw WebSocket frames or Server-Sent Events</td></tr>
+<tr><td><code>POST /api/&lt;method&gt;</code></td><td>the HTTP API for backends</td></tr>
+<tr><td><code>/health</code>, <code>/ready</code>, <code>/metrics</code></td><td>liveness, readiness, Prometheus metrics</td></tr>
+</table>
+<p>The documentation is in the <code>docs/</code> folder of Herald's repository (start with
+<code>README.md</code>). To try the demo pages (chat, notifications, a ticker), run
+<code>herald serve --demo</code> on your own machine.</p>
+</body></html>
+"#
+    );
+    ([(header::CONTENT_TYPE, HTML), (header::CACHE_CONTROL, "no-cache")], page).into_response()
 }
 
 /// Answers `asset`, or 304 when the client already has this version. `no-cache` makes

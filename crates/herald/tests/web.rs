@@ -69,8 +69,28 @@ async fn the_sdk_is_served_verbatim_with_a_validator() {
 }
 
 #[tokio::test]
-async fn the_index_links_every_demo_page_and_each_is_served() {
+async fn a_plain_server_says_what_it_is_and_serves_no_demo_pages() {
     let server = TestServer::start(config()).await;
+    let (head, body) = get(server.addr, "/", "").await;
+    assert!(head.starts_with("HTTP/1.1 200") && head.contains("text/html"), "{head}");
+    let home = String::from_utf8(body).expect("utf-8");
+    assert!(home.contains(&format!("Herald {}", herald::VERSION)), "{home}");
+    assert!(home.contains("/connect") && home.contains("/api/") && home.contains("/herald.js"), "{home}");
+    assert!(home.contains("--demo") && !home.contains("href=\"/demo/"), "{home}");
+    for path in ["/demo/chat", "/demo/ticker", "/demo/demo.js", "/demo/token?user=ada"] {
+        let (head, _) = get(server.addr, path, "").await;
+        assert!(head.starts_with("HTTP/1.1 404"), "{path}: {head}");
+    }
+    let (head, _) = get(server.addr, "/herald.js", "").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "the SDK is always served: {head}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_index_links_every_demo_page_and_each_is_served() {
+    let mut demo = config();
+    demo.demo = true;
+    let server = TestServer::start(demo).await;
     let (head, body) = get(server.addr, "/", "").await;
     assert!(head.starts_with("HTTP/1.1 200") && head.contains("text/html"), "{head}");
     let index = String::from_utf8(body).expect("utf-8");
@@ -88,9 +108,6 @@ async fn the_index_links_every_demo_page_and_each_is_served() {
         let (head, _) = get(server.addr, path, "").await;
         assert!(head.starts_with("HTTP/1.1 200") && head.contains(kind), "{path}: {head}");
     }
-    // Without --demo there is no token endpoint.
-    let (head, _) = get(server.addr, "/demo/token?user=ada", "").await;
-    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
     server.shutdown().await;
 }
 
