@@ -53,6 +53,8 @@ pub struct Node {
     started: Instant,
     /// This node's random number: the high half of every connection id.
     node_number: u32,
+    /// The secret permutation behind connection ids.
+    ids: IdPermutation,
     next_id: AtomicU64,
     sessions: AtomicUsize,
 }
@@ -104,6 +106,7 @@ impl Node {
             ready: AtomicBool::new(true),
             started: Instant::now(),
             node_number: rand::random(),
+            ids: IdPermutation::new(),
             next_id: AtomicU64::new(1),
             sessions: AtomicUsize::new(0),
         }
@@ -188,11 +191,14 @@ impl Node {
         Ok(report)
     }
 
-    /// An id for a connection (and each of its subscriptions), unique in the cluster: the high
-    /// 32 bits are this node's random number, the low 32 bits count its connections.
+    /// An id for a connection (and each of its subscriptions): unique on this node (the
+    /// count of its connections, with its random node number, through a keyed permutation) and
+    /// unguessable, so a client cannot compute another connection's id (Pusher's socket id,
+    /// which a backend may pass back as `X-Socket-ID` to leave that connection out). Across
+    /// nodes, two ids are as likely to meet as two random 64-bit numbers.
     pub fn next_id(&self) -> u64 {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff;
-        (u64::from(self.node_number) << 32) | n
+        self.ids.permute((u64::from(self.node_number) << 32) | n)
     }
 
     /// Publishes to `channel` (`publication.data` is valid JSON): the single path for every
@@ -422,6 +428,29 @@ impl Node {
     }
 }
 
+/// A keyed permutation of 64-bit numbers: a four-round Feistel network over the two 32-bit
+/// halves whose round function is SipHash with a random 128-bit key (`RandomState`). A
+/// permutation, so distinct counts give distinct ids; keyed, so an id says nothing about the
+/// next one without the key.
+#[derive(Debug)]
+struct IdPermutation(std::hash::RandomState);
+
+impl IdPermutation {
+    fn new() -> Self {
+        Self(std::hash::RandomState::new())
+    }
+
+    fn permute(&self, x: u64) -> u64 {
+        use std::hash::BuildHasher as _;
+        let (mut left, mut right) = ((x >> 32) as u32, x as u32);
+        for round in 0..4u8 {
+            let f = self.0.hash_one((round, right)) as u32;
+            (left, right) = (right, left ^ f);
+        }
+        (u64::from(left) << 32) | u64::from(right)
+    }
+}
+
 /// The node's current webhooks, as the hub's occupancy listener: a reload swaps them.
 #[derive(Debug)]
 struct LiveWebhooks(ArcSwap<crate::webhooks::Webhooks>);
@@ -571,4 +600,26 @@ pub(crate) fn epoch_mismatch(asked: &str, current: &StreamPosition) -> Option<St
             current.epoch, current.offset
         )
     })
+}
+
+#[cfg(test)]
+mod id_tests {
+    use super::IdPermutation;
+
+    #[test]
+    fn connection_ids_are_distinct_and_do_not_count_up() {
+        let p = IdPermutation::new();
+        let base = 0x1234_5678_0000_0000u64;
+        let ids: Vec<u64> = (1..=200_000u64).map(|n| p.permute(base | n)).collect();
+        let distinct: std::collections::HashSet<u64> = ids.iter().copied().collect();
+        assert_eq!(distinct.len(), ids.len(), "a permutation never repeats");
+        // Neither half moves by a constant step from one connection to the next.
+        let steps: std::collections::HashSet<u64> = ids.windows(2).map(|w| w[1].wrapping_sub(w[0])).collect();
+        assert!(steps.len() > 199_000, "{} distinct steps", steps.len());
+        let high: std::collections::HashSet<u64> = ids.iter().map(|i| i >> 32).collect();
+        assert!(high.len() > 190_000, "the high half is not a node constant: {}", high.len());
+        // Another key, another sequence.
+        let q = IdPermutation::new();
+        assert_ne!(p.permute(base | 1), q.permute(base | 1));
+    }
 }

@@ -701,3 +701,22 @@ async fn webhooks_in_pushers_format_carry_the_apps_channel_names() {
     server.shutdown().await;
     receiver.abort();
 }
+
+#[tokio::test]
+async fn socket_ids_do_not_tell_the_next_connections_id() {
+    let server = TestServer::start(config()).await;
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        let c = Client::open(server.addr, KEY).await;
+        let (high, low) = c.socket_id.split_once('.').expect("high.low");
+        ids.push((high.parse::<u64>().expect("number"), low.parse::<u64>().expect("number")));
+    }
+    // Before, the high half was the node's number and the low half counted up by one per
+    // connection: the id before one's own was one less.
+    let same_high = ids.windows(2).filter(|w| w[0].0 == w[1].0).count();
+    let counting = ids.windows(2).filter(|w| w[1].1.wrapping_sub(w[0].1) <= 2).count();
+    assert!(same_high == 0 && counting == 0, "{ids:?}");
+    let distinct: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len());
+    server.shutdown().await;
+}
