@@ -654,62 +654,109 @@ fn msg_bytes(m: &redis::Msg) -> usize {
     m.get_payload_bytes().len() + m.get_channel_name().len() + 64
 }
 
+/// How long the pub/sub link waits between attempts to reach Redis: exponential backoff with
+/// decorrelated jitter. Each delay is drawn uniformly between `floor` and three times the
+/// previous one, capped at `cap`: delays grow while Redis stays away, and nodes that lost
+/// Redis at the same moment spread their reconnections out instead of arriving together
+/// when it comes back.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    floor: Duration,
+    cap: Duration,
+    last: Duration,
+}
+
+/// The least and the most the link waits before trying Redis again.
+const RECONNECT_FLOOR: Duration = Duration::from_millis(50);
+const RECONNECT_CAP: Duration = Duration::from_secs(1);
+
+impl Backoff {
+    fn new(floor: Duration, cap: Duration) -> Self {
+        let cap = cap.max(floor);
+        Self { floor, cap, last: floor }
+    }
+
+    /// The next delay: uniform in `[floor, min(cap, 3 × previous)]`.
+    fn next(&mut self, rng: &mut impl rand::Rng) -> Duration {
+        let floor = self.floor.as_nanos().min(u64::MAX as u128) as u64;
+        let high = self.last.saturating_mul(3).min(self.cap).as_nanos().min(u64::MAX as u128) as u64;
+        let d = Duration::from_nanos(rng.random_range(floor..=high.max(floor)));
+        self.last = d;
+        d
+    }
+
+    /// Redis answered: the next outage starts from the floor again.
+    fn reset(&mut self) {
+        self.last = self.floor;
+    }
+}
+
+/// A connected, subscribed pub/sub link, and the channels it subscribed to.
+type Linked = (redis::aio::PubSubSink, redis::aio::PubSubStream, Vec<String>);
+
+/// Connects the pub/sub link and subscribes it to every channel this node listens to; why
+/// not, when it cannot.
+async fn connect(inner: &Inner) -> Result<Linked, String> {
+    let pubsub = match tokio::time::timeout(inner.timeout, inner.client.get_async_pubsub()).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return Err(format!("cannot connect: {e}")),
+        Err(_) => return Err(format!("no answer within {:?}", inner.timeout)),
+    };
+    let (mut sink, stream) = pubsub.split();
+    let wanted: Vec<String> = lock(&inner.listening).keys().cloned().collect();
+    for chunk in wanted.chunks(256) {
+        let names: Vec<String> = chunk.iter().map(|c| inner.key(c, "pub")).collect();
+        match tokio::time::timeout(inner.timeout, sink.subscribe(&names)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(format!("cannot subscribe: {e}")),
+            Err(_) => return Err(format!("SUBSCRIBE unanswered within {:?}", inner.timeout)),
+        }
+    }
+    Ok((sink, stream, wanted))
+}
+
 /// The pub/sub link: one connection per node, subscribed to the channels with local
-/// subscribers; reconnects (with backoff) and resubscribes, then fills what it missed.
+/// subscribers; reconnects (with jittered backoff, [`Backoff`]) and resubscribes, then fills
+/// what it missed.
 async fn link(
     inner: Arc<Inner>,
     mut cmds: mpsc::UnboundedReceiver<Cmd>,
     work: mpsc::UnboundedSender<redis::Msg>,
     stop: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(50);
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+    let mut backoff = Backoff::new(RECONNECT_FLOOR, RECONNECT_CAP);
     let mut was_up = false;
     // Warned about the current outage already (one warning per outage, not per retry).
     let mut warned = false;
+    let mut first = true;
     loop {
-        let connected = tokio::select! {
+        // The one retry path: every attempt but the very first waits its jittered delay, so
+        // nodes that lost Redis together do not come back in lockstep.
+        if !std::mem::replace(&mut first, false) {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(backoff.next(&mut rng)) => {}
+            }
+        }
+        let linked = tokio::select! {
             () = stop.cancelled() => return,
-            r = tokio::time::timeout(inner.timeout, inner.client.get_async_pubsub()) => r,
+            r = connect(&inner) => r,
         };
-        let pubsub = match connected {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => {
+        let (mut sink, mut stream, wanted) = match linked {
+            Ok(l) => l,
+            Err(why) => {
                 if std::mem::replace(&mut warned, true) {
-                    tracing::debug!(error = %e, "redis pub/sub link: cannot connect");
+                    tracing::debug!(error = %why, "redis pub/sub link: still down");
                 } else {
-                    tracing::warn!(error = %e, "redis pub/sub link: cannot connect; retrying");
+                    tracing::warn!(error = %why, "redis pub/sub link: down; retrying with backoff");
                 }
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-            Err(_) => {
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
         };
-        backoff = Duration::from_millis(50);
+        backoff.reset();
         warned = false;
-        let (mut sink, mut stream) = pubsub.split();
-        let wanted: Vec<String> = lock(&inner.listening).keys().cloned().collect();
-        let mut ok = true;
-        for chunk in wanted.chunks(256) {
-            let names: Vec<String> = chunk.iter().map(|c| inner.key(c, "pub")).collect();
-            if !matches!(tokio::time::timeout(inner.timeout, sink.subscribe(&names)).await, Ok(Ok(()))) {
-                ok = false;
-                break;
-            }
-        }
-        if !ok {
-            continue;
-        }
         if was_up || !wanted.is_empty() {
             tracing::info!(channels = wanted.len(), "redis pub/sub link up");
         }
@@ -1478,6 +1525,59 @@ mod tests {
         let mut offsets: Vec<u64> = all.iter().map(|p| p.offset).collect();
         offsets.sort_unstable();
         assert_eq!(offsets, (1..=80).collect::<Vec<_>>());
+    }
+
+    /// The backoff schedule, as pure logic with seeded generators standing in for nodes.
+    #[test]
+    fn reconnect_delays_grow_within_bounds_and_are_jittered() {
+        use rand::SeedableRng;
+        let (floor, cap) = (Duration::from_millis(50), Duration::from_secs(1));
+        let schedule = |seed: u64, n: usize| {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut b = Backoff::new(floor, cap);
+            (0..n).map(|_| b.next(&mut rng)).collect::<Vec<_>>()
+        };
+        // Bounds: never under the floor, never over the cap, never over 3 × the previous.
+        for seed in 0..200 {
+            let s = schedule(seed, 40);
+            let mut prev = floor;
+            for d in &s {
+                assert!(*d >= floor && *d <= cap, "seed {seed}: {d:?}");
+                assert!(*d <= (prev * 3).min(cap).max(floor), "seed {seed}: {d:?} after {prev:?}");
+                prev = *d;
+            }
+            assert_eq!(s, schedule(seed, 40), "a seed gives one schedule");
+        }
+        // Growth: averaged over many nodes, later delays are longer, up to near the cap.
+        let mean = |attempt: usize| {
+            let total: Duration = (0..500).map(|seed| schedule(seed, attempt + 1)[attempt]).sum();
+            total / 500
+        };
+        let (m0, m3, m15) = (mean(0), mean(3), mean(15));
+        assert!(m0 <= Duration::from_millis(150), "the first retry is quick: {m0:?}");
+        assert!(m3 > m0 * 2, "grows: {m0:?} then {m3:?}");
+        // (Decorrelated jitter settles around 40 % of the cap: each delay is drawn from up
+        // to three times the one before, which may itself have been short.)
+        assert!(m15 > cap / 4 && m15 > m0 * 3 && m15 <= cap, "settles in the cap's range: {m15:?}");
+        // Jitter: nodes that started together are spread, at every attempt.
+        for attempt in [0, 5, 20] {
+            let at: Vec<Duration> = (0..100).map(|seed| schedule(seed, attempt + 1)[attempt]).collect();
+            let distinct: HashSet<_> = at.iter().collect();
+            assert!(distinct.len() > 90, "attempt {attempt}: {} distinct of 100", distinct.len());
+            let (lo, hi) = (at.iter().min().copied().unwrap_or_default(), at.iter().max().copied().unwrap_or_default());
+            assert!(hi - lo > Duration::from_millis(50), "attempt {attempt}: spread {lo:?}..{hi:?}");
+        }
+        // After Redis answered, the next outage starts from the floor's range again.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut b = Backoff::new(floor, cap);
+        for _ in 0..20 {
+            b.next(&mut rng);
+        }
+        b.reset();
+        assert!(b.next(&mut rng) <= floor * 3);
+        // A cap under the floor is the floor.
+        let mut b = Backoff::new(floor, Duration::ZERO);
+        assert_eq!(b.next(&mut rng), floor);
     }
 
     /// TLS files rustls would refuse at connect time are refused up front, by key: a
