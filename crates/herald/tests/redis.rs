@@ -644,6 +644,7 @@ async fn flushall_while_nodes_run_never_recovers_an_old_position() {
         }
     };
     assert_eq!(code, Some(4004), "told to reconnect and recover");
+    drop(live);
     for node in &n {
         an_old_position_is_refused(node.addr, &epoch).await;
     }
