@@ -499,3 +499,187 @@ async fn ready_is_503_while_redis_is_down_and_health_stays_200() {
     assert_eq!(body["status"], "ready", "{body}");
     node.shutdown().await;
 }
+
+/// Publishes `seq` through `addr`, retrying while the node cannot reach Redis yet (it was
+/// just restarted): the offset it got.
+async fn publish_once_back(addr: SocketAddr, channel: &str, seq: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let body = json!({"channel": channel, "data": {"seq": seq}}).to_string();
+        let (status, reply) = api(addr, "publish", &body, None).await;
+        if status == 200 {
+            return reply["offset"].as_u64().expect("offset");
+        }
+        assert_eq!(status, 503, "only unavailable while Redis comes back: {reply}");
+        assert!(Instant::now() < deadline, "Redis did not come back for {addr}: {reply}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What every door tells a client holding `(epoch, 3)` of a stream that Redis lost, once the
+/// channel's new stream has offsets 1..=6: never `recovered: true` with the new history.
+/// Checked through the native protocol (subscribe with `recover`), the HTTP API (`history`
+/// with `since`) and Server-Sent Events (`Last-Event-ID`).
+async fn an_old_position_is_refused(addr: SocketAddr, epoch: &str) {
+    let mut c = Native::connected(addr).await;
+    let r = c.request("subscribe", json!({"channel": "news", "recover": true, "epoch": epoch, "offset": 3})).await;
+    let s = &r["subscribe"];
+    assert_eq!(s["recovered"], false, "a lost stream's position never recovers: {r}");
+    assert_ne!(s["epoch"].as_str(), Some(epoch), "the new stream has a new epoch: {r}");
+    assert_eq!(s["offset"], 6, "{r}");
+    assert!(s["publications"].as_array().is_none_or(|p| p.is_empty()), "no part of the new history: {r}");
+
+    let since = json!({"channel": "news", "limit": 10, "since": {"epoch": epoch, "offset": 3}});
+    let (status, body) = api(addr, "history", &since.to_string(), None).await;
+    assert_eq!((status, body["error"]["code"].as_u64()), (409, Some(122)), "epoch mismatch, not new4..new6: {body}");
+
+    let req = format!("GET /sse/news HTTP/1.1\r\nHost: x\r\nLast-Event-ID: {epoch}:3\r\n\r\n");
+    let (head, mut s) = raw_request(addr, &req).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut got = String::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // The first event decides: a reset, or (the bug) the new stream's events under the old id.
+    while !got.contains("event: herald-reset\n") && !got.contains(&format!("id: {epoch}:")) {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 2048];
+        let n =
+            tokio::time::timeout_at(deadline.into(), s.read(&mut buf)).await.expect("an event in time").expect("read");
+        assert!(n > 0, "stream ended: {got}");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(got.contains("event: herald-reset\n"), "the lost position is announced: {got}");
+    assert!(!got.contains(&format!("id: {epoch}:4\n")), "never new4 under the old epoch: {got}");
+}
+
+/// Issue 19: Redis restarts empty (no persistence) under one node. The channel's stream is
+/// recreated with offsets 1..=6; a client holding `(epoch, 3)` of the old stream must not be
+/// handed new4..new6 as if it had new1..new3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restarted_empty_never_recovers_an_old_position_on_one_node() {
+    let mut redis = RedisServer::start().expect("redis-server");
+    let node = TestServer::start(config(&redis, "herald")).await;
+    let mut sub = Native::connected(node.addr).await;
+    let r = sub.request("subscribe", json!({"channel": "news"})).await;
+    let epoch = r["subscribe"]["epoch"].as_str().expect("epoch").to_owned();
+    for seq in 1..=3 {
+        publish(node.addr, "news", seq).await;
+    }
+    for want in 1..=3 {
+        assert_eq!(sub.push().await["push"]["pub"]["offset"], want);
+    }
+    drop(sub);
+    redis.kill();
+    redis.resume().expect("redis back, empty");
+    assert_eq!(publish_once_back(node.addr, "news", 101).await, 1, "a new stream");
+    for seq in 102..=106 {
+        publish(node.addr, "news", seq).await;
+    }
+    an_old_position_is_refused(node.addr, &epoch).await;
+    node.shutdown().await;
+}
+
+/// The same across two nodes: published through A, Redis restarted empty, published through
+/// B; neither node recovers the old position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restarted_empty_never_recovers_an_old_position_across_nodes() {
+    let mut redis = RedisServer::start().expect("redis-server");
+    let n = nodes(&redis, "herald", 2).await;
+    let first = publish(n[0].addr, "news", 1).await;
+    let epoch = first["epoch"].as_str().expect("epoch").to_owned();
+    for seq in 2..=3 {
+        publish(n[0].addr, "news", seq).await;
+    }
+    redis.kill();
+    redis.resume().expect("redis back, empty");
+    // Both nodes reach the new Redis before the new history is written.
+    publish_once_back(n[0].addr, "warm", 0).await;
+    assert_eq!(publish_once_back(n[1].addr, "news", 101).await, 1, "a new stream");
+    for seq in 102..=106 {
+        publish(n[1].addr, "news", seq).await;
+    }
+    for node in &n {
+        an_old_position_is_refused(node.addr, &epoch).await;
+    }
+    for node in n {
+        node.shutdown().await;
+    }
+}
+
+/// `FLUSHALL` while the nodes run: the recreated stream gets a new epoch, a live subscriber
+/// is made to recover (4004) instead of skipping new1..new3, and the old position is refused
+/// by every door on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushall_while_nodes_run_never_recovers_an_old_position() {
+    let redis = RedisServer::start().expect("redis-server");
+    let n = nodes(&redis, "herald", 2).await;
+    let mut live = Native::connected(n[0].addr).await;
+    live.request("subscribe", json!({"channel": "news"})).await;
+    let first = publish(n[0].addr, "news", 1).await;
+    let epoch = first["epoch"].as_str().expect("epoch").to_owned();
+    for seq in 2..=3 {
+        publish(n[0].addr, "news", seq).await;
+    }
+    for want in 1..=3 {
+        assert_eq!(live.push().await["push"]["pub"]["offset"], want);
+    }
+    let mut raw =
+        redis::Client::open(redis.url()).expect("client").get_multiplexed_async_connection().await.expect("conn");
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut raw).await.expect("flushall");
+    for seq in 101..=106 {
+        let p = publish(n[1].addr, "news", seq).await;
+        assert_ne!(p["epoch"].as_str(), Some(epoch.as_str()), "a new epoch: {p}");
+        assert_eq!(p["offset"], seq - 100, "{p}");
+    }
+    // The live subscriber on A held (epoch, 3): it must not be handed new4 as the next one.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        match tokio::time::timeout_at(deadline.into(), live.ws.next()).await {
+            Ok(Some(Ok(Message::Close(f)))) => break f.map(|f| u16::from(f.code)),
+            Ok(Some(Ok(Message::Text(t)))) => {
+                let v: Value = serde_json::from_str(&t).expect("json");
+                assert!(v.get("push").is_none() || v["push"].get("pub").is_none(), "no silent gap: {v}");
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("the live subscriber was neither closed nor told: {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(4004), "told to reconnect and recover");
+    drop(live);
+    for node in &n {
+        an_old_position_is_refused(node.addr, &epoch).await;
+    }
+    for node in n {
+        node.shutdown().await;
+    }
+}
+
+/// Redis comes back from an older snapshot (a restart from its last RDB, or what a failover
+/// to a replica that lagged looks like): the prefix's epoch base is there, the channel's
+/// stream is not. The recreated stream still gets a new epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_back_from_an_older_snapshot_never_recovers_an_old_position() {
+    let mut redis = RedisServer::start().expect("redis-server");
+    let n = nodes(&redis, "herald", 2).await;
+    publish(n[0].addr, "warm", 1).await;
+    let mut raw =
+        redis::Client::open(redis.url()).expect("client").get_multiplexed_async_connection().await.expect("conn");
+    let _: () = redis::cmd("SAVE").query_async(&mut raw).await.expect("save");
+    let first = publish(n[0].addr, "news", 1).await;
+    let epoch = first["epoch"].as_str().expect("epoch").to_owned();
+    for seq in 2..=3 {
+        publish(n[0].addr, "news", seq).await;
+    }
+    redis.kill();
+    redis.resume().expect("redis back, from the snapshot");
+    assert_eq!(publish_once_back(n[0].addr, "warm", 2).await, 2, "the snapshot was loaded");
+    assert_eq!(publish_once_back(n[1].addr, "news", 101).await, 1, "the stream is not in it");
+    for seq in 102..=106 {
+        publish(n[1].addr, "news", seq).await;
+    }
+    for node in &n {
+        an_old_position_is_refused(node.addr, &epoch).await;
+    }
+    for node in n {
+        node.shutdown().await;
+    }
+}

@@ -220,8 +220,9 @@ pub trait Delivery: Send + Sync + 'static {
 ///   Concurrent publishers to one channel get distinct offsets and deliveries happen in offset
 ///   order.
 /// - **Epochs:** a channel's epoch stays the same as long as its history is continuous. When
-///   history is lost (restart, expiry of an idle channel), the next publication starts a new
-///   epoch at offset 1.
+///   history is lost (restart, expiry of an idle channel; for a shared engine, whatever its
+///   backend lost), the next publication starts a new epoch at offset 1. An epoch is never
+///   made from anything a node remembers, so no node can bring an old one back.
 /// - **Failure:** an error means the publication was not stored and not delivered; the
 ///   caller may retry. Reads fail without side effects.
 /// - **Presence** entries expire after their TTL unless refreshed by `presence_add` again.

@@ -12,7 +12,7 @@
 //! | `{p:c}:presence` | hash | client → user and connection info |
 //! | `{p:c}:presence:exp` | sorted set | client → expiry (ms) |
 //! | `{p:c}:presence:users` | hash | user → connections present |
-//! | `{p}:base` | string | random part of every epoch of this prefix |
+//! | `{p}:base` | string | random input of every new epoch of this prefix (made again if lost) |
 //!
 //! **Publish** is one Lua script: it assigns the offset, stores the publication (the stream
 //! trimmed by size, approximately; reads apply the exact size and the TTL), refreshes the TTLs
@@ -24,14 +24,21 @@
 //! the stream in order, or, when the stream no longer has it, the local subscribers are told
 //! to recover ([`Delivery::lost`]).
 //!
-//! **Epochs** are `<base>-<window>`: `base` is random per prefix (a flushed Redis gets a new
-//! one), `window` the number of the 5-minute period in which the stream was created, by
-//! Redis's clock. A read of a channel without a stream writes nothing and reports the epoch a
+//! **Epochs** live with the stream: the publish script that creates a channel's stream
+//! decides its epoch and stores it in `meta` (two nodes creating one stream at once get the
+//! first script's), and every later publication reads it from there. A new epoch is computed
+//! by the script from Redis alone (`EPOCH_LUA`), never from anything a node remembers: a
+//! hash of the prefix's base (random, made again by the first script that finds it gone),
+//! the Redis process's `run_id`, its `evicted_keys` count and the 5-minute window of Redis's
+//! clock. Whatever Redis loses (a restart without persistence or from an older snapshot, a
+//! `FLUSHALL`, a failover to a replica that lagged, an eviction), one of those differs when
+//! the stream is recreated, so its epoch is new and stale positions never match it. A read
+//! of a channel without a stream writes nothing of the channel and reports the epoch a
 //! stream created now would get. A stream's metadata outlives its last publication by at
-//! least one window, so a stream that is forgotten and recreated lands in a later window: its
-//! epoch is new, and stale positions never match it. The price: a client that subscribed to
-//! an empty channel in one window and got its first publication in a later one holds the
-//! older epoch, so its next recovery says `recovered: false` (never a false recovery).
+//! least one window, so a stream forgotten by expiry is recreated in a later window. The
+//! price: a client that subscribed to an empty channel and got its first publication only
+//! after the prediction moved (a later window, a Redis restart or eviction in between) holds
+//! the older epoch, so its next recovery says `recovered: false` (never a false recovery).
 //!
 //! Every call is bounded by `timeout`; failures are [`EngineError::Unavailable`]. A publish
 //! that timed out may still have been stored (Redis may have run it): the caller cannot know.
@@ -56,8 +63,8 @@ mod scripts;
 pub mod test_server;
 
 use self::scripts::{
-    HISTORY_LUA, PRESENCE_ADD_LUA, PRESENCE_COMMON_LUA, PRESENCE_EXPIRE_LUA, PRESENCE_LUA, PRESENCE_REMOVE_LUA,
-    PUBLISH_LUA,
+    EPOCH_LUA, HISTORY_LUA, PRESENCE_ADD_LUA, PRESENCE_COMMON_LUA, PRESENCE_EXPIRE_LUA, PRESENCE_LUA,
+    PRESENCE_REMOVE_LUA, PUBLISH_LUA,
 };
 use super::{
     Delivery, Engine, EngineError, EngineStats, History, HistoryPolicy, HistoryQuery, PresenceChange, PresenceEntry,
@@ -246,7 +253,6 @@ struct Inner {
     timeout: Duration,
     conn: Mutex<Option<ConnectionManager>>,
     connecting: tokio::sync::Mutex<()>,
-    base: Mutex<Option<Arc<str>>>,
     delivery: OnceLock<Arc<dyn Delivery>>,
     listening: Mutex<HashMap<String, Listening>>,
     cmds: mpsc::UnboundedSender<Cmd>,
@@ -317,7 +323,6 @@ impl RedisEngine {
             timeout: settings.timeout,
             conn: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
-            base: Mutex::new(None),
             delivery: OnceLock::new(),
             listening: Mutex::new(HashMap::new()),
             queued_bytes: AtomicUsize::new(0),
@@ -328,8 +333,8 @@ impl RedisEngine {
             overflows: AtomicU64::new(0),
             cmds,
             scripts: Scripts {
-                publish: Script::new(PUBLISH_LUA),
-                history: Script::new(HISTORY_LUA),
+                publish: Script::new(&format!("{EPOCH_LUA}{PUBLISH_LUA}")),
+                history: Script::new(&format!("{EPOCH_LUA}{HISTORY_LUA}")),
                 presence_add: Script::new(&format!("{PRESENCE_COMMON_LUA}{PRESENCE_ADD_LUA}")),
                 presence_remove: Script::new(&format!("{PRESENCE_COMMON_LUA}{PRESENCE_REMOVE_LUA}")),
                 presence_expire: Script::new(&format!("{PRESENCE_COMMON_LUA}{PRESENCE_EXPIRE_LUA}")),
@@ -388,22 +393,10 @@ impl Inner {
         Ok(c)
     }
 
-    /// The random part of this prefix's epochs, created by the first node that asks.
-    async fn base(&self, refresh: bool) -> Result<Arc<str>, EngineError> {
-        if !refresh {
-            if let Some(b) = lock(&self.base).clone() {
-                return Ok(b);
-            }
-        }
-        let mut conn = self.conn().await?;
-        let key = format!("{{{}}}:base", self.prefix);
-        let fresh = format!("{:08x}", rand::random::<u32>());
-        let _: () =
-            redis::cmd("SET").arg(&key).arg(&fresh).arg("NX").query_async(&mut conn).await.map_err(unavailable)?;
-        let base: String = redis::cmd("GET").arg(&key).query_async(&mut conn).await.map_err(unavailable)?;
-        let base: Arc<str> = Arc::from(base.as_str());
-        *lock(&self.base) = Some(base.clone());
-        Ok(base)
+    /// The prefix's epoch base key: read (and, when Redis lost it, made again) by the scripts
+    /// that may need a new epoch, never remembered by a node.
+    fn base_key(&self) -> String {
+        format!("{{{}}}:base", self.prefix)
     }
 
     async fn publish(
@@ -413,7 +406,6 @@ impl Inner {
         policy: HistoryPolicy,
     ) -> Result<StreamPosition, EngineError> {
         let Publish { data, info, tags, exclude } = publication;
-        let base = self.base(false).await?;
         let mut conn = self.conn().await?;
         let life_ms = policy.ttl.as_millis().clamp(1, u64::MAX as u128) as u64;
         let (epoch, offset): (String, u64) = self
@@ -421,7 +413,8 @@ impl Inner {
             .publish
             .key(self.key(channel, "meta"))
             .key(self.key(channel, "stream"))
-            .arg(&*base)
+            .key(self.base_key())
+            .arg(fresh_random())
             .arg(EPOCH_WINDOW_SECS)
             .arg(policy.size)
             .arg(life_ms)
@@ -436,7 +429,6 @@ impl Inner {
     }
 
     async fn history(&self, channel: &str, query: HistoryQuery) -> Result<History, EngineError> {
-        let base = self.base(false).await?;
         let mut conn = self.conn().await?;
         let (since_epoch, since_offset) = match &query.since {
             Some(p) => (p.epoch.to_string(), p.offset.to_string()),
@@ -448,7 +440,8 @@ impl Inner {
             .history
             .key(self.key(channel, "meta"))
             .key(self.key(channel, "stream"))
-            .arg(&*base)
+            .key(self.base_key())
+            .arg(fresh_random())
             .arg(EPOCH_WINDOW_SECS)
             .arg(since_epoch)
             .arg(since_offset)
@@ -650,69 +643,120 @@ async fn deliver_loop(inner: Arc<Inner>, mut work: mpsc::UnboundedReceiver<redis
     }
 }
 
+/// A fresh random value for one script call: the prefix's new base if Redis lost it (or the
+/// epoch itself where Redis does not allow `INFO`). Never kept: each call draws its own.
+fn fresh_random() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
 fn msg_bytes(m: &redis::Msg) -> usize {
     // The payload and channel name, plus what `Msg` holds around them.
     m.get_payload_bytes().len() + m.get_channel_name().len() + 64
 }
 
+/// How long the pub/sub link waits between attempts to reach Redis: exponential backoff with
+/// decorrelated jitter. Each delay is drawn uniformly between `floor` and three times the
+/// previous one, capped at `cap`: delays grow while Redis stays away, and nodes that lost
+/// Redis at the same moment spread their reconnections out instead of arriving together
+/// when it comes back.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    floor: Duration,
+    cap: Duration,
+    last: Duration,
+}
+
+/// The least and the most the link waits before trying Redis again.
+const RECONNECT_FLOOR: Duration = Duration::from_millis(50);
+const RECONNECT_CAP: Duration = Duration::from_secs(1);
+
+impl Backoff {
+    fn new(floor: Duration, cap: Duration) -> Self {
+        let cap = cap.max(floor);
+        Self { floor, cap, last: floor }
+    }
+
+    /// The next delay: uniform in `[floor, min(cap, 3 × previous)]`.
+    fn next(&mut self, rng: &mut impl rand::Rng) -> Duration {
+        let floor = self.floor.as_nanos().min(u64::MAX as u128) as u64;
+        let high = self.last.saturating_mul(3).min(self.cap).as_nanos().min(u64::MAX as u128) as u64;
+        let d = Duration::from_nanos(rng.random_range(floor..=high.max(floor)));
+        self.last = d;
+        d
+    }
+
+    /// Redis answered: the next outage starts from the floor again.
+    fn reset(&mut self) {
+        self.last = self.floor;
+    }
+}
+
+/// A connected, subscribed pub/sub link, and the channels it subscribed to.
+type Linked = (redis::aio::PubSubSink, redis::aio::PubSubStream, Vec<String>);
+
+/// Connects the pub/sub link and subscribes it to every channel this node listens to; why
+/// not, when it cannot.
+async fn connect(inner: &Inner) -> Result<Linked, String> {
+    let pubsub = match tokio::time::timeout(inner.timeout, inner.client.get_async_pubsub()).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return Err(format!("cannot connect: {e}")),
+        Err(_) => return Err(format!("no answer within {:?}", inner.timeout)),
+    };
+    let (mut sink, stream) = pubsub.split();
+    let wanted: Vec<String> = lock(&inner.listening).keys().cloned().collect();
+    for chunk in wanted.chunks(256) {
+        let names: Vec<String> = chunk.iter().map(|c| inner.key(c, "pub")).collect();
+        match tokio::time::timeout(inner.timeout, sink.subscribe(&names)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(format!("cannot subscribe: {e}")),
+            Err(_) => return Err(format!("SUBSCRIBE unanswered within {:?}", inner.timeout)),
+        }
+    }
+    Ok((sink, stream, wanted))
+}
+
 /// The pub/sub link: one connection per node, subscribed to the channels with local
-/// subscribers; reconnects (with backoff) and resubscribes, then fills what it missed.
+/// subscribers; reconnects (with jittered backoff, [`Backoff`]) and resubscribes, then fills
+/// what it missed.
 async fn link(
     inner: Arc<Inner>,
     mut cmds: mpsc::UnboundedReceiver<Cmd>,
     work: mpsc::UnboundedSender<redis::Msg>,
     stop: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(50);
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+    let mut backoff = Backoff::new(RECONNECT_FLOOR, RECONNECT_CAP);
     let mut was_up = false;
     // Warned about the current outage already (one warning per outage, not per retry).
     let mut warned = false;
+    let mut first = true;
     loop {
-        let connected = tokio::select! {
+        // The one retry path: every attempt but the very first waits its jittered delay, so
+        // nodes that lost Redis together do not come back in lockstep.
+        if !std::mem::replace(&mut first, false) {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(backoff.next(&mut rng)) => {}
+            }
+        }
+        let linked = tokio::select! {
             () = stop.cancelled() => return,
-            r = tokio::time::timeout(inner.timeout, inner.client.get_async_pubsub()) => r,
+            r = connect(&inner) => r,
         };
-        let pubsub = match connected {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => {
+        let (mut sink, mut stream, wanted) = match linked {
+            Ok(l) => l,
+            Err(why) => {
                 if std::mem::replace(&mut warned, true) {
-                    tracing::debug!(error = %e, "redis pub/sub link: cannot connect");
+                    tracing::debug!(error = %why, "redis pub/sub link: still down");
                 } else {
-                    tracing::warn!(error = %e, "redis pub/sub link: cannot connect; retrying");
+                    tracing::warn!(error = %why, "redis pub/sub link: down; retrying with backoff");
                 }
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-            Err(_) => {
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
         };
-        backoff = Duration::from_millis(50);
+        backoff.reset();
         warned = false;
-        let (mut sink, mut stream) = pubsub.split();
-        // A restarted or flushed Redis may have a new epoch base.
-        let _ = inner.bounded(inner.base(true)).await;
-        let wanted: Vec<String> = lock(&inner.listening).keys().cloned().collect();
-        let mut ok = true;
-        for chunk in wanted.chunks(256) {
-            let names: Vec<String> = chunk.iter().map(|c| inner.key(c, "pub")).collect();
-            if !matches!(tokio::time::timeout(inner.timeout, sink.subscribe(&names)).await, Ok(Ok(()))) {
-                ok = false;
-                break;
-            }
-        }
-        if !ok {
-            continue;
-        }
         if was_up || !wanted.is_empty() {
             tracing::info!(channels = wanted.len(), "redis pub/sub link up");
         }
@@ -843,17 +887,13 @@ impl Engine for RedisEngine {
     }
 
     /// Stops listening to channels that lost their last local subscriber without
-    /// [`Engine::release`] (a slow consumer cut off by the hub), and refreshes the epoch base.
+    /// [`Engine::release`] (a slow consumer cut off by the hub).
     fn sweep(&self) {
         let Some(d) = self.inner.delivery.get() else { return };
         let names: Vec<String> = lock(&self.inner.listening).keys().cloned().collect();
         for c in names.iter().filter(|c| !d.has_subscribers(c)) {
             self.release(c);
         }
-        let inner = self.inner.clone();
-        tokio::spawn(async move {
-            let _ = inner.bounded(inner.base(true)).await;
-        });
     }
 
     fn listen<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<(), EngineError>> {
@@ -1180,7 +1220,8 @@ mod tests {
     }
 
     /// A publication is one round trip: one `EVALSHA`, and no other command, once the script
-    /// is loaded and the epoch base known.
+    /// is loaded and the stream exists (only the publication that creates a stream reads the
+    /// epoch's inputs).
     #[tokio::test]
     async fn a_publication_is_one_evalsha() {
         let e = engine();
@@ -1373,17 +1414,18 @@ mod tests {
         e.set_delivery(rec.clone());
         let keep = HistoryPolicy { size: 10, ttl: Duration::from_secs(60) };
         e.listen("f").await.expect("listen");
+        let mut old = None;
         for i in 1..=2 {
-            e.publish("f", Publish::data(Bytes::from(i.to_string())), keep).await.expect("publish");
+            old = Some(e.publish("f", Publish::data(Bytes::from(i.to_string())), keep).await.expect("publish"));
         }
+        let old = old.expect("published");
         assert_eq!(rec.wait_for(2).await.len(), 2);
-        // Redis forgets the channel (as when its keys expire), and a new base makes the next
-        // stream's epoch differ: its offset 1 must not look like old offset 1.
+        // Redis forgets everything while the node runs: the next stream's epoch differs
+        // (the base is made again), so its offset 1 cannot look like old offset 1.
         let mut raw = raw(&e).await;
         let _: () = redis::cmd("FLUSHALL").query_async(&mut raw).await.expect("flush");
-        let fresh = e.inner.base(true).await.expect("base");
         let pos = e.publish("f", Publish::data(Bytes::from_static(b"9")), keep).await.expect("publish");
-        assert!(pos.epoch.starts_with(&*fresh) && pos.offset == 1, "{pos:?}");
+        assert!(pos.epoch != old.epoch && pos.offset == 1, "{pos:?} after {old:?}");
         for _ in 0..500 {
             if !rec.lost.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
                 break;
@@ -1391,6 +1433,151 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(*rec.lost.lock().unwrap_or_else(|e| e.into_inner()), ["f"], "subscribers told to recover");
+    }
+
+    /// Whatever part of Redis's state goes, the epoch a new stream gets changes: the prefix's
+    /// base (a `FLUSHALL`), the channel's own keys (an eviction: `evicted_keys` moves; here
+    /// the count is what an eviction leaves, simulated by deleting the keys and evicting
+    /// another key), and never does a node's memory bring an old epoch back.
+    #[tokio::test]
+    async fn a_recreated_stream_never_gets_an_old_epoch() {
+        let e = engine();
+        let keep = HistoryPolicy { size: 10, ttl: Duration::from_secs(60) };
+        let mut raw = raw(&e).await;
+        let mut seen = HashSet::new();
+        let first = e.publish("r", Publish::data(Bytes::from_static(b"1")), keep).await.expect("publish");
+        assert!(seen.insert(first.epoch.clone()));
+        assert_eq!(first.epoch.len(), 16, "an opaque string: {first:?}");
+
+        // Only the base goes: the next new stream's epoch differs.
+        let channel_keys = [e.inner.key("r", "meta"), e.inner.key("r", "stream")];
+        let _: () = redis::cmd("DEL").arg("{t}:base").arg(&channel_keys).query_async(&mut raw).await.expect("del");
+        let p = e.publish("r", Publish::data(Bytes::from_static(b"1")), keep).await.expect("publish");
+        assert!(p.offset == 1 && seen.insert(p.epoch.clone()), "{p:?}");
+
+        // The base stays, the channel is evicted: Redis counts the eviction, the epoch moves.
+        let base: String = redis::cmd("GET").arg("{t}:base").query_async(&mut raw).await.expect("get");
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory-policy")
+            .arg("allkeys-random")
+            .query_async(&mut raw)
+            .await
+            .expect("policy");
+        let _: () = redis::cmd("SET").arg("filler").arg(vec![b'x'; 1 << 20]).query_async(&mut raw).await.expect("set");
+        let info: String = redis::cmd("INFO").arg("memory").query_async(&mut raw).await.expect("info");
+        let used: u64 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("used_memory");
+        let before: String = redis::cmd("INFO").arg("stats").query_async(&mut raw).await.expect("info");
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(used - (512 << 10))
+            .query_async(&mut raw)
+            .await
+            .expect("maxmemory");
+        // Any command that may allocate makes Redis evict down to the bound.
+        let _: () = redis::cmd("SET").arg("poke").arg("1").query_async(&mut raw).await.expect("poke");
+        let _: () =
+            redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(0).query_async(&mut raw).await.expect("unbounded");
+        let after: String = redis::cmd("INFO").arg("stats").query_async(&mut raw).await.expect("info");
+        let evicted = |i: &str| i.lines().find_map(|l| l.strip_prefix("evicted_keys:")).map(|v| v.trim().to_owned());
+        assert_ne!(evicted(&before), evicted(&after), "Redis evicted something");
+        // Whatever the eviction took, the channel is gone and the base is as it was: only the
+        // count differs.
+        let _: () = redis::cmd("DEL").arg(&channel_keys).query_async(&mut raw).await.expect("del");
+        let _: () = redis::cmd("SET").arg("{t}:base").arg(base).query_async(&mut raw).await.expect("set");
+        let p = e.publish("r", Publish::data(Bytes::from_static(b"1")), keep).await.expect("publish");
+        assert!(p.offset == 1 && seen.insert(p.epoch.clone()), "{p:?} repeats one of {seen:?}");
+    }
+
+    /// Two nodes publishing to a new channel at once agree on one epoch: the script that
+    /// creates the stream decides it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nodes_creating_one_stream_at_once_agree_on_its_epoch() {
+        let a = Arc::new(engine());
+        let b =
+            Arc::new(RedisEngine::new(RedisSettings::new(a.server.as_ref().expect("server").url(), "t")).expect("b"));
+        let keep = HistoryPolicy { size: 100, ttl: Duration::from_secs(60) };
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let e = if i % 2 == 0 { a.clone() } else { b.clone() };
+                tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    for _ in 0..10 {
+                        out.push(
+                            e.publish("new", Publish::data(Bytes::from_static(b"1")), keep).await.expect("publish"),
+                        );
+                    }
+                    out
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.expect("task"));
+        }
+        let epochs: HashSet<_> = all.iter().map(|p| p.epoch.clone()).collect();
+        assert_eq!(epochs.len(), 1, "{epochs:?}");
+        let mut offsets: Vec<u64> = all.iter().map(|p| p.offset).collect();
+        offsets.sort_unstable();
+        assert_eq!(offsets, (1..=80).collect::<Vec<_>>());
+    }
+
+    /// The backoff schedule, as pure logic with seeded generators standing in for nodes.
+    #[test]
+    fn reconnect_delays_grow_within_bounds_and_are_jittered() {
+        use rand::SeedableRng;
+        let (floor, cap) = (Duration::from_millis(50), Duration::from_secs(1));
+        let schedule = |seed: u64, n: usize| {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut b = Backoff::new(floor, cap);
+            (0..n).map(|_| b.next(&mut rng)).collect::<Vec<_>>()
+        };
+        // Bounds: never under the floor, never over the cap, never over 3 × the previous.
+        for seed in 0..200 {
+            let s = schedule(seed, 40);
+            let mut prev = floor;
+            for d in &s {
+                assert!(*d >= floor && *d <= cap, "seed {seed}: {d:?}");
+                assert!(*d <= (prev * 3).min(cap).max(floor), "seed {seed}: {d:?} after {prev:?}");
+                prev = *d;
+            }
+            assert_eq!(s, schedule(seed, 40), "a seed gives one schedule");
+        }
+        // Growth: averaged over many nodes, later delays are longer, up to near the cap.
+        let mean = |attempt: usize| {
+            let total: Duration = (0..500).map(|seed| schedule(seed, attempt + 1)[attempt]).sum();
+            total / 500
+        };
+        let (m0, m3, m15) = (mean(0), mean(3), mean(15));
+        assert!(m0 <= Duration::from_millis(150), "the first retry is quick: {m0:?}");
+        assert!(m3 > m0 * 2, "grows: {m0:?} then {m3:?}");
+        // (Decorrelated jitter settles around 40 % of the cap: each delay is drawn from up
+        // to three times the one before, which may itself have been short.)
+        assert!(m15 > cap / 4 && m15 > m0 * 3 && m15 <= cap, "settles in the cap's range: {m15:?}");
+        // Jitter: nodes that started together are spread, at every attempt.
+        for attempt in [0, 5, 20] {
+            let at: Vec<Duration> = (0..100).map(|seed| schedule(seed, attempt + 1)[attempt]).collect();
+            let distinct: HashSet<_> = at.iter().collect();
+            assert!(distinct.len() > 90, "attempt {attempt}: {} distinct of 100", distinct.len());
+            let (lo, hi) = (at.iter().min().copied().unwrap_or_default(), at.iter().max().copied().unwrap_or_default());
+            assert!(hi - lo > Duration::from_millis(50), "attempt {attempt}: spread {lo:?}..{hi:?}");
+        }
+        // After Redis answered, the next outage starts from the floor's range again.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut b = Backoff::new(floor, cap);
+        for _ in 0..20 {
+            b.next(&mut rng);
+        }
+        b.reset();
+        assert!(b.next(&mut rng) <= floor * 3);
+        // A cap under the floor is the floor.
+        let mut b = Backoff::new(floor, Duration::ZERO);
+        assert_eq!(b.next(&mut rng), floor);
     }
 
     /// TLS files rustls would refuse at connect time are refused up front, by key: a

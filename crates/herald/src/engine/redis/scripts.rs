@@ -1,16 +1,49 @@
 //! The Lua scripts of the Redis engine: each runs atomically in Redis, touches only keys of
 //! one channel (one hash tag, so one Redis Cluster slot), and reads the time from Redis.
 
-/// KEYS: meta, stream. ARGV: base, window (s), size, history TTL (ms), least meta TTL (ms),
-/// body, pub/sub channel, connection to exclude (live only; may be empty). Returns
-/// `{epoch, offset}`.
+/// Shared by the two scripts that may need the epoch of a channel without a stream. KEYS[3]:
+/// the prefix's base; ARGV[1]: a fresh random value from the calling node (used only when
+/// Redis has no base, or cannot say who it is), ARGV[2]: the window (s).
+///
+/// `new_epoch(t)` is what a stream created now gets, computed from Redis alone, never from
+/// anything a node remembers: the hash of the prefix's base (random, made again when Redis
+/// lost it: a restart without persistence, `FLUSHALL`), the Redis process's `run_id` (new on
+/// every start and on every other server: a restart from an older snapshot, a failover to a
+/// replica that lagged), its `evicted_keys` count (an eviction moves it) and the window of
+/// `t` (a channel's metadata outlives its last publication by a window, so a stream forgotten
+/// by expiry comes back in a later window). Whatever Redis lost, one of them differs, so a
+/// recreated stream never gets an epoch an earlier stream had. Where `INFO` is not allowed
+/// the epoch is the caller's random value: never reused, and never predicted by a read.
+pub(super) const EPOCH_LUA: &str = r#"
+local function new_epoch(t)
+  local base = redis.call('GET', KEYS[3])
+  if not base then
+    base = ARGV[1]
+    redis.call('SET', KEYS[3], base)
+  end
+  local function info(section, field)
+    local r = redis.pcall('INFO', section)
+    if type(r) ~= 'string' then return nil end
+    return string.match(r, field .. ':(%w+)')
+  end
+  local run, evicted = info('server', 'run_id'), info('stats', 'evicted_keys')
+  if not run or not evicted then return ARGV[1] end
+  local window = string.format('%d', math.floor(tonumber(t[1]) / tonumber(ARGV[2])))
+  return string.sub(redis.sha1hex(base .. '\n' .. run .. '\n' .. evicted .. '\n' .. window), 1, 16)
+end
+"#;
+
+/// KEYS: meta, stream, base. ARGV: fresh random value, window (s), size, history TTL (ms),
+/// least meta TTL (ms), body, pub/sub channel, connection to exclude (live only; may be
+/// empty). Returns `{epoch, offset}`. Runs after `EPOCH_LUA`.
 ///
 /// Kept to the minimum, since it runs once per publication: `HMGET`, `TIME`, `HINCRBY`,
 /// `XADD` (trimmed by size, approximately: whole stream nodes at a time), two `PEXPIRE`s and
-/// `PUBLISH`; an `HSET` only when the channel is new or its history policy changed. Nothing
-/// is trimmed by age here: readers skip entries older than the history TTL (`HISTORY_LUA`),
-/// the size bound keeps the stream small, and the whole stream expires one TTL after the
-/// last publication.
+/// `PUBLISH`; an `HSET` only when the channel is new or its history policy changed. The
+/// epoch is decided here, in the script that creates the stream: two nodes publishing to a
+/// new channel at once get one epoch, the first script's. Nothing is trimmed by age here:
+/// readers skip entries older than the history TTL (`HISTORY_LUA`), the size bound keeps the
+/// stream small, and the whole stream expires one TTL after the last publication.
 pub(super) const PUBLISH_LUA: &str = r#"
 local m = redis.call('HMGET', KEYS[1], 'e', 'l')
 local epoch = m[1]
@@ -19,7 +52,7 @@ local size = tonumber(ARGV[3])
 local life = tonumber(ARGV[4])
 local t = redis.call('TIME')
 if not epoch then
-  epoch = ARGV[1] .. '-' .. string.format('%d', math.floor(tonumber(t[1]) / tonumber(ARGV[2])))
+  epoch = new_epoch(t)
   redis.call('HSET', KEYS[1], 'e', epoch, 'l', policy)
 elseif m[2] ~= policy then
   redis.call('HSET', KEYS[1], 'l', policy)
@@ -36,8 +69,9 @@ redis.call('PUBLISH', ARGV[7], 'p' .. offset .. '\n' .. epoch .. '\n' .. ARGV[8]
 return {epoch, tonumber(offset)}
 "#;
 
-/// KEYS: meta, stream. ARGV: base, window (s), since epoch, since offset (-1: none), limit.
-/// Writes nothing. Returns `{epoch, offset, complete, {{offset, body}...}}`.
+/// KEYS: meta, stream, base. ARGV: fresh random value, window (s), since epoch, since offset
+/// (-1: none), limit. Writes nothing of the channel (only the prefix's base, when Redis has
+/// none). Returns `{epoch, offset, complete, {{offset, body}...}}`. Runs after `EPOCH_LUA`.
 ///
 /// The stream holds the offsets from its oldest entry to the last one without holes (entries
 /// leave from the front only), possibly more than the history size (trimming is approximate)
@@ -50,7 +84,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local since_e, since_o, limit = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local m = redis.call('HMGET', KEYS[1], 'e', 'o', 'l')
 if not m[1] then
-  local epoch = ARGV[1] .. '-' .. string.format('%d', math.floor(tonumber(t[1]) / tonumber(ARGV[2])))
+  local epoch = new_epoch(t)
   local complete = 0
   if since_o == 0 and since_e == epoch then complete = 1 end
   return {epoch, 0, complete, {}}
