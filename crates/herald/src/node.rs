@@ -547,14 +547,17 @@ fn make_engine(config: &Config, limits: EngineLimits) -> Arc<dyn Engine> {
     match config.engine.kind {
         crate::config::EngineKind::Memory => Arc::new(MemoryEngine::with_limits(limits)),
         #[cfg(feature = "redis")]
-        crate::config::EngineKind::Redis => {
-            match crate::engine::RedisEngine::new(crate::engine::RedisSettings::from(&config.engine.redis)) {
-                Ok(e) => Arc::new(e),
-                Err(e) => {
-                    tracing::error!(error = %e, "invalid [engine.redis] settings: using the memory engine");
-                    Arc::new(MemoryEngine::with_limits(limits))
-                }
+        crate::config::EngineKind::Redis => match crate::engine::RedisEngine::new(&config.engine.redis) {
+            Ok(e) => Arc::new(e),
+            Err(e) => {
+                tracing::error!(error = %e, "invalid [engine.redis] settings: using the memory engine");
+                Arc::new(MemoryEngine::with_limits(limits))
             }
+        },
+        #[cfg(not(feature = "redis"))]
+        crate::config::EngineKind::Redis => {
+            tracing::error!("this build has no Redis engine (cargo feature `redis`): using the memory engine");
+            Arc::new(MemoryEngine::with_limits(limits))
         }
     }
 }

@@ -12,6 +12,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 pub use crate::channel::{ChannelsConfig, Conflation, NamespaceOptions};
+pub use crate::engine::redis::RedisConfig;
 pub use crate::secret::Secret;
 use crate::ws;
 
@@ -247,75 +248,6 @@ pub enum EngineKind {
     #[default]
     Memory,
     Redis,
-}
-
-/// `[engine.redis]`.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(default, deny_unknown_fields)]
-pub struct RedisConfig {
-    /// Redis to connect to: `redis://host:port/db`, or `rediss://host:port/db` for TLS (a user
-    /// name may go before `@`). Put the password in `engine.redis.password`, never in the URL.
-    pub url: String,
-    /// The Redis password (`AUTH`), if Redis asks for one. Prefer setting it through
-    /// `HERALD_ENGINE__REDIS__PASSWORD` rather than in a file.
-    #[schemars(with = "String")]
-    pub password: Secret,
-    /// Prefix of every Redis key and pub/sub channel Herald uses (letters, digits, `_ - . :`).
-    /// Herald clusters with different prefixes share one Redis without seeing each other's
-    /// channels, history or presence; every node of one cluster must use the same prefix.
-    pub prefix: String,
-    /// Longest wait for any one Redis call. Past it, the API answers 503 (error 113) and a
-    /// client's command gets an error; nothing waits forever for Redis.
-    #[serde(with = "humantime_serde")]
-    #[schemars(with = "String")]
-    pub timeout: Duration,
-    /// With `rediss://`: PEM file of the certificate authorities to trust for Redis's
-    /// certificate instead of the system's (for a Redis with its own CA). Empty: the system's.
-    #[schemars(with = "String")]
-    pub tls_ca: PathBuf,
-    /// With `rediss://`, when Redis asks for client certificates (`tls-auth-clients`): PEM
-    /// file with this node's certificate chain. Set together with `tls_key`.
-    #[schemars(with = "String")]
-    pub tls_cert: PathBuf,
-    /// With `rediss://`: PEM file with the private key of `tls_cert`.
-    #[schemars(with = "String")]
-    pub tls_key: PathBuf,
-    /// Most bytes of publications this node has received from Redis and not yet handed to
-    /// its subscribers. When the node falls this far behind, it drops what arrives and reads
-    /// those channels back from history instead (their subscribers recover, with
-    /// `recovered: false` if history no longer has it): memory stays bounded, nothing is
-    /// skipped silently. Counted in `herald_redis_link_overflows_total`.
-    pub max_link_bytes: usize,
-}
-
-impl Default for RedisConfig {
-    fn default() -> Self {
-        Self {
-            url: "redis://127.0.0.1:6379".into(),
-            password: Secret::default(),
-            prefix: "herald".into(),
-            timeout: Duration::from_secs(1),
-            tls_ca: PathBuf::new(),
-            tls_cert: PathBuf::new(),
-            tls_key: PathBuf::new(),
-            max_link_bytes: 64 << 20,
-        }
-    }
-}
-
-impl std::fmt::Debug for RedisConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisConfig")
-            .field("url", &self.url)
-            .field("password", &self.password)
-            .field("prefix", &self.prefix)
-            .field("timeout", &self.timeout)
-            .field("tls_ca", &self.tls_ca)
-            .field("tls_cert", &self.tls_cert)
-            .field("tls_key", &self.tls_key)
-            .field("max_link_bytes", &self.max_link_bytes)
-            .finish()
-    }
 }
 
 /// Test endpoints (`[testing]`).
@@ -613,11 +545,11 @@ impl Config {
                 "has a password: put it in engine.redis.password (HERALD_ENGINE__REDIS__PASSWORD) instead",
             )?;
             #[cfg(feature = "redis")]
-            if let Err((key, message)) = crate::engine::RedisSettings::from(r).check_tls_files() {
+            if let Err((key, message)) = r.check_tls_files() {
                 return Err(ConfigError::Invalid { key, message });
             }
             #[cfg(feature = "redis")]
-            if let Err(e) = crate::engine::RedisSettings::from(r).client() {
+            if let Err(e) = r.client() {
                 return Err(ConfigError::Invalid { key: "engine.redis.url", message: e.to_string() });
             }
         }

@@ -7,7 +7,6 @@
 //! subscribers of a channel.
 
 pub mod memory;
-#[cfg(feature = "redis")]
 pub mod redis;
 
 #[cfg(test)]
@@ -20,8 +19,9 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use herald_protocol::{ClientInfo, ErrorCode};
 
+pub use self::redis::RedisConfig;
 #[cfg(feature = "redis")]
-pub use self::redis::{RedisEngine, RedisSettings};
+pub use self::redis::RedisEngine;
 pub use memory::MemoryEngine;
 
 /// A channel's position: the offset of its last publication within an epoch. The epoch
