@@ -8,10 +8,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures_util::FutureExt;
+use herald::doors::raw::RAW;
+use herald::doors::session::NATIVE;
 use herald::engine::{PublicationRecord, StreamPosition};
 use herald::hub::{Encoder, Hub, Subscriber};
-use herald::session::NATIVE;
-use herald::transport::RAW;
 use herald::ws::{Outbox, SendMode};
 
 /// Publications per measured iteration: a writer finds this many frames at each wake-up.

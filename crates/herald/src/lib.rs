@@ -32,11 +32,10 @@
 //!   endpoints in batches, in order, retried until delivered; bounded queues.
 //! - `secret`: `Secret`, a configuration value never printed (a leaf, used by `config` and `auth`).
 
-pub mod api;
 pub mod auth;
-pub mod centrifugo;
 pub mod channel;
 pub mod config;
+pub mod doors;
 pub mod engine;
 pub mod http_error;
 pub mod hub;
@@ -44,14 +43,11 @@ pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod origin;
-pub mod pusher;
 pub mod reload;
 pub mod rules;
 pub mod secret;
 pub mod server;
-pub mod session;
 pub mod tls;
-pub mod transport;
 pub mod web;
 pub mod webhooks;
 pub mod ws;

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
-use herald_protocol::ClientInfo;
+use herald_protocol::{ClientInfo, ErrorCode};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::channel::{ChannelName, NamespaceOptions};
@@ -28,8 +28,8 @@ use crate::ws::{self, WsContext};
 #[derive(Debug)]
 pub struct Node {
     config: ArcSwap<Config>,
-    pub hub: Arc<Hub>,
-    pub engine: Arc<dyn Engine>,
+    hub: Arc<Hub>,
+    engine: Arc<dyn Engine>,
     pub ws: WsContext,
     /// `[websocket]` settings for client connections.
     ws_settings: ArcSwap<ws::Settings>,
@@ -177,7 +177,7 @@ impl Node {
         }
         if let Some(webhooks) = webhooks {
             let webhooks = Arc::new(webhooks);
-            crate::pusher::name_webhook_channels(&next, &webhooks);
+            webhooks.name_pusher_apps(&next.pusher.apps);
             webhooks.start();
             let old = self.webhooks.0.swap(webhooks);
             // The old endpoints deliver what they hold (within their shutdown timeout).
@@ -277,6 +277,75 @@ impl Node {
             self.engine.release(channel);
         }
         removed
+    }
+
+    /// A channel's history for a door: refused (109) when its namespace keeps none; `limit`
+    /// is clamped to the namespace's `history_size` (`None`: all it keeps); with `since`, an
+    /// epoch that is not the channel's is refused (122) with a message naming the current
+    /// position, so no door can hand out publications of another epoch as a continuation.
+    pub async fn history(
+        &self,
+        channel: &ChannelName,
+        ns: &NamespaceOptions,
+        since: Option<StreamPosition>,
+        limit: Option<usize>,
+        reverse: bool,
+    ) -> Result<History, crate::rules::Refusal> {
+        if ns.history_size == 0 {
+            return Err(crate::rules::refuse(ErrorCode::NotAvailable, "this namespace keeps no history"));
+        }
+        let limit = limit.map_or(ns.history_size, |l| l.min(ns.history_size));
+        let asked = since.as_ref().map(|p| p.epoch.clone());
+        let query = HistoryQuery { since, limit, reverse };
+        let h = self.engine.history(channel.as_str(), query).await.map_err(|e| crate::rules::engine_refusal(&e))?;
+        if let Some(message) = asked.and_then(|e| epoch_mismatch(&e, &h.position)) {
+            return Err(crate::rules::refuse(ErrorCode::EpochMismatch, message));
+        }
+        Ok(h)
+    }
+
+    /// Who is present on `channel` (every node's connections).
+    pub async fn presence(&self, channel: &str) -> Result<Vec<PresenceEntry>, crate::rules::Refusal> {
+        self.engine.presence(channel).await.map_err(|e| crate::rules::engine_refusal(&e))
+    }
+
+    /// How many connections and distinct users are present on `channel`.
+    pub async fn presence_stats(&self, channel: &str) -> Result<crate::engine::PresenceStats, crate::rules::Refusal> {
+        self.engine.presence_stats(channel).await.map_err(|e| crate::rules::engine_refusal(&e))
+    }
+
+    /// The channels with subscribers on this node that `keep` accepts, with their counts.
+    pub fn channels(&self, keep: impl Fn(&str) -> bool) -> Vec<(Arc<str>, usize)> {
+        self.hub.channels(keep)
+    }
+
+    /// This node's subscribers of `channel`.
+    pub fn channel_subscribers(&self, channel: &str) -> usize {
+        self.hub.channels(|c| c == channel).first().map_or(0, |(_, n)| *n)
+    }
+
+    /// What this node holds now, for the APIs' `info`.
+    pub fn info(&self) -> NodeInfo {
+        let stats = self.engine.stats();
+        NodeInfo {
+            connections: self.session_count(),
+            channels: self.hub.channel_count(),
+            subscriptions: self.hub.subscription_count(),
+            stored_channels: stats.channels,
+            history_bytes: stats.history_bytes,
+            uptime_seconds: self.uptime_seconds(),
+        }
+    }
+
+    /// The periodic upkeep: the engine forgets idle channels, expired presence is announced.
+    pub(crate) async fn sweep(&self) {
+        self.engine.sweep();
+        self.expire_presence().await;
+    }
+
+    /// Why the engine cannot serve now (for `/ready`), if it cannot.
+    pub fn engine_unavailable(&self) -> Option<&'static str> {
+        self.engine.unavailable()
     }
 
     /// Sends `event` (a join, a leave, a client event) to `channel`'s subscribers on every node.
@@ -469,6 +538,20 @@ impl crate::hub::Occupancy for LiveWebhooks {
             w.channel_vacated(channel);
         }
     }
+}
+
+/// What a node holds, for the APIs' `info` (Herald's and Centrifugo's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub connections: usize,
+    /// Channels with subscribers on this node.
+    pub channels: usize,
+    pub subscriptions: usize,
+    /// Channels the engine keeps a position (and maybe history) for.
+    pub stored_channels: usize,
+    /// Bytes of publications kept in history.
+    pub history_bytes: usize,
+    pub uptime_seconds: u64,
 }
 
 /// User id → (session id, control inbox) of each of its connections.

@@ -22,12 +22,13 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::config::Config;
+use crate::doors::{api, raw as transport};
 use crate::http_error::ApiError;
 use crate::node::Node;
+use crate::origin;
 use crate::origin::{OriginPolicy, Origins, Secure};
 use crate::tls::Tls;
 use crate::ws::{self, AcceptedAt, Message, WsContext};
-use crate::{api, origin, transport};
 
 /// Runs Herald on `listener` until `shutdown` resolves, then closes every WebSocket with 1001
 /// and waits up to `drain_timeout` for connections to finish. Fails at once (before serving
@@ -53,7 +54,7 @@ pub async fn run_with_reload(
     let ws = WsContext { shutdown: stop.clone(), tracker: tracker.clone(), metrics: ws::WsMetrics::new() };
     let node = Arc::new(Node::new(config.clone(), ws, prometheus));
     let app = router(node.clone());
-    crate::pusher::name_webhook_channels(&config, &node.webhooks());
+    node.webhooks().name_pusher_apps(&config.pusher.apps);
     node.webhooks().start();
     metrics::counter!("herald_config_reloads_total", "result" => "ok").absolute(0);
     metrics::counter!("herald_config_reloads_total", "result" => "failed").absolute(0);
@@ -67,8 +68,7 @@ pub async fn run_with_reload(
             loop {
                 tokio::select! {
                     _ = every.tick() => {
-                        node.engine.sweep();
-                        node.expire_presence().await;
+                        node.sweep().await;
                     }
                     () = stop.cancelled() => break,
                 }
@@ -148,7 +148,7 @@ pub async fn run_with_reload(
 fn router(node: Arc<Node>) -> Router {
     let api = Router::new()
         .route("/api/{method}", any(api::dispatch))
-        .route("/centrifugo/api/{method}", any(crate::centrifugo::api))
+        .route("/centrifugo/api/{method}", any(crate::doors::centrifugo::api))
         .layer(axum::middleware::from_fn_with_state(node.clone(), origin::api_layer));
     let mut r = Router::new()
         .route("/health", get(health))
@@ -158,8 +158,8 @@ fn router(node: Arc<Node>) -> Router {
         .route("/connection/websocket", any(transport::centrifugo))
         .route("/ws/{*channel}", any(transport::raw_ws))
         .route("/sse/{*channel}", get(transport::sse))
-        .route("/app/{key}", any(crate::pusher::door::connect))
-        .route("/apps/{id}/{*rest}", any(crate::pusher::api::dispatch))
+        .route("/app/{key}", any(crate::doors::pusher::door::connect))
+        .route("/apps/{id}/{*rest}", any(crate::doors::pusher::api::dispatch))
         .merge(api);
     if node.config().testing.echo {
         r = r.route("/_echo", any(echo));
@@ -352,7 +352,7 @@ async fn ready(State(node): State<Arc<Node>>) -> Response {
     if !node.is_ready() {
         return ApiError::new(herald_protocol::ErrorCode::Unavailable, "shutting down").into_response();
     }
-    match node.engine.unavailable() {
+    match node.engine_unavailable() {
         None => Json(serde_json::json!({"status": "ready"})).into_response(),
         Some(why) => ApiError::new(herald_protocol::ErrorCode::Unavailable, why).into_response(),
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use herald::config::Secret;
-use herald::pusher::{auth, PusherApp};
+use herald::doors::pusher::{auth, PusherApp};
 use herald::Config;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;

@@ -51,7 +51,7 @@ pub struct Config {
     pub tls: crate::tls::TlsConfig,
     /// Pusher Channels compatibility: apps for pusher-js / Laravel Echo on `/app/<key>` and the
     /// Pusher HTTP API on `/apps/<id>/...`.
-    pub pusher: crate::pusher::PusherConfig,
+    pub pusher: crate::doors::pusher::PusherConfig,
     /// Endpoints for testing Herald itself. Keep them off in production.
     pub testing: TestingConfig,
     /// Lifecycle webhooks: channel occupied/vacated, members added/removed, client events,
@@ -77,7 +77,7 @@ impl Default for Config {
             engine: EngineConfig::default(),
             http: HttpConfig::default(),
             tls: crate::tls::TlsConfig::default(),
-            pusher: crate::pusher::PusherConfig::default(),
+            pusher: crate::doors::pusher::PusherConfig::default(),
             testing: TestingConfig::default(),
             webhooks: crate::webhooks::WebhooksConfig::default(),
             demo: false,

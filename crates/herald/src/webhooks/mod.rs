@@ -263,6 +263,18 @@ impl Webhooks {
         }
     }
 
+    /// Tells the endpoints of each Pusher app (`format = "pusher"` endpoints with the app's
+    /// key) the app's names for Herald channels, so their events carry Pusher names and only
+    /// the app's channels.
+    pub fn name_pusher_apps(&self, apps: &[crate::doors::pusher::PusherApp]) {
+        for app in apps {
+            let key = app.key.clone();
+            let app = app.clone();
+            let names = ChannelNames::new(move |c| app.pusher_name(c).map(std::borrow::Cow::into_owned));
+            self.name_channels(&key, names);
+        }
+    }
+
     /// Whether any endpoint is configured.
     #[inline]
     pub fn enabled(&self) -> bool {

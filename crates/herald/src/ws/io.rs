@@ -206,7 +206,8 @@ mod tests {
         let ctx = WsContext { shutdown: Default::default(), tracker: Default::default(), metrics: WsMetrics::new() };
         let node = Arc::new(Node::new(Arc::new(config), ctx, None));
         let (ws, mut client) = pipe(Settings::default()).await;
-        let session = tokio::spawn(crate::session::run(node.clone(), ws, crate::session::Dialect::Native));
+        let session =
+            tokio::spawn(crate::doors::session::run(node.clone(), ws, crate::doors::session::Dialect::Native));
         let reply = |c: &'static str| ClientMessage::text(c);
         client.send(reply(r#"{"id":1,"connect":{}}"#)).await.expect("send");
         let connected: serde_json::Value = serde_json::from_str(&next_text(&mut client).await).expect("json");
@@ -217,9 +218,9 @@ mod tests {
         client.send(reply(r#"{"id":3,"publish":{"channel":"chat:pipe","data":{"n":7}}}"#)).await.expect("send");
         let push: serde_json::Value = serde_json::from_str(&next_text(&mut client).await).expect("json");
         assert_eq!(push["push"]["pub"]["data"]["n"], 7, "{push}");
-        assert_eq!(node.hub.subscription_count(), 1);
+        assert_eq!(node.info().subscriptions, 1);
         drop(client);
         tokio::time::timeout(Duration::from_secs(10), session).await.expect("session ends").expect("task");
-        assert_eq!(node.hub.subscription_count(), 0, "the session left its channel");
+        assert_eq!(node.info().subscriptions, 0, "the session left its channel");
     }
 }

@@ -29,7 +29,7 @@ pub async fn connect(State(node): State<Arc<Node>>, req: Request) -> Response {
     let settings = node.ws_settings();
     let ctx = node.ws.clone();
     ws::upgrade(req, &ctx, settings, &[herald_protocol::SUBPROTOCOL], move |socket| {
-        crate::session::run(node, socket, crate::session::Dialect::Native)
+        crate::doors::session::run(node, socket, crate::doors::session::Dialect::Native)
     })
 }
 
@@ -48,7 +48,7 @@ pub async fn centrifugo(State(node): State<Arc<Node>>, req: Request) -> Response
             while let Ok(Some(_)) = socket.recv().await {}
             return;
         }
-        crate::session::run(node, socket, crate::session::Dialect::Centrifugo).await
+        crate::doors::session::run(node, socket, crate::doors::session::Dialect::Centrifugo).await
     })
 }
 

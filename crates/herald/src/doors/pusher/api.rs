@@ -37,7 +37,7 @@ async fn handle(node: &Node, id: &str, rest: &str, req: Request) -> Result<Value
         return Err(ApiError::not_found(format!("no Pusher app with id `{id}`")));
     };
     let (parts, body) = req.into_parts();
-    let body = crate::api::read_body(node, &parts.headers, body).await?;
+    let body = crate::doors::http::read_body(node, &parts.headers, body).await?;
     let query = query_pairs(parts.uri.query().unwrap_or(""));
     check_signature(node, app, &parts.method, parts.uri.path(), &query, &body)?;
     let param = |k: &str| query.iter().find(|(key, _)| key == k).map(|(_, v)| percent_decode(v));
@@ -82,7 +82,7 @@ async fn handle(node: &Node, id: &str, rest: &str, req: Request) -> Result<Value
                 return Err(ApiError::bad_request("info=user_count needs filter_by_prefix=presence-"));
             }
             let mut channels = serde_json::Map::new();
-            let mut listed = node.hub.channels(|c| app.pusher_name(c).is_some_and(|n| n.starts_with(prefix.as_str())));
+            let mut listed = node.channels(|c| app.pusher_name(c).is_some_and(|n| n.starts_with(prefix.as_str())));
             listed.sort();
             for (channel, _) in listed {
                 let Some(name) = app.pusher_name(&channel) else { continue };
@@ -98,7 +98,7 @@ async fn handle(node: &Node, id: &str, rest: &str, req: Request) -> Result<Value
             expect(Method::GET)?;
             let (channel, _) = app.channel(&node.config().channels, name).map_err(bad_channel)?;
             let info = param("info").unwrap_or_default();
-            let subscribers = node.hub.channels(|c| c == channel.as_str()).first().map_or(0, |(_, n)| *n);
+            let subscribers = node.channel_subscribers(channel.as_str());
             let mut out = serde_json::Map::new();
             let mut occupied = subscribers > 0;
             if Kind::of(name) == Kind::Presence {
@@ -149,7 +149,7 @@ fn parse<'a, T: Deserialize<'a>>(body: &'a Bytes) -> Result<T, ApiError> {
 
 /// The distinct user ids present on `channel`.
 async fn users(node: &Node, channel: &str) -> Result<Vec<String>, ApiError> {
-    let list = node.engine.presence(channel).await.map_err(|e| ApiError::new(e.code(), e.to_string()))?;
+    let list = node.presence(channel).await.map_err(|(code, message)| ApiError::new(code, message))?;
     let mut ids: Vec<String> = list.into_iter().map(|e| e.user).filter(|u| !u.is_empty()).collect();
     ids.sort();
     ids.dedup();

@@ -19,7 +19,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use crate::channel::{glob_match, ChannelName, NamespaceOptions};
-use crate::engine::{HistoryQuery, PublicationRecord, Publish, StreamPosition, Tags};
+use crate::engine::{PublicationRecord, Publish, StreamPosition, Tags};
 use crate::hub::{ChannelEvent, Encoder, Frame};
 use crate::node::{Control, Node};
 use crate::origin::RequestOrigin;
@@ -93,13 +93,13 @@ pub async fn api(
             headers.insert(http::header::AUTHORIZATION, value);
         }
     }
-    if let Err(e) = crate::api::authorize(&node, peer, origin, &headers) {
+    if let Err(e) = super::http::authorize(&node, peer, origin, &headers) {
         return e.into_response();
     }
     if http_method != http::Method::POST {
         return failure((ErrorCode::MethodNotAllowed, "API methods are called with POST".into()));
     }
-    let body = match crate::api::read_body(&node, &headers, body).await {
+    let body = match super::http::read_body(&node, &headers, body).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
@@ -216,7 +216,7 @@ fn unsupported_publish_options(body: &[u8]) -> Result<(), Refusal> {
 
 async fn call(node: &Node, method: &str, body: &[u8]) -> Result<Value, Refusal> {
     let config = node.config();
-    let engine = |e: crate::engine::EngineError| crate::rules::engine_refusal(&e);
+    let _engine = |e: crate::engine::EngineError| crate::rules::engine_refusal(&e);
     if method == "publish" || method == "broadcast" {
         unsupported_publish_options(body)?;
     }
@@ -252,10 +252,10 @@ async fn call(node: &Node, method: &str, body: &[u8]) -> Result<Value, Refusal> 
                 return Err((ErrorCode::NotAvailable, "presence is off in this namespace".into()));
             }
             if method == "presence_stats" {
-                let s = node.engine.presence_stats(channel.as_str()).await.map_err(engine)?;
+                let s = node.presence_stats(channel.as_str()).await?;
                 return Ok(json!({ "num_clients": s.clients, "num_users": s.users }));
             }
-            let list = node.engine.presence(channel.as_str()).await.map_err(engine)?;
+            let list = node.presence(channel.as_str()).await?;
             let presence: Map<String, Value> = list
                 .into_iter()
                 .map(|e| {
@@ -271,22 +271,10 @@ async fn call(node: &Node, method: &str, body: &[u8]) -> Result<Value, Refusal> 
         "history" => {
             let b: HistoryBody = parse(body)?;
             let (channel, ns) = resolve(&config, &b.channel)?;
-            if ns.history_size == 0 {
-                return Err((ErrorCode::NotAvailable, "this namespace keeps no history".into()));
-            }
             // Centrifugo: no limit (or 0) answers the position only, a negative one everything.
-            let limit =
-                if b.limit < 0 { ns.history_size } else { (b.limit as u64).min(ns.history_size as u64) as usize };
+            let limit = usize::try_from(b.limit).ok();
             let since = b.since.map(|s| StreamPosition { epoch: Arc::from(s.epoch.as_str()), offset: s.offset });
-            let asked = since.as_ref().map(|p| p.epoch.clone());
-            let h = node
-                .engine
-                .history(channel.as_str(), HistoryQuery { since, limit, reverse: b.reverse })
-                .await
-                .map_err(engine)?;
-            if let Some(message) = asked.and_then(|e| crate::node::epoch_mismatch(&e, &h.position)) {
-                return Err((ErrorCode::EpochMismatch, message));
-            }
+            let h = node.history(&channel, ns, since, limit, b.reverse).await?;
             let publications: Vec<Value> = h
                 .publications
                 .iter()
@@ -322,21 +310,23 @@ async fn call(node: &Node, method: &str, body: &[u8]) -> Result<Value, Refusal> 
             let b: ChannelsBody = parse(body)?;
             let pattern = if b.pattern.is_empty() { "*".to_owned() } else { b.pattern };
             let channels: Map<String, Value> = node
-                .hub
                 .channels(|name| glob_match(&pattern, name))
                 .into_iter()
                 .map(|(c, n)| (c.to_string(), json!({ "num_clients": n })))
                 .collect();
             Ok(json!({ "channels": channels }))
         }
-        "info" => Ok(json!({ "nodes": [{
+        "info" => {
+            let info = node.info();
+            Ok(json!({ "nodes": [{
             "name": "herald",
             "version": crate::VERSION,
-            "num_clients": node.session_count(),
-            "num_channels": node.hub.channel_count(),
-            "num_subs": node.hub.subscription_count(),
-            "uptime": node.uptime_seconds(),
-        }] })),
+            "num_clients": info.connections,
+            "num_channels": info.channels,
+            "num_subs": info.subscriptions,
+            "uptime": info.uptime_seconds,
+        }] }))
+        }
         other => Err((ErrorCode::UnknownCommand, format!("`{other}` is not available on Herald's Centrifugo API"))),
     }
 }

@@ -10,15 +10,14 @@ use bytes::Bytes;
 use herald_protocol::centrifugo::{self, ReplyContext};
 use herald_protocol::{
     ChannelRequest, ClientFrame, ClientInfo, CloseCode, Command, ConnectRequest, ConnectResult, ErrorCode,
-    HistoryRequest, HistoryResult, PresenceClient, PresenceResult, PresenceStatsResult, Publication, PublishRequest,
-    PublishResult, PushBody, RefreshRequest, RefreshResult, ReplyResult, ServerFrame, SubRefreshRequest,
-    SubRefreshResult, SubscribeRequest, SubscribeResult, UnsubscribeRequest, Unsubscribed,
+    HistoryRequest, HistoryResult, PresenceStatsResult, PublishRequest, PublishResult, PushBody, RefreshRequest,
+    RefreshResult, ReplyResult, ServerFrame, SubRefreshRequest, SubRefreshResult, SubscribeRequest, SubscribeResult,
+    UnsubscribeRequest, Unsubscribed,
 };
-use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use crate::channel::{Access, ChannelError, ChannelName, NamespaceOptions};
-use crate::engine::{HistoryQuery, PresenceChange, PresenceEntry, PublicationRecord, Publish, StreamPosition};
+use crate::engine::{PresenceChange, PresenceEntry, PublicationRecord, Publish, StreamPosition};
 use crate::hub::{ChannelEvent, Encoder, Frame, SubscribeError, Subscriber};
 use crate::limits::{ConnectionLimiter, Verdict};
 use crate::node::{Control, Node, SubscribeFailure};
@@ -80,7 +79,7 @@ impl Dialect {
     fn encoder(self) -> &'static dyn Encoder {
         match self {
             Self::Native => &NATIVE,
-            Self::Centrifugo => &crate::centrifugo::CENTRIFUGO,
+            Self::Centrifugo => &crate::doors::centrifugo::CENTRIFUGO,
         }
     }
 
@@ -517,7 +516,7 @@ impl Session {
                     epoch: history.position.epoch.to_string(),
                     offset: history.position.offset,
                     recovered,
-                    publications: history.publications.iter().map(to_wire).collect(),
+                    publications: history.publications.iter().map(super::wire::to_wire).collect(),
                     expires: None,
                     conflated: ns.conflated(),
                 };
@@ -693,7 +692,7 @@ impl Session {
         for channel in due {
             self.token_subscriptions.remove(&channel);
             if self.subscriptions.remove(&channel) {
-                self.node.hub.unsubscribe(&channel, self.id);
+                self.node.unsubscribe(&channel, self.id);
                 self.presence_remove(&channel).await;
                 let code = ErrorCode::SubscriptionExpired;
                 let body =
@@ -720,23 +719,13 @@ impl Session {
 
     async fn history(&mut self, id: u32, req: HistoryRequest) -> Result<(), Refusal> {
         let (channel, ns) = self.readable(&req.channel, |ns| ns.history_access)?;
-        if ns.history_size == 0 {
-            return Err(refuse(ErrorCode::NotAvailable, "this namespace keeps no history"));
-        }
-        let limit = req.limit.map_or(ns.history_size, |l| (l as usize).min(ns.history_size));
         let since = req.since.map(|p| StreamPosition { epoch: Arc::from(p.epoch.as_str()), offset: p.offset });
-        let asked_epoch = since.as_ref().map(|p| p.epoch.clone());
-        let query = HistoryQuery { since, limit, reverse: req.reverse };
-        let h = self.node.engine.history(channel.as_str(), query).await.map_err(|e| refuse(e.code(), e.to_string()))?;
-        if let Some(epoch) = asked_epoch {
-            if let Some(message) = crate::node::epoch_mismatch(&epoch, &h.position) {
-                return Err(refuse(ErrorCode::EpochMismatch, message));
-            }
-        }
+        let limit = req.limit.map(|l| l as usize);
+        let h = self.node.history(&channel, &ns, since, limit, req.reverse).await?;
         let result = HistoryResult {
             epoch: h.position.epoch.to_string(),
             offset: h.position.offset,
-            publications: h.publications.iter().map(to_wire).collect(),
+            publications: h.publications.iter().map(super::wire::to_wire).collect(),
         };
         let tags: Vec<_> = h.publications.iter().map(|p| p.tags.as_deref()).collect();
         self.reply_tagged(id, ReplyResult::History(result), &tags);
@@ -748,15 +737,13 @@ impl Session {
         if !ns.presence {
             return Err(refuse(ErrorCode::NotAvailable, "presence is off in this namespace"));
         }
-        let engine = &self.node.engine;
-        let internal = |e: crate::engine::EngineError| refuse(e.code(), e.to_string());
         if stats {
-            let s = engine.presence_stats(channel.as_str()).await.map_err(internal)?;
+            let s = self.node.presence_stats(channel.as_str()).await?;
             let result = PresenceStatsResult { clients: s.clients as u64, users: s.users as u64 };
             self.reply(id, ReplyResult::PresenceStats(result));
         } else {
-            let list = engine.presence(channel.as_str()).await.map_err(internal)?;
-            self.reply(id, ReplyResult::Presence(presence_result(list)));
+            let list = self.node.presence(channel.as_str()).await?;
+            self.reply(id, ReplyResult::Presence(super::wire::presence_result(list)));
         }
         Ok(())
     }
@@ -848,27 +835,6 @@ fn instant_at(at: u64) -> Instant {
     let wait = std::time::Duration::from_secs(at).saturating_sub(now).min(MAX_EXPIRY_WAIT);
     let start = Instant::now();
     start.checked_add(wait).unwrap_or(start)
-}
-
-/// A presence list as the protocol carries it.
-pub(crate) fn presence_result(list: Vec<PresenceEntry>) -> PresenceResult {
-    let clients = list
-        .into_iter()
-        .map(|e| {
-            let info = e.info.as_deref().and_then(|b| serde_json::from_slice(b).ok());
-            (e.client.clone(), PresenceClient { user: e.user, client: e.client, info })
-        })
-        .collect();
-    PresenceResult { clients }
-}
-
-/// A stored publication as the protocol carries it.
-pub(crate) fn to_wire(p: &PublicationRecord) -> Publication {
-    let data = std::str::from_utf8(&p.data)
-        .ok()
-        .and_then(|s| RawValue::from_string(s.to_owned()).ok())
-        .unwrap_or_else(|| RawValue::from_string("null".into()).unwrap_or_else(|_| unreachable!("null is JSON")));
-    Publication { offset: Some(p.offset), data, info: p.info.clone() }
 }
 
 /// The native protocol's encoding: `{"push":{"channel":..,"pub":{..}}}` in a text frame; join
@@ -1095,8 +1061,8 @@ mod tests {
         assert_eq!(got.len(), 4, "{got:?}");
         assert_eq!(got[2]["push"]["pub"]["offset"], 1, "push queued under the channel lock, before the reply");
         assert_eq!(got[3]["publish"]["offset"], 1);
-        assert_eq!(node.hub.subscription_count(), 2);
+        assert_eq!(node.info().subscriptions, 2);
         a.end().await;
-        assert_eq!(node.hub.subscription_count(), 1, "ending a session leaves its channels");
+        assert_eq!(node.info().subscriptions, 1, "ending a session leaves its channels");
     }
 }

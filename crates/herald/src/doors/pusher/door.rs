@@ -487,14 +487,14 @@ impl Connection {
                     return self.subscription_error(name, 503, "Unavailable", &e.to_string());
                 }
             };
-            match node.engine.presence(channel.as_str()).await {
+            match node.presence(channel.as_str()).await {
                 Ok(list) => {
                     reply = protocol::event("pusher_internal:subscription_succeeded", Some(name), &members(list))
                 }
-                Err(e) => {
+                Err((_, message)) => {
                     self.subscriptions.remove(channel.as_str());
                     let _ = node.presence_remove(channel.as_str(), &self.socket_id).await;
-                    return self.subscription_error(name, 503, "Unavailable", &e.to_string());
+                    return self.subscription_error(name, 503, "Unavailable", &message);
                 }
             }
             if joined {

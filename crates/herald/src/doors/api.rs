@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::channel::{glob_match, ChannelName, NamespaceOptions};
-use crate::engine::{EngineError, HistoryQuery, Publish, StreamPosition};
+use crate::engine::{EngineError, Publish, StreamPosition};
 use crate::http_error::ApiError;
 use crate::node::{Control, Node};
 use crate::origin::RequestOrigin;
@@ -34,10 +34,6 @@ const METHODS: &[&str] = &[
     "unsubscribe",
     "config_check",
 ];
-
-/// Headers a reverse proxy adds: a request carrying one came through a proxy, so its
-/// loopback address says nothing about who sent it.
-const FORWARDING_HEADERS: &[&str] = &["forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip", "via"];
 
 /// Most channels one broadcast may name.
 const MAX_BROADCAST_CHANNELS: usize = 1000;
@@ -67,14 +63,14 @@ async fn handle(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    authorize(node, peer, origin, headers)?;
+    super::http::authorize(node, peer, origin, headers)?;
     if !METHODS.contains(&method) {
         return Err(ApiError::new(ErrorCode::UnknownCommand, format!("unknown API method `{method}`")));
     }
     if http_method != Method::POST {
         return Err(ApiError::new(ErrorCode::MethodNotAllowed, "API methods are called with POST"));
     }
-    let body = read_body(node, headers, body).await?;
+    let body = super::http::read_body(node, headers, body).await?;
     Ok(match method {
         "publish" => Json(publish(node, parse(&body)?).await?).into_response(),
         "broadcast" => Json(broadcast(node, parse(&body)?).await?).into_response(),
@@ -87,101 +83,6 @@ async fn handle(
         "config_check" => Json(config_check(node, &body)?).into_response(),
         _ => Json(info(node)).into_response(),
     })
-}
-
-pub(crate) fn authorize(
-    node: &Node,
-    peer: SocketAddr,
-    origin: RequestOrigin,
-    headers: &HeaderMap,
-) -> Result<(), ApiError> {
-    let api = &node.config().api;
-    if !api.has_key() {
-        if origin == RequestOrigin::Cross {
-            // A page on another origin could otherwise post to a loopback Herald (CSRF).
-            return Err(ApiError::new(
-                ErrorCode::Unauthorized,
-                "no API key is configured: the API does not answer browser requests from other origins",
-            ));
-        }
-        if let Some(h) = FORWARDING_HEADERS.iter().find(|h| headers.contains_key(**h)) {
-            // Behind a proxy on the same machine every client would look like loopback.
-            return Err(ApiError::new(
-                ErrorCode::Unauthorized,
-                format!(
-                    "no API key is configured: the API does not answer requests that came through a proxy \
-                     (`{h}` header); set api.key"
-                ),
-            ));
-        }
-        return if peer.ip().is_loopback() || peer.ip().to_canonical().is_loopback() {
-            Ok(())
-        } else {
-            Err(ApiError::new(
-                ErrorCode::Unauthorized,
-                "no API key is configured: the API answers only loopback clients",
-            ))
-        };
-    }
-    let Some(value) = headers.get(http::header::AUTHORIZATION) else {
-        return Err(ApiError::new(ErrorCode::Unauthorized, "missing header `Authorization: Bearer <key>`"));
-    };
-    // Never quote the header back: a key sent without its scheme would be echoed.
-    let given = value.to_str().ok().and_then(|v| {
-        let (scheme, rest) = v.trim().split_once(' ')?;
-        (scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("apikey")).then(|| rest.trim())
-    });
-    let Some(given) = given else {
-        return Err(ApiError::new(
-            ErrorCode::Unauthorized,
-            "the Authorization header must be `Bearer <key>` (or `apikey <key>`)",
-        ));
-    };
-    if key_matches(api, given) {
-        Ok(())
-    } else {
-        Err(ApiError::new(ErrorCode::Unauthorized, "invalid API key"))
-    }
-}
-
-/// Compares `given` with every configured key in constant time (per key length), without
-/// stopping at the first match, so timing reveals neither a key nor which one matched.
-fn key_matches(api: &crate::config::ApiConfig, given: &str) -> bool {
-    use subtle::ConstantTimeEq;
-    let mut ok = subtle::Choice::from(0);
-    for key in std::iter::once(&api.key).chain(&api.keys).filter(|k| !k.is_empty()) {
-        ok |= key.expose().as_bytes().ct_eq(given.as_bytes());
-    }
-    ok.into()
-}
-
-/// The request body, bounded in size (a declared `Content-Length` over the limit is refused
-/// before anything is read) and in time (`api.body_timeout`).
-pub(crate) async fn read_body(node: &Node, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
-    let limit = node.config().api.max_body_size;
-    let too_large = || {
-        metrics::counter!("herald_http_refused_total", "reason" => "body_too_large").increment(1);
-        ApiError::new(ErrorCode::TooLarge, format!("request body is larger than {limit} bytes (api.max_body_size)"))
-    };
-    let declared = headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
-    }
-    let timeout = node.config().api.body_timeout;
-    match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
-        Ok(Ok(b)) => Ok(b),
-        Ok(Err(_)) => Err(too_large()),
-        Err(_) => {
-            metrics::counter!("herald_http_refused_total", "reason" => "body_timeout").increment(1);
-            Err(ApiError::new(
-                ErrorCode::RequestTimeout,
-                format!(
-                    "request body did not arrive within {} (api.body_timeout)",
-                    humantime::format_duration(timeout)
-                ),
-            ))
-        }
-    }
 }
 
 fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
@@ -209,6 +110,10 @@ fn config_check(node: &Node, body: &[u8]) -> Result<crate::reload::Report, ApiEr
     crate::reload::plan(&node.config(), candidate)
         .map(|(_, report)| report)
         .map_err(|e| ApiError::bad_request(format!("the configuration is not valid: {e}")))
+}
+
+fn refusal((code, message): crate::rules::Refusal) -> ApiError {
+    ApiError::new(code, message)
 }
 
 fn engine_error(e: EngineError) -> ApiError {
@@ -297,7 +202,6 @@ struct ChannelCount {
 fn channels(node: &Node, body: ChannelsBody) -> ChannelsResult {
     let pattern = body.pattern.unwrap_or_else(|| "*".into());
     let channels = node
-        .hub
         .channels(|name| glob_match(&pattern, name))
         .into_iter()
         .map(|(c, n)| ChannelCount { channel: c.to_string(), subscribers: n })
@@ -320,24 +224,12 @@ struct HistoryBody {
 async fn history(node: &Node, body: HistoryBody) -> Result<herald_protocol::HistoryResult, ApiError> {
     let config = node.config();
     let (channel, ns) = channel(&config, &body.channel)?;
-    if ns.history_size == 0 {
-        return Err(ApiError::new(ErrorCode::NotAvailable, "this namespace keeps no history"));
-    }
     let since = body.since.map(|p| StreamPosition { epoch: Arc::from(p.epoch.as_str()), offset: p.offset });
-    let asked_epoch = since.as_ref().map(|p| p.epoch.clone());
-    let limit = body.limit.unwrap_or(ns.history_size).min(ns.history_size);
-    let h = node
-        .engine
-        .history(channel.as_str(), HistoryQuery { since, limit, reverse: body.reverse })
-        .await
-        .map_err(engine_error)?;
-    if let Some(message) = asked_epoch.and_then(|e| crate::node::epoch_mismatch(&e, &h.position)) {
-        return Err(ApiError::new(ErrorCode::EpochMismatch, message));
-    }
+    let h = node.history(&channel, ns, since, body.limit, body.reverse).await.map_err(refusal)?;
     Ok(herald_protocol::HistoryResult {
         epoch: h.position.epoch.to_string(),
         offset: h.position.offset,
-        publications: h.publications.iter().map(crate::session::to_wire).collect(),
+        publications: h.publications.iter().map(super::wire::to_wire).collect(),
     })
 }
 
@@ -354,11 +246,11 @@ async fn presence(node: &Node, body: ChannelBody, stats: bool) -> Result<serde_j
         return Err(ApiError::new(ErrorCode::NotAvailable, "presence is off in this namespace"));
     }
     let value = if stats {
-        let s = node.engine.presence_stats(channel.as_str()).await.map_err(engine_error)?;
+        let s = node.presence_stats(channel.as_str()).await.map_err(refusal)?;
         serde_json::json!({"clients": s.clients, "users": s.users})
     } else {
-        let list = node.engine.presence(channel.as_str()).await.map_err(engine_error)?;
-        serde_json::to_value(crate::session::presence_result(list)).unwrap_or_default()
+        let list = node.presence(channel.as_str()).await.map_err(refusal)?;
+        serde_json::to_value(super::wire::presence_result(list)).unwrap_or_default()
     };
     Ok(value)
 }
@@ -423,36 +315,14 @@ struct InfoResult {
 }
 
 fn info(node: &Node) -> InfoResult {
-    let stats = node.engine.stats();
+    let i = node.info();
     InfoResult {
-        stored_channels: stats.channels,
-        history_bytes: stats.history_bytes,
+        stored_channels: i.stored_channels,
+        history_bytes: i.history_bytes,
         version: crate::VERSION,
-        uptime_seconds: node.uptime_seconds(),
-        connections: node.session_count(),
-        channels: node.hub.channel_count(),
-        subscriptions: node.hub.subscription_count(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn any_configured_key_matches_and_empty_keys_never_do() {
-        use crate::config::{ApiConfig, Secret};
-        let api = ApiConfig {
-            key: Secret::new("old"),
-            keys: vec![Secret::new("new"), Secret::default()],
-            ..Default::default()
-        };
-        assert!(key_matches(&api, "old"));
-        assert!(key_matches(&api, "new"));
-        assert!(!key_matches(&api, "ne"));
-        assert!(!key_matches(&api, "newer"));
-        assert!(!key_matches(&api, ""), "an empty entry is no key");
-        let only_list = ApiConfig { keys: vec![Secret::new("k2")], ..Default::default() };
-        assert!(only_list.has_key() && key_matches(&only_list, "k2") && !key_matches(&only_list, ""));
+        uptime_seconds: i.uptime_seconds,
+        connections: i.connections,
+        channels: i.channels,
+        subscriptions: i.subscriptions,
     }
 }
