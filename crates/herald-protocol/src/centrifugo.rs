@@ -272,7 +272,7 @@ pub fn close_code(code: CloseCode) -> (u16, &'static str) {
         CloseCode::ProtocolViolation => (3501, "bad request"),
         CloseCode::TooManyConnections => (3504, "connection limit"),
         CloseCode::ForceDisconnect => (3503, "force disconnect"),
-        CloseCode::NotAnEndpoint | CloseCode::PublishNotAllowed => (3501, "bad request"),
+        CloseCode::NotAnEndpoint | CloseCode::PublishNotAllowed | CloseCode::SubscribeRefused => (3501, "bad request"),
     }
 }
 

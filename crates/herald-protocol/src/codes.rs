@@ -188,10 +188,14 @@ pub enum CloseCode {
     /// A raw `/ws/<channel>` client sent a message, and the channel's namespace does not allow
     /// clients to publish (`publish = false`).
     PublishNotAllowed = 4505,
+    /// A raw `/ws/<channel>` WebSocket whose channel cannot be subscribed: a bad name, an
+    /// unknown namespace, or a namespace not open to anonymous clients. The reason says which.
+    /// (The upgrade is accepted and closed with this code, so a browser sees the reason.)
+    SubscribeRefused = 4506,
 }
 
 impl CloseCode {
-    pub const ALL: [CloseCode; 11] = [
+    pub const ALL: [CloseCode; 12] = [
         Self::SlowConsumer,
         Self::NoPong,
         Self::ConnectTimeout,
@@ -203,6 +207,7 @@ impl CloseCode {
         Self::ForceDisconnect,
         Self::NotAnEndpoint,
         Self::PublishNotAllowed,
+        Self::SubscribeRefused,
     ];
 
     /// Whether a client should reconnect by itself after this code.
@@ -232,6 +237,7 @@ impl CloseCode {
             Self::PublishNotAllowed => {
                 "this channel's namespace does not allow clients to publish (publish = false); publish through the API"
             }
+            Self::SubscribeRefused => "this channel cannot be subscribed here",
         }
     }
 }

@@ -54,7 +54,14 @@ static DEMO_JS: Asset = asset(include_bytes!("../../../web/demo.js"), "text/java
 /// The browser-facing routes: `/herald.js` and `/` always; the demo pages and `/demo/token`
 /// only under `herald serve --demo` (without it `/` says what the server is).
 pub fn routes(node: &Node) -> Router<Arc<Node>> {
-    let r = Router::new().route("/herald.js", get(|h: HeaderMap| async move { serve(&SDK, &h) }));
+    // The SDK is public code: any origin may import it (`import { Herald } from
+    // "http://herald:8080/herald.js"` from a page or dev server on another origin).
+    let sdk = |h: HeaderMap| async move {
+        let mut resp = serve(&SDK, &h);
+        resp.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+        resp
+    };
+    let r = Router::new().route("/herald.js", get(sdk));
     if !node.config().demo {
         return r.route("/", get(home));
     }
@@ -136,7 +143,7 @@ pub async fn websocket_gate(State(node): State<Arc<Node>>, req: Request, next: a
     let path = req.uri().path();
     let endpoint = path == "/connect"
         || path == "/connection/websocket"
-        || path.starts_with("/ws/")
+        || (path.starts_with("/ws/") && path.len() > "/ws/".len())
         || path.starts_with("/app/")
         || (path == "/_echo" && node.config().testing.echo);
     if is_upgrade(req.headers()) && !endpoint {

@@ -81,8 +81,9 @@ async fn a_plain_server_says_what_it_is_and_serves_no_demo_pages() {
         let (head, _) = get(server.addr, path, "").await;
         assert!(head.starts_with("HTTP/1.1 404"), "{path}: {head}");
     }
-    let (head, _) = get(server.addr, "/herald.js", "").await;
+    let (head, _) = get(server.addr, "/herald.js", "Origin: http://localhost:5173\r\n").await;
     assert!(head.starts_with("HTTP/1.1 200"), "the SDK is always served: {head}");
+    assert_eq!(header(&head, "access-control-allow-origin"), Some("*"), "importable from another origin: {head}");
     server.shutdown().await;
 }
 
@@ -188,5 +189,29 @@ async fn demo_mode_mints_tokens_that_connect_as_that_user() {
     // The demo namespaces came from the TOML snippet: chat allows client publishing.
     let r = client.request("publish", serde_json::json!({"channel": "chat:lobby", "data": {"text": "hi"}})).await;
     assert!(r.get("publish").is_some(), "{r}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_refused_raw_websocket_gets_a_close_reason_not_a_bare_1006() {
+    let mut c = config();
+    c.channels.namespaces.insert("private".into(), NamespaceOptions { subscribe: false.into(), ..Default::default() });
+    let server = TestServer::start(c).await;
+    for (path, code, says) in [
+        ("/ws/nope:x", 4506, "unknown namespace"),
+        ("/ws/private:x", 4506, "`private:x`"),
+        ("/ws/bad%20name", 4506, "`bad name`"),
+        ("/ws/", 4504, "/ws/<channel>"),
+    ] {
+        let (mut ws, resp) =
+            tokio_tungstenite::connect_async(server.ws_url(path)).await.unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(resp.status(), 101, "{path}");
+        let (got, reason) = close_of(&mut ws).await;
+        assert_eq!(got, code, "{path}: {reason}");
+        assert!(reason.contains(says) && reason.len() <= 123, "{path}: {reason}");
+    }
+    // A plain GET still gets the HTTP error with its JSON body.
+    let (status, body) = http(server.addr, "GET /ws/nope:x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert_eq!((status, body["error"]["code"].as_u64()), (400, Some(102)), "{body}");
     server.shutdown().await;
 }

@@ -82,7 +82,17 @@ fn parse_event_id(id: &str) -> Option<StreamPosition> {
 pub async fn raw_ws(State(node): State<Arc<Node>>, Path(name): Path<String>, req: Request) -> Response {
     let config = node.config();
     if let Err(e) = anonymous_subscribe(&config, &name) {
-        return e.into_response();
+        if !crate::web::is_upgrade(req.headers()) {
+            return e.into_response();
+        }
+        // A browser never shows an HTTP error to a WebSocket: accept, and close with 4506
+        // and the reason.
+        let code = herald_protocol::CloseCode::SubscribeRefused;
+        let reason = close_reason(&format!("`{name}`: {}", e.message()));
+        return ws::upgrade(req, &node.ws, node.ws_settings(), &[], move |mut socket| async move {
+            socket.close(ws::CloseCode(code.as_u16()), &reason);
+            while let Ok(Some(_)) = socket.recv().await {}
+        });
     }
     let settings = node.ws_settings();
     let ctx = node.ws.clone();
@@ -116,6 +126,15 @@ pub async fn raw_ws(State(node): State<Arc<Node>>, Path(name): Path<String>, req
             }
         }
     })
+}
+
+/// `text` cut to fit a close frame's reason (123 bytes), on a character boundary.
+fn close_reason(text: &str) -> String {
+    let mut end = text.len().min(123);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
 /// Publishes one message a raw `/ws/<channel>` client sent, or says how to close.
