@@ -27,6 +27,11 @@ impl ApiError {
         Self::new(ErrorCode::NotFound, message)
     }
 
+    /// What the answer says (for a log line).
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     /// Keeps the code but answers with another status (e.g. 426 for a missing upgrade).
     pub fn with_status(mut self, status: StatusCode) -> Self {
         self.status = status;

@@ -80,7 +80,8 @@ pub async fn run_with_reload(
     let limits = Arc::new(ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip));
 
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, tls = tls.is_some(), "listening");
+    crate::ratelog::set_limit(config.log.refusals_per_second);
+    crate::startup::log_listening(&config, addr, tls.is_some());
     for warning in exposure_warnings(&config, addr.ip()) {
         tracing::warn!("{warning}");
     }
@@ -145,7 +146,8 @@ fn router(node: Arc<Node>, origins: Arc<OriginPolicy>) -> Router {
     let api = Router::new()
         .route("/api/{method}", any(api::dispatch))
         .route("/centrifugo/api/{method}", any(crate::centrifugo::api))
-        .layer(axum::middleware::from_fn_with_state(origins, origin::api_layer));
+        .layer(axum::middleware::from_fn_with_state(origins, origin::api_layer))
+        .layer(axum::middleware::from_fn(api::log_request));
     let mut r = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -155,7 +157,10 @@ fn router(node: Arc<Node>, origins: Arc<OriginPolicy>) -> Router {
         .route("/ws/{*channel}", any(transport::raw_ws))
         .route("/sse/{*channel}", get(transport::sse))
         .route("/app/{key}", any(crate::pusher::door::connect))
-        .route("/apps/{id}/{*rest}", any(crate::pusher::api::dispatch))
+        .route(
+            "/apps/{id}/{*rest}",
+            any(crate::pusher::api::dispatch).layer(axum::middleware::from_fn(api::log_request)),
+        )
         .merge(api);
     if node.config.testing.echo {
         r = r.route("/_echo", any(echo));
@@ -316,8 +321,8 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
     match &node.prometheus {
         Some(handle) => {
             node.record_gauges();
-            handle.run_upkeep();
-            ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
+            ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render(handle))
+                .into_response()
         }
         None => {
             ApiError::new(herald_protocol::ErrorCode::Unavailable, "metrics are recorded by the embedding application")
@@ -363,7 +368,8 @@ impl ConnLimits {
         if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total {
             self.total.fetch_sub(1, Ordering::AcqRel);
             metrics::counter!("herald_connections_refused_total", "reason" => "max_connections").increment(1);
-            tracing::debug!(%ip, "connection refused: max_connections");
+            let max = self.max_total;
+            crate::ratelog::refusal!(warn, crate::ratelog::Kind::ConnectionLimit, peer = %ip, limit = "max_connections", "connection refused: {max} open (limits.max_connections)");
             return None;
         }
         let mut map = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
@@ -372,7 +378,8 @@ impl ConnLimits {
             drop(map);
             self.total.fetch_sub(1, Ordering::AcqRel);
             metrics::counter!("herald_connections_refused_total", "reason" => "max_connections_per_ip").increment(1);
-            tracing::debug!(%ip, "connection refused: max_connections_per_ip");
+            let max = self.max_per_ip;
+            crate::ratelog::refusal!(info, crate::ratelog::Kind::ConnectionLimit, peer = %ip, limit = "max_connections_per_ip", "connection refused: {max} open from this address (limits.max_connections_per_ip)");
             return None;
         }
         *n += 1;
