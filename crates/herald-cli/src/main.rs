@@ -363,6 +363,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (loaded, generated_secret) = load_demo(&args)?;
     let config = loaded.config;
     let log_filter = init_logging(&config.log.level, config.log.format)?;
+    let file = args.config.as_ref().map_or_else(|| "none (defaults)".to_owned(), |p| p.display().to_string());
+    let mut env = loaded.env.clone();
+    env.sort();
+    // Names only: values may be secrets.
+    tracing::info!(version = herald::VERSION, config = %file, env = %env.join(","), "starting");
     for w in &loaded.warnings {
         tracing::warn!("{w}");
     }

@@ -854,3 +854,266 @@ fn sighup_applies_an_edited_configuration_and_keeps_every_connection() {
     assert!(metrics.contains("herald_config_reloads_total{result=\"failed\"} 1"), "{metrics}");
     drop(server);
 }
+
+/// A `herald serve` child whose stderr lines are collected, killed when dropped.
+struct Watched {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    port: u16,
+}
+
+impl Watched {
+    /// Starts `cmd` (a `herald()` with its environment) as `serve` on a free port, JSON logs.
+    fn start(mut cmd: std::process::Command) -> Self {
+        let port = free_port();
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .env("HERALD_LOG__FORMAT", "json")
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().expect("lines").push(line);
+            }
+        });
+        Served::from_child(&mut child, port);
+        Self { child, lines, port }
+    }
+
+    /// The log lines so far, parsed (each is one JSON object).
+    fn json(&self) -> Vec<serde_json::Value> {
+        let lines = self.lines.lock().expect("lines").clone();
+        lines
+            .iter()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+
+    /// The raw log so far.
+    fn text(&self) -> String {
+        self.lines.lock().expect("lines").join("\n")
+    }
+
+    fn get(&self, path: &str) -> String {
+        let url = format!("http://127.0.0.1:{}{path}", self.port);
+        let mut answer = ureq::get(&url).call().unwrap_or_else(|e| panic!("{url}: {e}"));
+        answer.body_mut().read_to_string().expect("body")
+    }
+
+    /// The value of the sample `name_and_labels` (as written in the exposition) in `/metrics`.
+    fn metric(&self, name_and_labels: &str) -> Option<f64> {
+        metric_value(&self.get("/metrics"), name_and_labels)
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn metric_value(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The counters of docs/operations.md's metric tables, with their label name if any:
+/// every backquoted name ending in `_total` in a table row whose type column says counter.
+fn documented_counters() -> Vec<(String, Option<String>)> {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/operations.md")).expect("doc");
+    let mut out = Vec::new();
+    for row in doc.lines().filter(|l| l.starts_with("| `herald_") || l.starts_with("| `process_")) {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let (names, kind) = (cells[1], cells.get(2).copied().unwrap_or(""));
+        if !kind.contains("counter") {
+            continue;
+        }
+        for name in names.split('`').skip(1).step_by(2) {
+            let (base, label) = match name.split_once('{') {
+                Some((base, label)) => (base, Some(label.trim_end_matches('}').to_owned())),
+                None => (name, None),
+            };
+            if base.ends_with("_total") {
+                out.push((base.to_owned(), label));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn metrics_show_every_documented_counter_at_zero_and_the_process() {
+    let served = Watched::start(herald());
+    let text = served.get("/metrics");
+    let documented = documented_counters();
+    assert!(documented.len() >= 25, "parsed the tables: {documented:?}");
+    for (name, label) in &documented {
+        let samples: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))
+            .collect();
+        assert!(!samples.is_empty(), "{name} documented but not in /metrics:\n{text}");
+        for s in &samples {
+            // (CPU seconds may have begun.)
+            assert!(s.ends_with(" 0") || name.starts_with("process_"), "a fresh server: {s}");
+            if let Some(label) = label {
+                assert!(s.starts_with(&format!("{name}{{{label}=\"")), "{name} has the label {label}: {s}");
+            }
+        }
+    }
+    // A few label values every alert needs before the first event.
+    for sample in [
+        r#"herald_token_refusals_total{reason="expired"}"#,
+        r#"herald_token_refusals_total{reason="bad_signature"}"#,
+        r#"herald_limit_refusals_total{limit="commands_per_second"}"#,
+        r#"herald_connections_refused_total{reason="max_connections_per_ip"}"#,
+        r#"herald_recoveries_total{result="not_recovered"}"#,
+    ] {
+        assert_eq!(metric_value(&text, sample), Some(0.0), "{sample}");
+    }
+    let version = format!(r#"herald_build_info{{version="{}"}}"#, env!("CARGO_PKG_VERSION"));
+    assert_eq!(metric_value(&text, &version), Some(1.0), "{text}");
+    #[cfg(target_os = "linux")]
+    {
+        let rss = metric_value(&text, "process_resident_memory_bytes").expect("rss");
+        assert!(rss > 1e6, "{rss}");
+        assert!(metric_value(&text, "process_virtual_memory_bytes").expect("vsz") >= rss);
+        assert!(metric_value(&text, "process_open_fds").expect("fds") >= 3.0);
+        assert!(metric_value(&text, "process_max_fds").expect("max fds") >= 1024.0);
+        assert!(metric_value(&text, "process_threads").expect("threads") >= 2.0);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64();
+        let start = metric_value(&text, "process_start_time_seconds").expect("start");
+        assert!(start <= now + 1.0 && start > now - 600.0, "{start} vs {now}");
+        assert!(metric_value(&text, "process_cpu_seconds_total").is_some(), "{text}");
+    }
+}
+
+#[test]
+fn the_start_up_summary_says_what_is_served_and_no_secret() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("herald.toml");
+    let closed = free_port(); // nothing listens: the node starts and waits for Redis
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+            [api]
+            key = "api-k3y-value-0123456789"
+            [auth]
+            secret = "token-s3cret-value-0123456789abcdef"
+            [engine]
+            kind = "redis"
+            [engine.redis]
+            url = "redis://ops@127.0.0.1:{closed}/3"
+            [channels.namespaces.chat]
+            [channels.namespaces.ticker]
+            "#
+        ),
+    )
+    .expect("write");
+    let mut cmd = herald();
+    cmd.arg("--config")
+        .arg(&file)
+        .env("HERALD_ENGINE__REDIS__PASSWORD", "redis-pa55word")
+        .env("HERALD_LOG__LEVEL", "debug");
+    let served = Watched::start(cmd);
+    // A request of each kind, so their lines are in the log too.
+    let _ = ureq::get(&format!("http://127.0.0.1:{}/api/info", served.port)).call();
+    std::thread::sleep(Duration::from_millis(300));
+    let log = served.json();
+    let line = |message: &str| {
+        log.iter()
+            .find(|l| l["fields"]["message"] == message)
+            .unwrap_or_else(|| panic!("no {message} line in {log:#?}"))["fields"]
+            .clone()
+    };
+    let starting = line("starting");
+    assert_eq!(starting["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(starting["config"], file.display().to_string());
+    assert_eq!(starting["env"], "HERALD_ENGINE__REDIS__PASSWORD,HERALD_LOG__FORMAT,HERALD_LOG__LEVEL");
+    let listening = line("listening");
+    assert_eq!(listening["addr"], format!("127.0.0.1:{}", served.port));
+    assert_eq!(listening["tls"], false);
+    assert_eq!(listening["engine"], "redis");
+    assert_eq!(listening["redis"], format!("redis://127.0.0.1:{closed}/3"), "user part left out");
+    assert_eq!(listening["api"], "key required");
+    assert_eq!(listening["tokens"], "HS256 with auth.secret, anonymous allowed");
+    assert_eq!(listening["namespaces"], "chat,ticker");
+    assert!(listening["doors"].as_str().expect("doors").starts_with("/connect,"), "{listening}");
+    // The refused API call (no key) is in the log at info, the request at debug.
+    let refused = line("API request refused: missing header `Authorization: Bearer <key>`");
+    assert_eq!(refused["kind"], "api_key");
+    assert!(refused["peer"].as_str().expect("peer").starts_with("127.0.0.1:"), "{refused}");
+    let api = line("api request");
+    assert_eq!(
+        (api["method"].as_str(), api["path"].as_str(), api["status"].as_u64()),
+        (Some("GET"), Some("/api/info"), Some(401))
+    );
+    let text = served.text();
+    for secret in ["api-k3y-value", "token-s3cret-value", "redis-pa55word", "ops@"] {
+        assert!(!text.contains(secret), "{secret} in the log:\n{text}");
+    }
+}
+
+#[test]
+fn a_thousand_refused_tokens_are_all_counted_and_a_few_logged() {
+    use tokio_tungstenite::tungstenite::{connect, Message};
+    let mut cmd = herald();
+    cmd.env("HERALD_AUTH__SECRET", "token-s3cret-value-0123456789abcdef")
+        .env("HERALD_LIMITS__COMMANDS_PER_SECOND", "100000")
+        .env("HERALD_LIMITS__COMMANDS_BURST", "100000");
+    let served = Watched::start(cmd);
+    let url = format!("ws://127.0.0.1:{}/connect", served.port);
+    let other = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiI0MiIsImV4cCI6OTk5OTk5OTk5OX0.c2lnbmVkLXdpdGgtYW5vdGhlci1rZXk";
+    let refuse = |n: u32| {
+        let (mut ws, _) = connect(url.as_str()).expect("connect");
+        for id in 1..=n {
+            let frame = format!(r#"{{"id":{id},"connect":{{"token":"{other}"}}}}"#);
+            ws.send(Message::text(frame)).expect("send");
+        }
+        let mut replies = 0;
+        while replies < n {
+            match ws.read().expect("read") {
+                Message::Text(t) => {
+                    assert!(t.contains("\"error\"") && t.contains("bad signature"), "{t}");
+                    replies += 1;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let _ = ws.close(None);
+    };
+    let started = std::time::Instant::now();
+    refuse(1000);
+    let seconds = started.elapsed().as_secs_f64();
+    let reason = r#"herald_token_refusals_total{reason="bad_signature"}"#;
+    assert_eq!(served.metric(reason), Some(1000.0), "every refusal counted");
+    // After a second, one more: its line says how many were left out.
+    std::thread::sleep(Duration::from_millis(1100));
+    refuse(1);
+    assert_eq!(served.metric(reason), Some(1001.0));
+    let mut lines = Vec::new();
+    for _ in 0..100 {
+        lines = served.json().into_iter().filter(|l| l["fields"]["kind"] == "token").collect();
+        if lines.iter().filter(|l| l["fields"]["reason"] == "bad_signature").count() > 1
+            && lines.last().is_some_and(|l| l["fields"]["reason"] == "bad_signature")
+            && lines.iter().any(|l| l["fields"]["suppressed"].is_u64())
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let logged = lines.iter().filter(|l| l["fields"]["reason"] == "bad_signature").count() as u64;
+    let suppressed: u64 = lines.iter().filter_map(|l| l["fields"]["suppressed"].as_u64()).sum();
+    // 10 lines a second of each kind by default, in the windows the run spanned.
+    let bound = 10 * (seconds.ceil() as u64 + 3);
+    assert!(logged >= 2 && logged <= bound, "{logged} lines in {seconds:.1} s (bound {bound})");
+    assert_eq!(logged + suppressed, 1001, "each refusal is logged or counted as left out: {lines:#?}");
+    let first = &lines[0]["fields"];
+    assert!(first["peer"].as_str().expect("peer").starts_with("127.0.0.1:"), "{first}");
+    assert_eq!(first["message"], "token refused: invalid token: bad signature");
+    assert!(!served.text().contains(other), "the token itself is never logged");
+}

@@ -14,11 +14,6 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    /// What went wrong, as the client is told.
-    pub fn message(&self) -> &str {
-        &self.message
-    }
-
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         let status = StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         Self { status, code, message: message.into() }
@@ -30,6 +25,11 @@ impl ApiError {
 
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::NotFound, message)
+    }
+
+    /// What the answer says (for a log line).
+    pub fn message(&self) -> &str {
+        &self.message
     }
 
     /// Keeps the code but answers with another status (e.g. 426 for a missing upgrade).

@@ -858,10 +858,21 @@ fn slow_consumer(sub: &Subscriber, channel: &str) {
         Sink::Stream => {
             sub.outbox.finish();
             metrics::counter!("herald_slow_consumers_total").increment(1);
+            log_slow_consumer(channel, "event stream ended");
         }
         Sink::WebSocket => close_slow_consumer_with(&sub.outbox, sub.encoder.slow_consumer_close()),
     }
     tracing::debug!(subscriber = sub.id, channel, "slow consumer disconnected");
+}
+
+/// Logs (rate-limited) a slow consumer's close (`channel` when it is a subscriber's).
+fn log_slow_consumer(channel: &str, what: &str) {
+    crate::ratelog::refusal!(
+        info,
+        crate::ratelog::Kind::SlowConsumer,
+        channel,
+        "slow consumer: {what} (its queue reached websocket.max_queue_bytes)"
+    );
 }
 
 /// Closes a WebSocket whose queue overflowed with 4001, dropping what it had not read, and
@@ -875,6 +886,7 @@ pub(crate) fn close_slow_consumer(outbox: &Outbox) {
 pub(crate) fn close_slow_consumer_with(outbox: &Outbox, (code, reason): (u16, &str)) {
     if outbox.close_now(Some(CloseFrame::new(ws::CloseCode(code), reason))) {
         metrics::counter!("herald_slow_consumers_total").increment(1);
+        log_slow_consumer("", &format!("WebSocket closed with {code}"));
     }
 }
 

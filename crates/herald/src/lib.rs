@@ -24,9 +24,12 @@
 //! - `ws`: our WebSocket layer (RFC 6455 framing, RFC 7692 deflate, prepared frames).
 //! - `web`: `/herald.js`, the demo pages, `--demo` setup, the close for non-endpoint WebSockets.
 //! - `server`: the listener (TCP or TLS), routes, connection and request limits, graceful shutdown.
+//! - `startup`: the start-up summary line (`listening`), with secrets and URL credentials left out.
 //! - `tls`: certificates from PEM files (rustls), reloaded on SIGHUP.
 //! - `origin`: `http.allowed_origins` for WebSocket, SSE and CORS; the API's CSRF rule.
-//! - `metrics`: the Prometheus recorder behind `/metrics`.
+//! - `metrics`: the Prometheus recorder behind `/metrics`: every counter at 0 from the start,
+//!   process metrics read when scraped, build info.
+//! - `ratelog`: refusals in the log, at most `log.refusals_per_second` lines per kind.
 //! - `http_error`: JSON error answers shared by every HTTP endpoint.
 //! - `webhooks`: lifecycle events (occupied/vacated, members, client events, connects) POSTed to
 //!   endpoints in batches, in order, retried until delivered; bounded queues.
@@ -43,10 +46,12 @@ pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod origin;
+pub mod ratelog;
 pub mod reload;
 pub mod rules;
 pub mod secret;
 pub mod server;
+pub mod startup;
 pub mod tls;
 pub mod web;
 pub mod webhooks;

@@ -1,4 +1,6 @@
-//! The Prometheus recorder: installed once per process, rendered by `GET /metrics`.
+//! The Prometheus recorder: installed once per process, rendered by `GET /metrics`. Every
+//! counter is there at 0 from the start (so `increase()` sees the first event), with the
+//! standard `process_*` metrics, read when scraped, and `herald_build_info`.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -20,6 +22,73 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
+/// Reads the `process_*` metrics (CPU, memory, file descriptors, threads) from the OS.
+static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
+
+/// A counter's label and its values.
+pub type Label = (&'static str, &'static [&'static str]);
+
+/// Every counter Herald increments, with its label and that label's values where it has
+/// one: registered at 0 when the recorder is installed. A unit test checks that every
+/// `counter!` in the code is here, and `herald-cli`'s tests that docs/operations.md lists
+/// no counter that `/metrics` lacks.
+pub const COUNTERS: &[(&str, Option<Label>)] = &[
+    ("herald_frames_received_total", None),
+    ("herald_frames_sent_total", None),
+    ("herald_writes_total", None),
+    ("herald_bytes_in_total", None),
+    ("herald_bytes_out_total", None),
+    ("herald_publications_total", None),
+    ("herald_recoveries_total", Some(("result", &["recovered", "not_recovered"]))),
+    ("herald_wrong_endpoint_total", None),
+    ("herald_slow_consumers_total", None),
+    ("herald_conflated_total", None),
+    ("herald_conflated_behind_total", None),
+    (
+        "herald_limit_refusals_total",
+        Some((
+            "limit",
+            &[
+                "commands_per_second",
+                "publications_per_second",
+                "max_connections_per_user",
+                "max_channels",
+                "max_history_bytes",
+            ],
+        )),
+    ),
+    ("herald_limit_disconnects_total", Some(("limit", &["max_refusals"]))),
+    ("herald_connections_refused_total", Some(("reason", &["max_connections", "max_connections_per_ip"]))),
+    (
+        "herald_http_refused_total",
+        Some(("reason", &["origin", "header_too_large", "header_timeout", "body_too_large", "body_timeout"])),
+    ),
+    ("herald_token_refusals_total", Some(("reason", TOKEN_REFUSALS))),
+    ("herald_tls_handshake_failures_total", None),
+    ("herald_tls_reloads_total", Some(("result", &["ok", "failed"]))),
+    ("herald_config_reloads_total", Some(("result", &["ok", "failed"]))),
+    ("herald_reload_unsubscribes_total", None),
+    ("herald_webhook_requests_total", Some(("result", &["ok", "status", "network", "timeout"]))),
+    ("herald_webhook_failures_total", None),
+    ("herald_webhook_dropped_total", Some(("reason", &["queue_full", "shutdown"]))),
+    ("herald_redis_link_losses_total", None),
+    ("herald_redis_gaps_total", None),
+    ("herald_redis_link_overflows_total", None),
+    ("herald_lost_streams_total", None),
+];
+
+/// The `reason` values of `herald_token_refusals_total`.
+const TOKEN_REFUSALS: &[&str] = &{
+    let all = crate::auth::TokenRefusal::ALL;
+    let mut out = [""; crate::auth::TokenRefusal::ALL.len()];
+    let mut i = 0;
+    while i < all.len() {
+        out[i] = all[i].as_str();
+        i += 1;
+    }
+    out
+};
+
 /// Installs the global recorder on first call and returns its handle. `None` when another
 /// recorder was installed first (an embedding application's); Herald then records into it.
 pub fn install() -> Option<PrometheusHandle> {
@@ -34,6 +103,7 @@ pub fn install() -> Option<PrometheusHandle> {
                 .ok()?;
             let handle = builder.install_recorder().ok()?;
             describe();
+            register();
             let upkeep = handle.clone();
             // Without it, a server nobody scrapes would keep every sample in memory. A thread,
             // not a task: the recorder outlives any one runtime (tests start many).
@@ -50,8 +120,58 @@ pub fn install() -> Option<PrometheusHandle> {
         .clone()
 }
 
+/// Renders `/metrics`: reads the process metrics first, folds the histograms.
+pub fn render(handle: &PrometheusHandle) -> String {
+    if let Some(process) = PROCESS.get() {
+        process.collect();
+    }
+    handle.run_upkeep();
+    handle.render()
+}
+
+/// Every counter at 0, the build's version, the process metrics' descriptions.
+fn register() {
+    for (name, label) in COUNTERS {
+        match label {
+            None => metrics::counter!(*name).absolute(0),
+            Some((label, values)) => {
+                for value in *values {
+                    metrics::counter!(*name, *label => *value).absolute(0);
+                }
+            }
+        }
+    }
+    metrics::gauge!("herald_build_info", "version" => crate::VERSION).set(1.0);
+    let process = PROCESS.get_or_init(metrics_process::Collector::default);
+    process.describe();
+    process.collect();
+}
+
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!("herald_build_info", "Always 1; the `version` label is this build's (`herald version`).");
+    describe_counter!(
+        "herald_token_refusals_total",
+        "Connection and subscription tokens refused (and Pusher channel signatures), by reason: expired, \
+         not_yet_valid, malformed, bad_signature, algorithm, claims, audience, issuer, unknown_key, missing, \
+         no_key, wrong_user, wrong_channel."
+    );
+    describe_counter!(
+        "herald_redis_link_losses_total",
+        "Times the pub/sub link to Redis dropped and was connected again."
+    );
+    describe_counter!(
+        "herald_redis_gaps_total",
+        "Publications that arrived from Redis out of sequence and were filled from history."
+    );
+    describe_counter!(
+        "herald_redis_link_overflows_total",
+        "Messages dropped at engine.redis.max_link_bytes, then read back from history."
+    );
+    describe_counter!(
+        "herald_lost_streams_total",
+        "Channels whose subscribers had to be told to recover (their missed publications had left history)."
+    );
     describe_gauge!("herald_connections", "Open client connections, by transport.");
     describe_histogram!(
         "herald_handshake_seconds",
@@ -127,6 +247,11 @@ fn describe() {
     );
     describe_counter!("herald_tls_handshake_failures_total", "TLS handshakes that failed or timed out.");
     describe_counter!("herald_tls_reloads_total", "Certificate reloads on SIGHUP (result: ok, failed).");
+    describe_counter!("herald_config_reloads_total", "Configuration reloads on SIGHUP (result: ok, failed).");
+    describe_counter!(
+        "herald_reload_unsubscribes_total",
+        "Subscriptions a reload ended because the new rules refuse them."
+    );
     describe_counter!(
         "herald_webhook_requests_total",
         "Webhook requests sent, by result: ok (2xx), status (another status), network, timeout."
@@ -140,4 +265,44 @@ fn describe() {
         "Webhook events dropped before being sent (reason: queue_full, shutdown)."
     );
     describe_gauge!("herald_webhook_queue", "Webhook events waiting to be sent, over every endpoint.");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::COUNTERS;
+
+    /// Every `counter!("herald_...")` in the code, with the label value it names when it is
+    /// written literally, is registered at 0 in [`COUNTERS`].
+    #[test]
+    fn every_counter_in_the_code_is_registered() {
+        let mut files = vec![std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/src"))];
+        let mut seen = 0;
+        while let Some(path) = files.pop() {
+            if path.is_dir() {
+                files.extend(std::fs::read_dir(&path).expect("read dir").map(|e| e.expect("entry").path()));
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("read");
+            for call in text.split("counter!(\"").skip(1) {
+                let Some((name, rest)) = call.split_once('"') else { continue };
+                if !name.starts_with("herald_") || !name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+                    continue;
+                }
+                seen += 1;
+                let known = COUNTERS.iter().find(|(n, _)| *n == name);
+                let (_, label) = known.unwrap_or_else(|| panic!("{}: {name} is not in COUNTERS", path.display()));
+                // `counter!("name", "label" => "value")`: that value must be registered.
+                let args = rest.split(')').next().unwrap_or("");
+                let literal = args.split_once("=> \"").and_then(|(_, v)| v.split_once('"')).map(|(v, _)| v);
+                if let Some(value) = literal {
+                    let values = label.map(|(_, v)| v).unwrap_or(&[]);
+                    assert!(values.contains(&value), "{}: {name} with {value} is not registered", path.display());
+                }
+            }
+        }
+        assert!(seen > 20, "found the counters ({seen})");
+    }
 }

@@ -106,6 +106,18 @@ impl OriginPolicy {
     }
 }
 
+/// Logs (rate-limited) a request refused for its origin: `refused`'s answer names it.
+pub(crate) fn log_refused(peer: Option<std::net::SocketAddr>, answer: &ApiError) {
+    let peer = peer.map(|p| p.to_string());
+    crate::ratelog::refusal!(
+        info,
+        crate::ratelog::Kind::Origin,
+        peer = peer.as_deref().unwrap_or(""),
+        "request refused: {}",
+        answer.message()
+    );
+}
+
 fn refused(origin: &HeaderValue) -> ApiError {
     metrics::counter!("herald_http_refused_total", "reason" => "origin").increment(1);
     let shown = String::from_utf8_lossy(origin.as_bytes()).chars().take(200).collect::<String>();
@@ -154,7 +166,11 @@ pub async fn api_layer(State(node): State<Arc<crate::node::Node>>, mut req: Requ
         Some(v) => match v.to_str() {
             Ok(o) if same_origin(o, req.headers(), secure) => RequestOrigin::Same,
             Ok(o) if policy.allows(o) => RequestOrigin::Cross,
-            _ => return refused(v).into_response(),
+            _ => {
+                let answer = refused(v);
+                log_refused(crate::doors::raw::peer_of(&req), &answer);
+                return answer.into_response();
+            }
         },
     };
     if req.method() == Method::OPTIONS {

@@ -56,8 +56,6 @@ pub async fn run_with_reload(
     let app = router(node.clone());
     node.webhooks().name_pusher_apps(&config.pusher.apps);
     node.webhooks().start();
-    metrics::counter!("herald_config_reloads_total", "result" => "ok").absolute(0);
-    metrics::counter!("herald_config_reloads_total", "result" => "failed").absolute(0);
     tokio::spawn({
         // Forget idle channels and expired presence, until shutdown.
         let (node, stop, config) = (node.clone(), stop.clone(), config.clone());
@@ -81,7 +79,8 @@ pub async fn run_with_reload(
     let limits = Arc::new(ConnLimits::default());
 
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, tls = tls.is_some(), "listening");
+    crate::ratelog::set_limit(config.log.refusals_per_second);
+    crate::startup::log_listening(&config, addr, tls.is_some());
     for warning in exposure_warnings(&config, addr.ip()) {
         tracing::warn!("{warning}");
     }
@@ -149,7 +148,8 @@ fn router(node: Arc<Node>) -> Router {
     let api = Router::new()
         .route("/api/{method}", any(api::dispatch))
         .route("/centrifugo/api/{method}", any(crate::doors::centrifugo::api))
-        .layer(axum::middleware::from_fn_with_state(node.clone(), origin::api_layer));
+        .layer(axum::middleware::from_fn_with_state(node.clone(), origin::api_layer))
+        .layer(axum::middleware::from_fn(api::log_request));
     let mut r = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -159,7 +159,10 @@ fn router(node: Arc<Node>) -> Router {
         .route("/ws/{*channel}", any(transport::raw_ws))
         .route("/sse/{*channel}", get(transport::sse))
         .route("/app/{key}", any(crate::doors::pusher::door::connect))
-        .route("/apps/{id}/{*rest}", any(crate::doors::pusher::api::dispatch))
+        .route(
+            "/apps/{id}/{*rest}",
+            any(crate::doors::pusher::api::dispatch).layer(axum::middleware::from_fn(api::log_request)),
+        )
         .merge(api);
     if node.config().testing.echo {
         r = r.route("/_echo", any(echo));
@@ -319,7 +322,9 @@ async fn on_hangup(node: &Node, tls: Option<&Tls>, reload: Option<&Arc<Reload>>)
                     tracing::info!(key = %c.key, from = %c.from, to = %c.to, "SIGHUP: applied {}", c.key);
                 }
                 if !report.changed.is_empty() {
-                    (reload.applied)(&node.config());
+                    let config = node.config();
+                    crate::ratelog::set_limit(config.log.refusals_per_second);
+                    (reload.applied)(&config);
                 }
                 tracing::info!(changed = report.changed.len(), "SIGHUP: configuration reloaded ({})", report.summary());
             }
@@ -362,8 +367,8 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
     match &node.prometheus {
         Some(handle) => {
             node.record_gauges();
-            handle.run_upkeep();
-            ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
+            ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render(handle))
+                .into_response()
         }
         None => {
             ApiError::new(herald_protocol::ErrorCode::Unavailable, "metrics are recorded by the embedding application")
@@ -405,7 +410,8 @@ impl ConnLimits {
         if self.total.fetch_add(1, Ordering::AcqRel) >= limits.max_connections {
             self.total.fetch_sub(1, Ordering::AcqRel);
             metrics::counter!("herald_connections_refused_total", "reason" => "max_connections").increment(1);
-            tracing::debug!(%ip, "connection refused: max_connections");
+            let max = limits.max_connections;
+            crate::ratelog::refusal!(warn, crate::ratelog::Kind::ConnectionLimit, peer = %ip, limit = "max_connections", "connection refused: {max} open (limits.max_connections)");
             return None;
         }
         let mut map = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
@@ -414,7 +420,8 @@ impl ConnLimits {
             drop(map);
             self.total.fetch_sub(1, Ordering::AcqRel);
             metrics::counter!("herald_connections_refused_total", "reason" => "max_connections_per_ip").increment(1);
-            tracing::debug!(%ip, "connection refused: max_connections_per_ip");
+            let max = limits.max_connections_per_ip;
+            crate::ratelog::refusal!(info, crate::ratelog::Kind::ConnectionLimit, peer = %ip, limit = "max_connections_per_ip", "connection refused: {max} open from this address (limits.max_connections_per_ip)");
             return None;
         }
         *n += 1;

@@ -156,6 +156,15 @@ pub async fn websocket_gate(State(node): State<Arc<Node>>, req: Request, next: a
 /// a reason naming the endpoints: browsers show a close reason, never a 404 body.
 pub fn not_an_endpoint(node: &Node, req: Request) -> Response {
     metrics::counter!("herald_wrong_endpoint_total").increment(1);
+    let peer = crate::doors::raw::peer_of(&req).map(|p| p.to_string());
+    let path: String = req.uri().path().chars().take(200).collect();
+    crate::ratelog::refusal!(
+        info,
+        crate::ratelog::Kind::WrongEndpoint,
+        peer = peer.as_deref().unwrap_or(""),
+        path,
+        "WebSocket on a path that is not an endpoint: closed with 4504"
+    );
     let code = herald_protocol::CloseCode::NotAnEndpoint;
     ws::upgrade(req, &node.ws, node.ws_settings(), &[], move |mut socket| async move {
         socket.close(CloseCode(code.as_u16()), code.reason());

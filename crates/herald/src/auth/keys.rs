@@ -10,7 +10,7 @@ use jsonwebtoken::jwk::{Jwk, PublicKeyUse};
 use jsonwebtoken::{AlgorithmFamily, DecodingKey, DecodingKeyKind};
 use rsa::traits::PublicKeyParts;
 
-use super::{bad_config, invalid, AuthConfig, AuthError, TokenAlgorithm, MIN_SECRET_LEN};
+use super::{bad_config, refused, AuthConfig, AuthError, TokenAlgorithm, TokenRefusal, MIN_SECRET_LEN};
 use crate::secret::Secret;
 
 /// Largest JWKS file read: real ones are a few KiB.
@@ -40,10 +40,12 @@ impl Keys {
                 .iter()
                 .find(|(k, _)| k.as_deref() == Some(kid))
                 .map(|(_, key)| key)
-                .ok_or_else(|| invalid("unknown `kid`")),
+                .ok_or_else(|| refused(TokenRefusal::UnknownKey, "unknown `kid`")),
             (Self::Set(keys), None) => match keys.as_slice() {
                 [(_, only)] => Ok(only),
-                _ => Err(invalid("the token has no `kid` and the key set holds several keys")),
+                _ => {
+                    Err(refused(TokenRefusal::UnknownKey, "the token has no `kid` and the key set holds several keys"))
+                }
             },
         }
     }

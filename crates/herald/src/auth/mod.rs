@@ -229,8 +229,8 @@ pub enum AuthError {
     #[error("token expired")]
     Expired,
     /// Malformed, badly signed, of the wrong algorithm, or with unacceptable claims.
-    #[error("invalid token: {0}")]
-    Invalid(String),
+    #[error("invalid token: {1}")]
+    Invalid(TokenRefusal, String),
     /// No key is configured, so no token can be checked or minted.
     #[error(
         "no `auth.secret` is configured to sign with; set one, the same for the server, e.g. \
@@ -250,14 +250,105 @@ impl AuthError {
     pub fn code(&self) -> ErrorCode {
         ErrorCode::Unauthorized
     }
+
+    /// Why a token was refused (for the metric and the log); `None` for a configuration error.
+    pub fn refusal(&self) -> Option<TokenRefusal> {
+        match self {
+            Self::Expired => Some(TokenRefusal::Expired),
+            Self::Invalid(reason, _) => Some(*reason),
+            Self::NotConfigured | Self::BadKey { .. } | Self::MintUnsupported(_) => None,
+        }
+    }
+}
+
+/// Why a token was refused: the `reason` label of `herald_token_refusals_total` and the
+/// `reason` field of the log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRefusal {
+    /// Past its `exp` (plus `auth.leeway`).
+    Expired,
+    /// Its `nbf` is in the future.
+    NotYetValid,
+    /// Not a JWT at all (not three base64 parts of JSON).
+    Malformed,
+    /// The signature does not match the key.
+    BadSignature,
+    /// Signed with another algorithm than `auth.algorithm`.
+    Algorithm,
+    /// A claim missing or of the wrong form (`sub`, `exp`, `info`, `channels`, `channel`), or
+    /// a connection token used as a subscription token or the other way round.
+    Claims,
+    /// `aud` is not `auth.audience`.
+    Audience,
+    /// `iss` is not `auth.issuer`.
+    Issuer,
+    /// Its `kid` names no key of the JWKS file (or it has none and the file has several).
+    UnknownKey,
+    /// No token where one is required.
+    Missing,
+    /// A token given to a server without `auth.secret`, `auth.public_key` or `auth.jwks_file`.
+    NoKey,
+    /// A valid token for another user than the connection's (refresh, subscription token).
+    WrongUser,
+    /// A valid subscription token for another channel.
+    WrongChannel,
+}
+
+impl TokenRefusal {
+    /// Every reason, for registering the metric's labels at 0.
+    pub const ALL: [Self; 13] = [
+        Self::Expired,
+        Self::NotYetValid,
+        Self::Malformed,
+        Self::BadSignature,
+        Self::Algorithm,
+        Self::Claims,
+        Self::Audience,
+        Self::Issuer,
+        Self::UnknownKey,
+        Self::Missing,
+        Self::NoKey,
+        Self::WrongUser,
+        Self::WrongChannel,
+    ];
+
+    /// The label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::Malformed => "malformed",
+            Self::BadSignature => "bad_signature",
+            Self::Algorithm => "algorithm",
+            Self::Claims => "claims",
+            Self::Audience => "audience",
+            Self::Issuer => "issuer",
+            Self::UnknownKey => "unknown_key",
+            Self::Missing => "missing",
+            Self::NoKey => "no_key",
+            Self::WrongUser => "wrong_user",
+            Self::WrongChannel => "wrong_channel",
+        }
+    }
+
+    /// Counts one refused token in `herald_token_refusals_total`.
+    pub fn count(self) {
+        metrics::counter!("herald_token_refusals_total", "reason" => self.as_str()).increment(1);
+    }
 }
 
 fn bad_config(key: &'static str, message: impl Into<String>) -> AuthError {
     AuthError::BadKey { key, message: message.into() }
 }
 
+/// A token refused for its claims.
 fn invalid(message: impl Into<String>) -> AuthError {
-    AuthError::Invalid(message.into())
+    AuthError::Invalid(TokenRefusal::Claims, message.into())
+}
+
+/// A token refused for `reason`.
+fn refused(reason: TokenRefusal, message: impl Into<String>) -> AuthError {
+    AuthError::Invalid(reason, message.into())
 }
 
 /// Checks tokens; built once from the configuration, shared by every session. With a JWKS
@@ -373,7 +464,7 @@ impl Verifier {
     fn decode(&self, token: &str) -> Result<Map<String, Value>, AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(refusal)?;
         if header.alg != self.algorithm.jwt() {
-            return Err(invalid("algorithm not accepted"));
+            return Err(refused(TokenRefusal::Algorithm, "algorithm not accepted"));
         }
         let keys = self.keys.read().unwrap_or_else(|e| e.into_inner()).clone();
         let key = keys.select(header.kid.as_deref())?;
@@ -385,19 +476,22 @@ impl Verifier {
 /// A generic reason for a jsonwebtoken error. Its own messages can quote claim values, so
 /// none of them is passed on.
 fn refusal(e: jsonwebtoken::errors::Error) -> AuthError {
-    let why = match e.kind() {
+    use TokenRefusal as R;
+    let (reason, why) = match e.kind() {
         ErrorKind::ExpiredSignature => return AuthError::Expired,
-        ErrorKind::ImmatureSignature => "not valid yet (`nbf` is in the future)".to_owned(),
-        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidKeyFormat => "algorithm not accepted".to_owned(),
-        ErrorKind::InvalidSignature => "bad signature".to_owned(),
+        ErrorKind::ImmatureSignature => (R::NotYetValid, "not valid yet (`nbf` is in the future)".to_owned()),
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidKeyFormat => {
+            (R::Algorithm, "algorithm not accepted".to_owned())
+        }
+        ErrorKind::InvalidSignature => (R::BadSignature, "bad signature".to_owned()),
         // The claim names come from our own list, not from the token.
-        ErrorKind::MissingRequiredClaim(claim) => format!("missing or malformed `{claim}` claim"),
-        ErrorKind::InvalidClaimFormat(claim) => format!("malformed `{claim}` claim"),
-        ErrorKind::InvalidIssuer => "issuer not accepted".to_owned(),
-        ErrorKind::InvalidAudience => "audience not accepted".to_owned(),
-        _ => "malformed token".to_owned(),
+        ErrorKind::MissingRequiredClaim(claim) => (R::Claims, format!("missing or malformed `{claim}` claim")),
+        ErrorKind::InvalidClaimFormat(claim) => (R::Claims, format!("malformed `{claim}` claim")),
+        ErrorKind::InvalidIssuer => (R::Issuer, "issuer not accepted".to_owned()),
+        ErrorKind::InvalidAudience => (R::Audience, "audience not accepted".to_owned()),
+        _ => (R::Malformed, "malformed token".to_owned()),
     };
-    AuthError::Invalid(why)
+    AuthError::Invalid(reason, why)
 }
 
 /// `sub`, `exp` and `info` from a payload whose signature, `exp`, `nbf`, `aud` and `iss` are

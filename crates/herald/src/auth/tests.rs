@@ -72,7 +72,7 @@ fn b64(v: &Value) -> String {
 
 fn assert_invalid<T: std::fmt::Debug>(result: Result<T, AuthError>, what: &str) {
     match result {
-        Err(AuthError::Invalid(message)) => assert!(message.contains(what), "{message:?} lacks {what:?}"),
+        Err(AuthError::Invalid(_, message)) => assert!(message.contains(what), "{message:?} lacks {what:?}"),
         other => panic!("expected Invalid({what}), got {other:?}"),
     }
 }
@@ -157,7 +157,7 @@ fn info_must_be_a_small_object() {
     assert_invalid(v.verify(&hs256(&json!({"sub": "42", "exp": now() + 60, "info": [1]}))), "`info`");
     assert_invalid(v.verify(&hs256(&json!({"sub": "42", "exp": now() + 60, "channels": "news"}))), "`channels`");
     let too_big = mint(&hs(TokenAlgorithm::HS256), "42", Duration::from_secs(60), big.get("info").cloned());
-    assert!(matches!(too_big, Err(AuthError::Invalid(_))), "{too_big:?}");
+    assert!(matches!(too_big, Err(AuthError::Invalid(..))), "{too_big:?}");
 }
 
 #[test]
@@ -166,7 +166,7 @@ fn alg_none_is_refused() {
     let payload = b64(&json!({"sub": "admin", "exp": now() + 600}));
     let token = format!("{header}.{payload}.");
     for config in [hs(TokenAlgorithm::HS256), with_key(TokenAlgorithm::RS256, TEST_RSA_PUBLIC)] {
-        assert!(matches!(verifier(&config).verify(&token), Err(AuthError::Invalid(_))));
+        assert!(matches!(verifier(&config).verify(&token), Err(AuthError::Invalid(..))));
     }
 }
 
@@ -285,7 +285,7 @@ fn mint_needs_a_secret() {
     let none = mint(&AuthConfig::default(), "42", Duration::from_secs(60), None);
     assert!(matches!(none, Err(AuthError::NotConfigured)));
     let empty_user = mint(&hs(TokenAlgorithm::HS256), "", Duration::from_secs(60), None);
-    assert!(matches!(empty_user, Err(AuthError::Invalid(_))));
+    assert!(matches!(empty_user, Err(AuthError::Invalid(..))));
 }
 
 #[test]
@@ -589,4 +589,35 @@ async fn sighup_reloads_the_jwks_file_at_once() {
         assert!(tries < 200, "SIGHUP did not reload the file");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+#[test]
+fn each_refusal_says_its_reason() {
+    let config = AuthConfig { audience: "herald".into(), issuer: "https://app".into(), ..hs(TokenAlgorithm::HS256) };
+    let v = verifier(&config);
+    let reason = |token: &str| v.verify(token).err().and_then(|e| e.refusal()).map(TokenRefusal::as_str);
+    let (exp, good) = (now() + 60, json!({"aud": "herald", "iss": "https://app"}));
+    let with = |extra: Value| {
+        let mut claims = json!({"sub": "4", "exp": exp});
+        for (k, val) in good.as_object().into_iter().flatten().chain(extra.as_object().into_iter().flatten()) {
+            claims[k] = val.clone();
+        }
+        hs256(&claims)
+    };
+    assert_eq!(reason(&with(json!({"exp": now() - 60}))), Some("expired"));
+    assert_eq!(reason(&with(json!({"nbf": now() + 600}))), Some("not_yet_valid"));
+    assert_eq!(reason("not a token"), Some("malformed"));
+    let other = EncodingKey::from_secret(b"another-secret-0123456789abcdef-0123456789");
+    let forged =
+        sign(Algorithm::HS256, &other, &json!({"sub": "4", "exp": exp, "aud": "herald", "iss": "https://app"}));
+    assert_eq!(reason(&forged), Some("bad_signature"));
+    let strong = mint(&hs(TokenAlgorithm::HS512), "4", Duration::from_secs(60), None).expect("mints");
+    assert_eq!(reason(&strong), Some("algorithm"));
+    assert_eq!(reason(&with(json!({"info": [1]}))), Some("claims"));
+    assert_eq!(reason(&with(json!({"aud": "other"}))), Some("audience"));
+    assert_eq!(reason(&with(json!({"iss": "https://evil"}))), Some("issuer"));
+    assert_eq!(reason(&with(json!({}))), None, "a good token");
+    // Every reason has its own label.
+    let labels: std::collections::HashSet<_> = TokenRefusal::ALL.iter().map(|r| r.as_str()).collect();
+    assert_eq!(labels.len(), TokenRefusal::ALL.len());
 }

@@ -94,11 +94,15 @@ pub struct LogConfig {
     pub level: String,
     /// `text` for people, `json` for log collectors (one object per line).
     pub format: LogFormat,
+    /// Most log lines per second for each kind of refusal (refused tokens, origins, API keys,
+    /// limits hit, slow consumers, wrong endpoints); the rest are counted and said on the
+    /// next line of that kind (`suppressed`). 0 logs no refusal. Metrics count every one.
+    pub refusals_per_second: u32,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { level: "info".into(), format: LogFormat::Text }
+        Self { level: "info".into(), format: LogFormat::Text, refusals_per_second: crate::ratelog::DEFAULT_PER_SECOND }
     }
 }
 
@@ -293,6 +297,9 @@ pub struct Loaded {
     /// `HERALD_*` environment variables that set nothing, each with a hint: print them once
     /// logging is up (`serve`) or on stderr (`check-config`).
     pub warnings: Vec<String>,
+    /// The `HERALD_*` environment variables that set something, by name (for the start-up
+    /// summary; their values may be secrets).
+    pub env: Vec<String>,
 }
 
 /// Loads the configuration from the sources in order of precedence (lowest first): defaults,
@@ -309,9 +316,11 @@ pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Loaded, Config
         .map(|k| k[ENV_PREFIX.len()..].to_owned())
         .collect();
     let (unknown, warnings) = unknown_env(&names);
+    let used = names.iter().filter(|n| !unknown.contains(n)).map(|n| format!("{ENV_PREFIX}{n}")).collect();
     let env = Env::prefixed(ENV_PREFIX).filter(move |k| !unknown.iter().any(|u| k == u.as_str())).split("__");
     let mut loaded = load_from(file, overrides, env)?;
     loaded.warnings = warnings;
+    loaded.env = used;
     Ok(loaded)
 }
 
@@ -423,7 +432,7 @@ fn load_from(file: Option<&Path>, overrides: &Overrides, env: Env) -> Result<Loa
     }
     let config: Config = figment.extract().map_err(Box::new)?;
     config.validate()?;
-    Ok(Loaded { config, figment, warnings: Vec::new() })
+    Ok(Loaded { config, figment, warnings: Vec::new(), env: Vec::new() })
 }
 
 /// A command-line flag as a figment provider, so `check-config` can name it as the source.

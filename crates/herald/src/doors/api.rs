@@ -38,6 +38,28 @@ const METHODS: &[&str] = &[
 /// Most channels one broadcast may name.
 const MAX_BROADCAST_CHANNELS: usize = 1000;
 
+/// Middleware of the HTTP APIs (`/api`, `/centrifugo/api`, the Pusher API): each request at
+/// debug level, with its method, path (without the query, where Pusher's signature is),
+/// status and duration; never a header or the body.
+pub async fn log_request(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return next.run(req).await;
+    }
+    let (method, path, peer) = (req.method().clone(), req.uri().path().to_owned(), crate::doors::raw::peer_of(&req));
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let peer = peer.map(|p| p.to_string());
+    tracing::debug!(
+        peer = peer.as_deref().unwrap_or(""),
+        %method,
+        path,
+        status = resp.status().as_u16(),
+        duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        "api request"
+    );
+    resp
+}
+
 /// `POST /api/<method>`.
 pub async fn dispatch(
     State(node): State<Arc<Node>>,

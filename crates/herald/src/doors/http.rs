@@ -16,7 +16,22 @@ use crate::origin::RequestOrigin;
 /// loopback address says nothing about who sent it.
 const FORWARDING_HEADERS: &[&str] = &["forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip", "via"];
 
+/// Whether a request may call the API; a refusal is logged (rate-limited) with the
+/// client's address, never with what it sent.
 pub fn authorize(node: &Node, peer: SocketAddr, origin: RequestOrigin, headers: &HeaderMap) -> Result<(), ApiError> {
+    let result = check_authorization(node, peer, origin, headers);
+    if let Err(e) = &result {
+        crate::ratelog::refusal!(info, crate::ratelog::Kind::ApiKey, peer = %peer, "API request refused: {}", e.message());
+    }
+    result
+}
+
+fn check_authorization(
+    node: &Node,
+    peer: SocketAddr,
+    origin: RequestOrigin,
+    headers: &HeaderMap,
+) -> Result<(), ApiError> {
     let api = &node.config().api;
     if !api.has_key() {
         if origin == RequestOrigin::Cross {

@@ -28,9 +28,15 @@ use crate::ws::{self, Outbox, SendMode};
 pub async fn connect(State(node): State<Arc<Node>>, req: Request) -> Response {
     let settings = node.ws_settings();
     let ctx = node.ws.clone();
+    let peer = peer_of(&req);
     ws::upgrade(req, &ctx, settings, &[herald_protocol::SUBPROTOCOL], move |socket| {
-        crate::doors::session::run(node, socket, crate::doors::session::Dialect::Native)
+        crate::doors::session::run_from(node, socket, crate::doors::session::Dialect::Native, peer)
     })
+}
+
+/// The client's address, as the accept loop put it in the request.
+pub(crate) fn peer_of<B>(req: &http::Request<B>) -> Option<std::net::SocketAddr> {
+    req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0)
 }
 
 /// `GET /connection/websocket`: Centrifugo's client protocol (JSON), so centrifuge-js,
@@ -39,6 +45,7 @@ pub async fn connect(State(node): State<Arc<Node>>, req: Request) -> Response {
 pub async fn centrifugo(State(node): State<Arc<Node>>, req: Request) -> Response {
     let settings = node.ws_settings();
     let ctx = node.ws.clone();
+    let peer = peer_of(&req);
     // A protobuf client is accepted only to be told why it cannot stay: a browser would
     // otherwise fail the handshake with no reason to show.
     ws::upgrade(req, &ctx, settings, &["centrifuge-protobuf"], move |mut socket| async move {
@@ -48,7 +55,7 @@ pub async fn centrifugo(State(node): State<Arc<Node>>, req: Request) -> Response
             while let Ok(Some(_)) = socket.recv().await {}
             return;
         }
-        crate::doors::session::run(node, socket, crate::doors::session::Dialect::Centrifugo).await
+        crate::doors::session::run_from(node, socket, crate::doors::session::Dialect::Centrifugo, peer).await
     })
 }
 
@@ -178,12 +185,14 @@ async fn raw_publish(
 pub async fn sse(
     State(node): State<Arc<Node>>,
     Extension(origins): Extension<Origins>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
     let config = node.config();
     // Browsers on other origins: refused unless allowed, and allowed ones get CORS headers.
     if let Err(e) = origins.0.check(&headers) {
+        crate::origin::log_refused(Some(peer), &e);
         return e.into_response();
     }
     let (channel, ns) = match anonymous_subscribe(&config, &name) {

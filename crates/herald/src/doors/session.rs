@@ -138,6 +138,8 @@ pub struct Session {
     limiter: ConnectionLimiter,
     /// Set when a command's outcome ends the connection (a limit): the caller closes with it.
     close_with: Option<CloseCode>,
+    /// The client's address, for the log lines of its refusals.
+    peer: Option<std::net::SocketAddr>,
 }
 
 /// Subscriptions made with a token, by channel: one pointer for the many connections that
@@ -203,6 +205,32 @@ impl Session {
             subscriptions: HashSet::new(),
             token_subscriptions: TokenSubscriptions::default(),
             claimed: Box::default(),
+            peer: None,
+        }
+    }
+
+    /// Counts a refused token, logs it (rate-limited), and makes the error reply.
+    fn token_refused(&self, reason: crate::auth::TokenRefusal, message: String) -> Refusal {
+        reason.count();
+        let peer = self.peer.map(|p| p.to_string());
+        crate::ratelog::refusal!(
+            info,
+            crate::ratelog::Kind::Token,
+            peer = peer.as_deref().unwrap_or(""),
+            user = self.user.as_str(),
+            reason = reason.as_str(),
+            session = self.id,
+            door = self.dialect.transport(),
+            "token refused: {message}"
+        );
+        refuse(ErrorCode::Unauthorized, message)
+    }
+
+    /// [`Self::token_refused`] for an error of the verifier.
+    fn auth_refused(&self, e: crate::auth::AuthError) -> Refusal {
+        match e.refusal() {
+            Some(reason) => self.token_refused(reason, e.to_string()),
+            None => refuse(e.code(), e.to_string()),
         }
     }
 
@@ -326,7 +354,23 @@ impl Session {
             crate::limits::Limit::Publications => l.publications_per_second,
         };
         let key = limit.key();
+        self.limit_hit(key, self.close_with.is_some());
         Err(refuse(ErrorCode::RateLimited, format!("slow down: at most {rate} a second (limits.{key})")))
+    }
+
+    /// Logs (rate-limited) a command refused by `limits.<key>`, and the close it led to.
+    fn limit_hit(&self, key: &'static str, closing: bool) {
+        let peer = self.peer.map(|p| p.to_string());
+        let what = if closing { "too many refusals: closing (limits.max_refusals)" } else { "command refused" };
+        crate::ratelog::refusal!(
+            info,
+            crate::ratelog::Kind::RateLimit,
+            peer = peer.as_deref().unwrap_or(""),
+            user = self.user.as_str(),
+            limit = key,
+            session = self.id,
+            "{what}: over limits.{key}"
+        );
     }
 
     /// Refuses a user's connection beyond `limits.max_connections_per_user` (error 106, then
@@ -338,6 +382,16 @@ impl Session {
         }
         metrics::counter!("herald_limit_refusals_total", "limit" => "max_connections_per_user").increment(1);
         self.close_with = Some(CloseCode::TooManyConnections);
+        let (peer, session) = (self.peer.map(|p| p.to_string()), self.id);
+        crate::ratelog::refusal!(
+            info,
+            crate::ratelog::Kind::RateLimit,
+            peer = peer.as_deref().unwrap_or(""),
+            user,
+            limit = "max_connections_per_user",
+            session,
+            "connection refused: limits.max_connections_per_user reached"
+        );
         Err(refuse(
             ErrorCode::LimitExceeded,
             format!("at most {max} connections per user (limits.max_connections_per_user)"),
@@ -360,7 +414,8 @@ impl Session {
                 self.info = claims.info.map(|v| Bytes::from(v.to_string()));
             }
             None if !config.auth.allow_anonymous => {
-                return Err(refuse(ErrorCode::Unauthorized, "a connection token is required"));
+                let missing = crate::auth::TokenRefusal::Missing;
+                return Err(self.token_refused(missing, "a connection token is required".into()));
             }
             None => {}
         }
@@ -402,14 +457,14 @@ impl Session {
         let cfg = &config.channels;
         let mut out: Vec<(ChannelName, &NamespaceOptions)> = Vec::new();
         for name in names {
+            let claims = crate::auth::TokenRefusal::Claims;
             let (channel, ns) = cfg
                 .resolve(name)
-                .map_err(|e| refuse(ErrorCode::Unauthorized, format!("invalid token: `channels` claim: {e}")))?;
+                .map_err(|e| self.token_refused(claims, format!("invalid token: `channels` claim: {e}")))?;
             if !channel.allows_user(user) {
-                return Err(refuse(
-                    ErrorCode::Unauthorized,
-                    "invalid token: `channels` claim names another user's channel",
-                ));
+                return Err(
+                    self.token_refused(claims, "invalid token: `channels` claim names another user's channel".into())
+                );
             }
             if !out.iter().any(|(c, _)| c == &channel) {
                 out.push((channel, ns));
@@ -474,15 +529,19 @@ impl Session {
 
     /// Checks a subscription token for `channel` and this connection's user.
     fn subscription_token(&self, token: &str, channel: &ChannelName) -> Result<TokenSubscription, Refusal> {
+        use crate::auth::TokenRefusal;
         let Some(verifier) = self.node.verifier() else {
-            return Err(refuse(ErrorCode::Unauthorized, "this server has no key to verify subscription tokens"));
+            let message = "this server has no key to verify subscription tokens".into();
+            return Err(self.token_refused(TokenRefusal::NoKey, message));
         };
-        let claims = verifier.verify_subscription(token).map_err(|e| refuse(e.code(), e.to_string()))?;
+        let claims = verifier.verify_subscription(token).map_err(|e| self.auth_refused(e))?;
         if claims.user != self.user {
-            return Err(refuse(ErrorCode::Unauthorized, "the subscription token is for another user"));
+            let message = "the subscription token is for another user".into();
+            return Err(self.token_refused(TokenRefusal::WrongUser, message));
         }
         if claims.channel != channel.as_str() {
-            return Err(refuse(ErrorCode::Unauthorized, "the subscription token is for another channel"));
+            let message = "the subscription token is for another channel".into();
+            return Err(self.token_refused(TokenRefusal::WrongChannel, message));
         }
         Ok(TokenSubscription { expires_at: claims.expires_at, info: claims.info.map(|v| Bytes::from(v.to_string())) })
     }
@@ -630,15 +689,17 @@ impl Session {
 
     fn verify(&self, token: &str) -> Result<crate::auth::Claims, Refusal> {
         let Some(verifier) = self.node.verifier() else {
-            return Err(refuse(ErrorCode::Unauthorized, "this server has no key to verify connection tokens"));
+            let message = "this server has no key to verify connection tokens".into();
+            return Err(self.token_refused(crate::auth::TokenRefusal::NoKey, message));
         };
-        verifier.verify(token).map_err(|e| refuse(e.code(), e.to_string()))
+        verifier.verify(token).map_err(|e| self.auth_refused(e))
     }
 
     async fn refresh(&mut self, id: u32, req: RefreshRequest) -> Result<(), Refusal> {
         let claims = self.verify(&req.token)?;
         if claims.user != self.user {
-            return Err(refuse(ErrorCode::Unauthorized, "a refreshed token must be for the same user"));
+            let message = "a refreshed token must be for the same user".into();
+            return Err(self.token_refused(crate::auth::TokenRefusal::WrongUser, message));
         }
         self.expires_at = claims.expires_at;
         self.reply(id, ReplyResult::Refresh(RefreshResult { expires: claims.expires_at }));
@@ -892,13 +953,24 @@ impl Drop for Session {
 /// arguments (an `async fn` would keep a second copy of the socket), the rarely reached
 /// futures (command handling, control messages, the end) are boxed, and the connect deadline
 /// is freed once the client has connected.
+pub fn run(node: Arc<Node>, socket: WebSocket, dialect: Dialect) -> impl std::future::Future<Output = ()> + Send {
+    run_from(node, socket, dialect, None)
+}
+
+/// [`run`] for a client at `peer` (named in the log lines of its refusals).
 // An `async fn` here measured 392 bytes larger: it kept the socket argument twice.
 #[allow(clippy::manual_async_fn)]
-pub fn run(node: Arc<Node>, mut socket: WebSocket, dialect: Dialect) -> impl std::future::Future<Output = ()> + Send {
+pub fn run_from(
+    node: Arc<Node>,
+    mut socket: WebSocket,
+    dialect: Dialect,
+    peer: Option<std::net::SocketAddr>,
+) -> impl std::future::Future<Output = ()> + Send {
     async move {
         let _count = node.session_guard();
         socket.disable_keepalive();
         let mut session = Session::with_dialect(node.clone(), socket.outbox().clone(), dialect);
+        session.peer = peer;
         let every = node.config().websocket.ping_interval;
         let pong_timeout = node.config().websocket.pong_timeout;
         let mut ping = tokio::time::interval_at(Instant::now() + every, every);

@@ -61,6 +61,7 @@ where
     // allow is refused before the upgrade.
     if let Some(origins) = req.extensions().get::<crate::origin::Origins>() {
         if let Err(e) = origins.0.check(req.headers()) {
+            crate::origin::log_refused(crate::doors::raw::peer_of(&req), &e);
             return e.into_response();
         }
     }

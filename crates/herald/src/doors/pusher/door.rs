@@ -355,6 +355,14 @@ impl Connection {
             Verdict::Allow => false,
             Verdict::Refuse(limit) => {
                 let key = limit.key();
+                crate::ratelog::refusal!(
+                    info,
+                    crate::ratelog::Kind::RateLimit,
+                    socket_id = self.socket_id.as_str(),
+                    limit = key,
+                    door = "pusher",
+                    "message refused: over limits.{key}"
+                );
                 self.error(
                     Some(protocol::error::CLIENT_EVENT_REJECTED),
                     &format!("Rate limit exceeded (limits.{key})"),
@@ -451,6 +459,19 @@ impl Connection {
             let message = auth::channel_message(&self.socket_id, name, channel_data);
             let ok = req.auth.as_deref().is_some_and(|a| auth::check_auth(&app.key, &app.secret, &message, a));
             if !ok {
+                let reason = match req.auth {
+                    None => crate::auth::TokenRefusal::Missing,
+                    Some(_) => crate::auth::TokenRefusal::BadSignature,
+                };
+                reason.count();
+                crate::ratelog::refusal!(
+                    info,
+                    crate::ratelog::Kind::Token,
+                    reason = reason.as_str(),
+                    socket_id = self.socket_id.as_str(),
+                    door = "pusher",
+                    "channel authorization refused for {name}"
+                );
                 return self.subscription_error(
                     name,
                     401,
