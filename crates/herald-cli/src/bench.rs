@@ -10,6 +10,7 @@ mod publisher;
 mod seq;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -19,7 +20,10 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use conn::{Sources, Ws};
+use herald_client::rustls::ClientConfig;
 use hist::Histogram;
+
+use crate::tls::{self as cli_tls, TlsArgs, Trust};
 
 #[derive(Debug, Args)]
 pub(crate) struct BenchArgs {
@@ -63,7 +67,8 @@ enum TargetKind {
 struct TargetArgs {
     #[arg(long, value_enum, default_value = "herald")]
     target: TargetKind,
-    /// Herald's address (`--target herald`). Repeat it for several nodes sharing one engine
+    /// Herald's address (`--target herald`): ws://HOST:PORT, or wss://HOST:PORT for TLS
+    /// (publications then go over https://). Repeat it for several nodes sharing one engine
     /// (Redis): connections go to the nodes in turn, each channel's subscribers spread over all
     /// of them, and publications go through the first.
     #[arg(long, value_name = "URL", default_value = "ws://127.0.0.1:8080")]
@@ -87,6 +92,8 @@ struct TargetArgs {
     /// The Pusher app key (`--target pusher`): one of Herald's `[[pusher.apps]]`.
     #[arg(long, value_name = "KEY", default_value = "bench-key")]
     pusher_key: String,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -128,8 +135,11 @@ struct RoundtripArgs {
     channel: String,
     #[arg(long, default_value_t = 100)]
     payload: usize,
+    /// Herald's address: ws://HOST:PORT, or wss://HOST:PORT for TLS.
     #[arg(long, value_name = "URL", default_value = "ws://127.0.0.1:8080")]
     url: String,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -164,42 +174,59 @@ struct Target {
     pub_host: String,
     /// Herald: `/api/publish`; raw: the path template.
     pub_path: String,
+    /// Whether publications go over https://.
+    pub_tls: bool,
     api_key: Option<String>,
     prefix: String,
+    /// The TLS settings, when any URL is a TLS one.
+    tls: Option<Arc<ClientConfig>>,
 }
 
 impl Target {
     async fn resolve(args: &TargetArgs) -> anyhow::Result<Self> {
+        let trust = Trust::load(&args.tls)?;
         let (ws_urls, pub_url) = match args.target {
             TargetKind::Herald | TargetKind::Pusher => {
-                let bases: Vec<&str> = args.url.iter().map(|u| u.trim_end_matches('/')).collect();
-                let first = bases.first().context("--url is missing")?;
-                let (host, _) = split_url(first, "ws")?;
+                let mut bases = Vec::with_capacity(args.url.len());
+                for url in &args.url {
+                    let (tls, host, _) = split_url(url)?;
+                    bases.push((if tls { "wss" } else { "ws" }, host));
+                }
+                let (scheme, host) = bases.first().context("--url is missing")?;
                 let path = match args.target {
                     TargetKind::Pusher => format!("/app/{}?protocol=7&client=herald-bench", args.pusher_key),
                     _ => "/connect".to_owned(),
                 };
-                (bases.iter().map(|b| format!("{b}{path}")).collect(), format!("http://{host}/api/publish"))
+                let http = if *scheme == "wss" { "https" } else { "http" };
+                (
+                    bases.iter().map(|(s, h)| format!("{s}://{h}{path}")).collect(),
+                    format!("{http}://{host}/api/publish"),
+                )
             }
-            TargetKind::Raw => (
-                vec![args.sub_url.clone().context("--target raw needs --sub-url")?],
-                args.pub_url.clone().context("--target raw needs --pub-url")?,
-            ),
+            TargetKind::Raw => {
+                let sub = args.sub_url.as_deref().context("--target raw needs --sub-url")?;
+                let publish = args.pub_url.as_deref().context("--target raw needs --pub-url")?;
+                let sub = cli_tls::with_scheme(sub, true).with_context(|| not_a_url(sub))?;
+                (vec![sub], cli_tls::with_scheme(publish, false).with_context(|| not_a_url(publish))?)
+            }
         };
         let mut nodes = Vec::with_capacity(ws_urls.len());
         for url in ws_urls {
-            let (host, _) = split_url(&url, "ws")?;
+            let (_, host, _) = split_url(&url)?;
             nodes.push((lookup(&host).await?, url));
         }
-        let (pub_host, pub_path) = split_url(&pub_url, "http")?;
+        let (pub_tls, pub_host, pub_path) = split_url(&pub_url)?;
+        let any_tls = pub_tls || nodes.iter().any(|(_, u)| cli_tls::is_tls(u));
         Ok(Self {
             kind: args.target,
             nodes,
             pub_addr: lookup(&pub_host).await?,
             pub_host,
             pub_path,
+            pub_tls,
             api_key: args.api_key.clone(),
             prefix: args.channel_prefix.clone(),
+            tls: if any_tls { Some(trust.client_config()?) } else { None },
         })
     }
 
@@ -246,7 +273,7 @@ impl Target {
             let started = Instant::now();
             match self.kind {
                 TargetKind::Herald => {
-                    let mut ws = conn::open(*addr, source, url).await?;
+                    let mut ws = conn::open(*addr, source, url, self.tls.as_ref()).await?;
                     let handshake = started.elapsed();
                     conn::herald_connect(&mut ws).await?;
                     if let Some(channel) = channel {
@@ -256,11 +283,11 @@ impl Target {
                 }
                 TargetKind::Raw => {
                     let url = url.replace("{channel}", channel.unwrap_or("connect"));
-                    let ws = conn::open(*addr, source, &url).await?;
+                    let ws = conn::open(*addr, source, &url, self.tls.as_ref()).await?;
                     Ok((ws, started.elapsed()))
                 }
                 TargetKind::Pusher => {
-                    let mut ws = conn::open(*addr, source, url).await?;
+                    let mut ws = conn::open(*addr, source, url, self.tls.as_ref()).await?;
                     let handshake = started.elapsed();
                     conn::pusher_subscribe(&mut ws, channel).await?;
                     Ok((ws, handshake))
@@ -270,8 +297,10 @@ impl Target {
         tokio::time::timeout(conn::OPEN_TIMEOUT, ready).await.context("timed out opening a connection")?
     }
 
-    fn publish_endpoint(&self) -> (SocketAddr, &str) {
-        (self.pub_addr, &self.pub_host)
+    /// Where publications go, and the TLS settings and server name when over https://.
+    fn publish_endpoint(&self) -> (SocketAddr, Option<(&Arc<ClientConfig>, &str)>) {
+        let tls = self.tls.as_ref().filter(|_| self.pub_tls).map(|c| (c, host_name(&self.pub_host)));
+        (self.pub_addr, tls)
     }
 
     /// Appends one `POST` publishing `payload` on `channel`.
@@ -300,23 +329,37 @@ impl Target {
     }
 }
 
-/// `scheme://host:port/path` → (`host:port`, `/path`).
-fn split_url(url: &str, scheme: &str) -> anyhow::Result<(String, String)> {
-    let rest = url
-        .strip_prefix(scheme)
-        .and_then(|r| r.strip_prefix("://"))
-        .with_context(|| format!("`{url}` is not a {scheme}:// URL (TLS is not supported)"))?;
+/// `scheme://host:port/path` → (TLS, `host:port`, `/path`), for ws://, wss://, http:// and
+/// https:// (the port defaults to 80 or 443).
+fn split_url(url: &str) -> anyhow::Result<(bool, String, String)> {
+    let (scheme, rest) = url.split_once("://").with_context(|| not_a_url(url))?;
+    let tls = match scheme.to_ascii_lowercase().as_str() {
+        "ws" | "http" => false,
+        "wss" | "https" => true,
+        _ => anyhow::bail!(not_a_url(url)),
+    };
     let (host, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    let default_port = if scheme == "ws" || scheme == "http" { 80 } else { 443 };
+    anyhow::ensure!(!host.is_empty(), "`{url}` has no host");
+    let default_port = if tls { 443 } else { 80 };
     let host = if host.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
         host.to_owned()
     } else {
         format!("{host}:{default_port}")
     };
-    Ok((host, path.to_owned()))
+    Ok((tls, host, path.to_owned()))
+}
+
+fn not_a_url(url: &str) -> String {
+    format!("`{url}` is not a ws://, wss://, http:// or https:// URL")
+}
+
+/// The host of `host:port` (what TLS checks the certificate against), without IPv6 brackets.
+fn host_name(host_port: &str) -> &str {
+    let host = host_port.rsplit_once(':').map_or(host_port, |(h, _)| h);
+    host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host)
 }
 
 async fn lookup(host: &str) -> anyhow::Result<SocketAddr> {
@@ -421,7 +464,7 @@ where
             }
             Err(e) => {
                 failed += 1;
-                first_error.get_or_insert_with(|| format!("{e:#}"));
+                first_error.get_or_insert_with(|| format!("{:#}", cli_tls::explain(e)));
             }
         }
         if progress.elapsed() >= Duration::from_secs(3) {
@@ -554,10 +597,11 @@ async fn idle(args: IdleArgs) -> anyhow::Result<String> {
 }
 
 async fn roundtrip(args: RoundtripArgs) -> anyhow::Result<String> {
-    let base = args.url.trim_end_matches('/');
-    let url = format!("{base}/connect");
-    let (host, _) = split_url(&url, "ws")?;
-    let mut ws = conn::open(lookup(&host).await?, None, &url).await?;
+    let (tls, host, _) = split_url(&args.url)?;
+    let url = format!("{}://{host}/connect", if tls { "wss" } else { "ws" });
+    let trust = Trust::load(&args.tls)?;
+    let config = if tls { Some(trust.client_config()?) } else { None };
+    let mut ws = conn::open(lookup(&host).await?, None, &url, config.as_ref()).await?;
     conn::herald_connect(&mut ws).await?;
     conn::herald_subscribe(&mut ws, 2, &args.channel).await?;
     let warmup = (args.count / 10).min(100);
@@ -647,11 +691,15 @@ mod tests {
     #[test]
     fn urls() {
         assert_eq!(
-            split_url("ws://127.0.0.1:8080/connect", "ws").expect("ok"),
-            ("127.0.0.1:8080".into(), "/connect".into())
+            split_url("ws://127.0.0.1:8080/connect").expect("ok"),
+            (false, "127.0.0.1:8080".into(), "/connect".into())
         );
-        assert_eq!(split_url("http://localhost", "http").expect("ok"), ("localhost:80".into(), "/".into()));
-        assert!(split_url("wss://x", "ws").is_err());
+        assert_eq!(split_url("http://localhost").expect("ok"), (false, "localhost:80".into(), "/".into()));
+        assert_eq!(split_url("wss://x").expect("ok"), (true, "x:443".into(), "/".into()));
+        assert_eq!(split_url("HTTPS://[::1]:8443/a").expect("ok"), (true, "[::1]:8443".into(), "/a".into()));
+        assert!(split_url("ftp://x").is_err() && split_url("x:80").is_err() && split_url("ws:///x").is_err());
+        assert_eq!(host_name("[::1]:8443"), "::1");
+        assert_eq!(host_name("herald.example.com:443"), "herald.example.com");
     }
 
     #[test]
@@ -662,8 +710,10 @@ mod tests {
             pub_addr: "127.0.0.1:8080".parse().expect("addr"),
             pub_host: "127.0.0.1:8080".into(),
             pub_path: "/api/publish".into(),
+            pub_tls: false,
             api_key: Some("k".into()),
             prefix: "bench-".into(),
+            tls: None,
         };
         let mut out = Vec::new();
         t.publish_request(&mut out, "bench-0", b"{\"seq\":0}");
@@ -692,8 +742,10 @@ mod tests {
             pub_addr: addr,
             pub_host: "127.0.0.1:1".into(),
             pub_path: "/api/publish".into(),
+            pub_tls: false,
             api_key: None,
             prefix: "bench-".into(),
+            tls: None,
         };
         // 900 subscribers over 100 channels (subscriber i is on channel i % 100).
         let mut per = vec![[0u32; 3]; 100];

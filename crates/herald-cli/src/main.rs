@@ -13,6 +13,7 @@ use herald_client::{Client, ClientOptions, Event, Publication, State};
 use serde_json::value::RawValue;
 
 mod bench;
+mod tls;
 
 #[derive(Debug, Parser)]
 #[command(name = "herald", version = herald::VERSION, about = "Herald: a real-time push server")]
@@ -92,9 +93,12 @@ struct PublishArgs {
     channel: String,
     /// The data: any JSON value, e.g. '{"title":"hello"}' or '"plain text"'.
     json: String,
-    /// The server's HTTP address.
+    /// The server's HTTP address: http://HOST:PORT, or https://HOST:PORT when it serves TLS
+    /// (a ws:// or wss:// URL is taken as the same address).
     #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8080")]
     url: String,
+    #[command(flatten)]
+    tls: tls::TlsArgs,
     /// The API key (the server's `api.key`); without one, only a server without a key on
     /// the same machine accepts the request.
     #[arg(long, value_name = "KEY", env = "HERALD_API__KEY", hide_env_values = true)]
@@ -106,9 +110,12 @@ struct SubscribeArgs {
     /// One or more channels.
     #[arg(required = true, value_name = "CHANNEL")]
     channels: Vec<String>,
-    /// The server's WebSocket endpoint.
+    /// The server's WebSocket endpoint: ws://HOST:PORT/connect, or wss://HOST:PORT/connect
+    /// when it serves TLS (an http:// or https:// address without a path means its /connect).
     #[arg(long, value_name = "URL", default_value = "ws://127.0.0.1:8080/connect")]
     url: String,
+    #[command(flatten)]
+    tls: tls::TlsArgs,
     /// A connection token (JWT), when the server requires one.
     #[arg(long, value_name = "TOKEN")]
     token: Option<String>,
@@ -148,10 +155,11 @@ fn main() -> ExitCode {
             Ok(())
         }
         Some(Command::Genconfig(args)) => genconfig(&args),
-        Some(Command::Publish(args)) => publish(&args),
-        Some(Command::Subscribe(args)) => subscribe(args),
+        // These talk to a server: TLS failures and refused upgrades are explained.
+        Some(Command::Publish(args)) => publish(&args).map_err(tls::explain),
+        Some(Command::Subscribe(args)) => subscribe(args).map_err(tls::explain),
         Some(Command::Token(args)) => token(args),
-        Some(Command::Bench(args)) => bench::run(args),
+        Some(Command::Bench(args)) => bench::run(args).map_err(tls::explain),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -445,9 +453,13 @@ fn publish(args: &PublishArgs) -> anyhow::Result<()> {
     }
 
     let data = RawValue::from_string(args.json.clone()).context("the data is not valid JSON")?;
-    let url = format!("{}/api/publish", args.url.trim_end_matches('/'));
-    let agent: ureq::Agent =
-        ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(PUBLISH_TIMEOUT)).build().into();
+    let url = format!("{}/api/publish", publish_base(&args.url)?);
+    let trust = tls::Trust::load(&args.tls)?;
+    let mut config = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(PUBLISH_TIMEOUT));
+    if tls::is_tls(&url) {
+        config = config.tls_config(trust.ureq_config());
+    }
+    let agent: ureq::Agent = config.build().into();
     let mut request = agent.post(&url);
     if let Some(key) = &args.api_key {
         request = request.header("Authorization", format!("apikey {key}"));
@@ -478,9 +490,48 @@ fn publish(args: &PublishArgs) -> anyhow::Result<()> {
     }
 }
 
-fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
+/// The HTTP address `publish` posts to (`/api/publish` is appended): `url` itself, or the
+/// HTTP address of a WebSocket URL (`ws://h/connect` → `http://h`).
+fn publish_base(url: &str) -> anyhow::Result<String> {
+    let http = tls::with_scheme(url, false).with_context(|| {
+        format!("`{url}` is not an http:// or https:// URL (e.g. http://127.0.0.1:8080 or https://herald.example.com)")
+    })?;
+    let base = http.trim_end_matches('/');
+    let base = base.strip_suffix("/api/publish").or_else(|| base.strip_suffix("/connect")).unwrap_or(base);
+    if !url.starts_with(base) {
+        eprintln!("herald: publishing through {base}/api/publish (the HTTP address of {url})");
+    }
+    Ok(base.to_owned())
+}
+
+/// The WebSocket URL `subscribe` connects to: `url` itself, or for an http:// or https://
+/// address the same address in ws:// or wss://, with `/connect` when it has no path.
+fn subscribe_url(url: &str) -> anyhow::Result<String> {
+    let ws = tls::with_scheme(url, true).with_context(|| {
+        format!("`{url}` is not a ws:// or wss:// URL (e.g. ws://127.0.0.1:8080/connect or wss://herald.example.com/connect)")
+    })?;
+    if url
+        .split_once("://")
+        .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("ws") || scheme.eq_ignore_ascii_case("wss"))
+    {
+        return Ok(ws);
+    }
+    let rest = ws.split_once("://").map_or("", |(_, rest)| rest);
+    let ws = match rest.find('/') {
+        None => format!("{ws}/connect"),
+        Some(i) if &rest[i..] == "/" => format!("{ws}connect"),
+        Some(_) => ws,
+    };
+    eprintln!("herald: subscribing through {ws} (the WebSocket endpoint of {url})");
+    Ok(ws)
+}
+
+fn subscribe(mut args: SubscribeArgs) -> anyhow::Result<()> {
     // Reconnects are worth seeing on stderr; stdout carries only publications.
     init_logging("warn,herald_client=info", LogFormat::Text)?;
+    args.url = subscribe_url(&args.url)?;
+    let trust = tls::Trust::load(&args.tls)?;
+    let tls_config = if tls::is_tls(&args.url) { Some(trust.client_config()?) } else { None };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(async {
         // Ctrl-C (or SIGTERM) ends the command successfully at any point.
@@ -489,6 +540,9 @@ fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
         let mut options = ClientOptions::default().name("herald-cli").version(herald::VERSION);
         if let Some(token) = &args.token {
             options = options.token(token);
+        }
+        if let Some(config) = tls_config {
+            options = options.tls_config(config);
         }
         let client = tokio::select! {
             () = &mut stop => return Ok(()),

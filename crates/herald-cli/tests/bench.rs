@@ -7,7 +7,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::herald;
+use common::{herald, Pki};
 
 struct Server(Child);
 
@@ -110,6 +110,39 @@ fn fanout_against_herald_loses_nothing() {
     assert_eq!(v["connect_ms"]["count"], 20, "{v}");
     assert_eq!(v["subscribed_ms"]["count"], 20, "{v}");
     assert!(v["publish_ms"]["count"].as_u64().expect("count") >= 60, "{v}");
+}
+
+/// Over TLS: subscribers on wss://, the publisher on https://, trusting a private CA given
+/// with --ca-file; nothing is lost. Without --ca-file no connection is made, and the bench says
+/// why.
+#[test]
+fn fanout_over_tls_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::issue(dir.path(), false);
+    let tls = pki.serve_args();
+    let (_server, addr) = serve_with(&tls.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    let url = format!("wss://{addr}");
+    let out = herald()
+        .args(["bench", "fanout", "--url", &url, "--ca-file", pki.ca.to_str().expect("utf-8 path")])
+        .args(["--subscribers", "2", "--channels", "1", "--rate", "10", "--duration", "1", "--warmup", "0.2"])
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("JSON");
+    assert_eq!(v["subscribers_failed"], 0, "{v}");
+    assert_eq!(v["publish_errors"], 0, "{v}");
+    assert_eq!((v["lost"].as_u64(), v["duplicated"].as_u64()), (Some(0), Some(0)), "{v}");
+    let published = v["publications"].as_u64().expect("publications");
+    assert!(published >= 8, "{v}");
+    assert_eq!(v["received"].as_u64(), Some(published * 2), "{v}");
+
+    let out = herald().args(["bench", "connect", "--url", &url, "--connections", "2"]).output().expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("JSON");
+    assert_eq!((v["ok"].as_u64(), v["failed"].as_u64()), (Some(0), Some(2)), "{v}");
+    let first = v["first_error"].as_str().expect("first_error");
+    assert!(first.contains("certificate is not trusted; pass --ca-file"), "{first}");
 }
 
 /// A minimal raw pub/sub server on 127.0.0.1: a WebSocket on any path subscribes, a `POST`

@@ -6,7 +6,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 mod common;
-use common::herald;
+use common::{herald, Pki};
 
 #[test]
 fn version_prints_the_crate_version() {
@@ -194,6 +194,19 @@ impl Served {
 }
 
 impl Served {
+    /// `herald serve` with TLS (`--tls-cert`, `--tls-key`) on `port`.
+    fn start_tls(port: u16, pki: &Pki) -> Self {
+        let mut child = herald()
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(pki.serve_args())
+            .env("HERALD_LOG__LEVEL", "warn")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("serve");
+        Self::from_child(&mut child, port);
+        Self(child)
+    }
+
     /// Waits until the already spawned `child` listens on `port` (the caller kills it).
     fn from_child(child: &mut std::process::Child, port: u16) {
         for _ in 0..200 {
@@ -522,8 +535,133 @@ fn subscribe_to_a_url_without_connect_says_what_is_wrong() {
     let out = herald().args(["subscribe", "news", "--url", &url]).output().expect("runs");
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("is the path `/connect`"), "{err}");
+    assert!(err.contains("Is the path `/connect`"), "{err}");
     assert!(!err.contains("Server sent no subprotocol"), "{err}");
+    // The server's own words: Herald closes a path that is not an endpoint with 4504.
+    assert!(err.contains("the server closed it with 4504: not a WebSocket endpoint"), "{err}");
+
+    // The HTTP address where a WebSocket one is expected, and the reverse, are converted.
+    let out = herald()
+        .args(["publish", "news", "1", "--url", &format!("ws://127.0.0.1:{port}/connect")])
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("publishing through http://127.0.0.1:{port}/api/publish")), "{err}");
+    for (command, url) in [("subscribe", "ftp://127.0.0.1/"), ("publish", "127.0.0.1:8080")] {
+        let mut cmd = herald();
+        cmd.arg(command).arg("news");
+        if command == "publish" {
+            cmd.arg("1");
+        }
+        let out = cmd.args(["--url", url]).output().expect("runs");
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("`{url}` is not a")), "{err}");
+    }
+}
+
+/// A `herald subscribe --url URL` child whose output lines arrive on a channel.
+fn subscribe_lines(args: &[&str]) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = herald()
+        .arg("subscribe")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("subscribe");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, lines)
+}
+
+#[test]
+fn publish_and_subscribe_reach_a_tls_server_that_the_ca_file_trusts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::issue(dir.path(), true);
+    let ca = pki.ca.to_str().expect("utf-8 path");
+    let port = free_port();
+    let _server = Served::start_tls(port, &pki);
+    let (wss, https) = (format!("wss://127.0.0.1:{port}/connect"), format!("https://127.0.0.1:{port}"));
+
+    // wss:// as given, and the https:// address (taken as its wss://.../connect).
+    let (mut a, a_lines) = subscribe_lines(&["news", "--url", &wss, "--ca-file", ca]);
+    let (mut b, b_lines) = subscribe_lines(&["news", "--url", &https, "--ca-file", ca]);
+    let mut got = (false, false);
+    for n in 0..50 {
+        let data = format!(r#"{{"n":{n}}}"#);
+        let out = herald().args(["publish", "news", &data, "--url", &https, "--ca-file", ca]).output().expect("runs");
+        assert!(out.status.success(), "publish over https: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("\"offset\""), "the server's answer is printed");
+        let seen = |lines: &std::sync::mpsc::Receiver<String>| {
+            lines.recv_timeout(Duration::from_millis(200)).is_ok_and(|l| l.contains(r#""data":{"n":"#))
+        };
+        got = (got.0 || seen(&a_lines), got.1 || seen(&b_lines));
+        if got == (true, true) {
+            break;
+        }
+    }
+    for child in [&mut a, &mut b] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert_eq!(got, (true, true), "both subscribers received a publication over wss");
+
+    // Without --ca-file the certificate is not trusted, and both say so plainly.
+    let out = herald().args(["publish", "news", "1", "--url", &https]).output().expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("certificate is not trusted; pass --ca-file"), "{err}");
+    assert!(!err.contains("UnknownIssuer") && !err.contains("InvalidCertificate"), "{err}");
+    let out = herald().args(["subscribe", "news", "--url", &wss]).output().expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot connect to {wss}: the server's certificate is not trusted; pass --ca-file")),
+        "{err}"
+    );
+    assert!(!err.contains("UnknownIssuer"), "{err}");
+
+    // A plain URL to the TLS port says to use TLS.
+    let out =
+        herald().args(["publish", "news", "1", "--url", &format!("http://127.0.0.1:{port}")]).output().expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("if it serves TLS, use an https:// or wss:// URL"), "{err}");
+}
+
+#[test]
+fn a_bad_ca_file_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("missing-ca.pem");
+    let key_only = dir.path().join("key-only.pem");
+    let pki = Pki::issue(dir.path(), true);
+    std::fs::copy(&pki.key, &key_only).expect("copy");
+    for (file, says) in [(&missing, "cannot read --ca-file"), (&key_only, "holds no certificate")] {
+        let file = file.to_str().expect("utf-8 path");
+        let publish = herald()
+            .args(["publish", "news", "1", "--url", "https://127.0.0.1:9", "--ca-file", file])
+            .output()
+            .expect("runs");
+        let subscribe = herald()
+            .args(["subscribe", "news", "--url", "wss://127.0.0.1:9/connect", "--ca-file", file])
+            .output()
+            .expect("runs");
+        for out in [publish, subscribe] {
+            assert_eq!(out.status.code(), Some(1));
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains(says) && err.contains(file), "{err}");
+            assert!(!err.contains("PRIVATE KEY"), "{err}");
+        }
+    }
 }
 
 /// What Kubernetes puts in every pod of a namespace with a Service named `herald`.

@@ -7,7 +7,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::{ClientOptions, Error};
 
@@ -20,20 +20,31 @@ const CONNECT_ID: u32 = 1;
 pub(crate) async fn open(url: &str, options: &ClientOptions) -> Result<(Socket, ConnectResult), Error> {
     let attempt = async {
         let mut request = url.into_client_request().map_err(|e| invalid_url(url, e))?;
+        let connector = match request.uri().scheme_str() {
+            Some("wss") => {
+                let config = match &options.tls {
+                    Some(config) => config.clone(),
+                    None => crate::tls::default_config()
+                        .map_err(|e| Error::InvalidUrl { url: url.to_owned(), reason: format!("TLS setup: {e}") })?,
+                };
+                Connector::Rustls(config)
+            }
+            _ => Connector::Plain,
+        };
         request.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(SUBPROTOCOL));
-        let (mut socket, _) =
-            tokio_tungstenite::connect_async_with_config(request, None, true).await.map_err(|e| match e {
-                tungstenite::Error::Url(_) => invalid_url(url, e),
-                // The server upgraded without `herald.v1`: it is not Herald's native endpoint
-                // (Herald closes such a connection with 4504); say so instead of "no subprotocol".
-                tungstenite::Error::Protocol(tungstenite::error::ProtocolError::SecWebSocketSubProtocolError(_)) => {
-                    Error::protocol(format!(
-                        "{url} is not Herald's native protocol endpoint (the server did not accept the `{SUBPROTOCOL}` \
-                         subprotocol): is the path `/connect`, e.g. ws://127.0.0.1:8080/connect?"
-                    ))
-                }
-                e => Error::transport(url, e),
-            })?;
+        let opened =
+            tokio_tungstenite::connect_async_tls_with_config(request, None, true, Some(connector.clone())).await;
+        let mut socket = match opened {
+            Ok((socket, _)) => socket,
+            Err(tungstenite::Error::Url(e)) => return Err(invalid_url(url, tungstenite::Error::Url(e))),
+            // The server upgraded without `herald.v1`: it is not Herald's native endpoint
+            // (Herald closes such a connection with 4504); say so, with the server's own close
+            // reason when it gives one, instead of "no subprotocol".
+            Err(tungstenite::Error::Protocol(tungstenite::error::ProtocolError::SecWebSocketSubProtocolError(_))) => {
+                return Err(not_the_endpoint(url, connector).await)
+            }
+            Err(e) => return Err(Error::transport(url, e)),
+        };
         let connect = ConnectRequest {
             token: options.token.clone(),
             name: options.name.clone(),
@@ -77,6 +88,39 @@ async fn await_connect_reply(socket: &mut Socket, url: &str) -> Result<ConnectRe
             other => return Err(Error::protocol(format!("expected the reply to `connect`, got {}", other.encode()))),
         }
     }
+}
+
+/// How long [`not_the_endpoint`] waits for the server's close frame.
+const CLOSE_REASON_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The error for a server that upgraded `url` without Herald's subprotocol. The handshake
+/// check fails before any frame is read, so a second WebSocket, without the subprotocol, reads
+/// what the server says first: Herald closes a path that is not an endpoint with 4504 and a
+/// reason naming the endpoints.
+async fn not_the_endpoint(url: &str, connector: Connector) -> Error {
+    let probe = async {
+        let (mut socket, _) =
+            tokio_tungstenite::connect_async_tls_with_config(url, None, true, Some(connector)).await.ok()?;
+        while let Some(Ok(message)) = socket.next().await {
+            match message {
+                Message::Close(frame) => return frame.map(|f| (u16::from(f.code), f.reason.to_string())),
+                Message::Text(_) | Message::Binary(_) => return None,
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+            }
+        }
+        None
+    };
+    let said = match tokio::time::timeout(CLOSE_REASON_WAIT, probe).await {
+        Ok(Some((code, reason))) if !reason.is_empty() => format!("; the server closed it with {code}: {reason}"),
+        Ok(Some((code, _))) => format!("; the server closed it with {code}"),
+        _ => String::new(),
+    };
+    let example = url.split_once("://").map_or("ws", |(scheme, _)| scheme);
+    let example = if example == "wss" { "wss://herald.example.com/connect" } else { "ws://127.0.0.1:8080/connect" };
+    Error::protocol(format!(
+        "{url} is not Herald's native protocol endpoint (the server did not accept the `{SUBPROTOCOL}` \
+         subprotocol){said}. Is the path `/connect`, e.g. {example}?"
+    ))
 }
 
 fn invalid_url(url: &str, e: tungstenite::Error) -> Error {

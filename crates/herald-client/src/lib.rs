@@ -40,6 +40,12 @@
 //! that retrying cannot fix (e.g. an invalid token), or when every `Client` and
 //! `Subscription` handle is dropped.
 //!
+//! # TLS
+//!
+//! `wss://` URLs use rustls with the ring provider and trust the system's root certificates
+//! (`rustls-native-certs`); to trust a private CA or a self-signed certificate, give a
+//! configuration with [`ClientOptions::tls_config`] (see [`tls`]).
+//!
 //! # Backpressure
 //!
 //! Each subscription buffers up to [`ClientOptions::subscription_buffer`] events. When the
@@ -52,7 +58,8 @@
 //! [`Event`]), `options` ([`ClientOptions`]), `error` ([`Error`]), `worker` (the background
 //! task that owns the connection), `connection` (opening one connection, and which endings
 //! are worth a reconnect), `recovery` (resubscribe positions and deduplication), `backoff`
-//! (exponential backoff with full jitter).
+//! (exponential backoff with full jitter), `tls` (`wss://`: rustls with ring, the system's
+//! roots by default).
 
 mod backoff;
 mod client;
@@ -61,10 +68,13 @@ mod error;
 mod options;
 mod recovery;
 mod subscription;
+pub mod tls;
 mod worker;
 
 pub use client::{Client, State};
 pub use error::Error;
 pub use herald_protocol::{ClientInfo, ConnectResult, ErrorCode, Publication, PublishResult};
 pub use options::ClientOptions;
+/// The rustls this client uses, for building a [`ClientOptions::tls_config`].
+pub use rustls;
 pub use subscription::{Event, Subscription};

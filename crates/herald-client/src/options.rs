@@ -1,6 +1,7 @@
 //! What a [`Client`](crate::Client) sends in `connect` and how it times, retries and buffers.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Options for [`Client::connect`](crate::Client::connect). Start from the defaults and
@@ -29,6 +30,7 @@ pub struct ClientOptions {
     pub(crate) backoff_base: Duration,
     pub(crate) backoff_max: Duration,
     pub(crate) subscription_buffer: usize,
+    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Default for ClientOptions {
@@ -42,6 +44,7 @@ impl Default for ClientOptions {
             backoff_base: Duration::from_millis(250),
             backoff_max: Duration::from_secs(20),
             subscription_buffer: 1024,
+            tls: None,
         }
     }
 }
@@ -57,6 +60,7 @@ impl fmt::Debug for ClientOptions {
             .field("backoff_base", &self.backoff_base)
             .field("backoff_max", &self.backoff_max)
             .field("subscription_buffer", &self.subscription_buffer)
+            .field("tls", &if self.tls.is_some() { "given" } else { "default" })
             .finish()
     }
 }
@@ -115,6 +119,15 @@ impl ClientOptions {
     /// backpressure). Default: 1024; at least 1.
     pub fn subscription_buffer(mut self, events: usize) -> Self {
         self.subscription_buffer = events.max(1);
+        self
+    }
+
+    /// The TLS settings for `wss://` URLs (e.g. with the root certificate of a private CA
+    /// added). Default: rustls with the ring provider, trusting the system's root certificates
+    /// (read by `rustls-native-certs`, which honours `SSL_CERT_FILE` and `SSL_CERT_DIR`); see
+    /// [`tls::client_config`](crate::tls::client_config). Not used for `ws://`.
+    pub fn tls_config(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(config);
         self
     }
 }

@@ -2,16 +2,18 @@
 //! can pass the 64k ports of one address), with small buffers, no compression.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use futures_util::{SinkExt as _, StreamExt as _};
+use herald_client::rustls;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
-pub(super) type Ws = WebSocketStream<TcpStream>;
+pub(super) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Connections per source address when the count is not given (Herald's default
 /// `limits.max_connections_per_ip` is 10,000).
@@ -40,8 +42,14 @@ impl Sources {
     }
 }
 
-/// TCP connect (from `source`) and WebSocket upgrade to `url` at `addr`.
-pub(super) async fn open(addr: SocketAddr, source: Option<IpAddr>, url: &str) -> anyhow::Result<Ws> {
+/// TCP connect (from `source`), TLS for a wss:// `url` (with `tls`), and WebSocket upgrade to
+/// `url` at `addr`.
+pub(super) async fn open(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    url: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> anyhow::Result<Ws> {
     let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.context("socket")?;
     if let Some(ip) = source {
         // Choose the port at connect time, by the whole 4-tuple: a bind to port 0 alone must
@@ -56,7 +64,8 @@ pub(super) async fn open(addr: SocketAddr, source: Option<IpAddr>, url: &str) ->
     stream.set_nodelay(true)?;
     // tungstenite reserves 128 KiB per connection for reading by default.
     let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
-    let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
+    let connector = tls.map_or(Connector::Plain, |c| Connector::Rustls(c.clone()));
+    let (ws, _) = tokio_tungstenite::client_async_tls_with_config(url, stream, Some(config), Some(connector))
         .await
         .with_context(|| format!("WebSocket upgrade of {url} failed"))?;
     Ok(ws)

@@ -203,7 +203,7 @@ pub(super) async fn run(args: FanoutArgs) -> anyhow::Result<String> {
     };
     let (published, (window_deliveries, window_publications, (own_cpu, server_cpu))) =
         tokio::join!(publishing, watching);
-    let publish_failure = published.into_iter().find_map(Result::err).map(|e| format!("{e:#}"));
+    let publish_failure = published.into_iter().find_map(Result::err).map(|e| format!("{:#}", crate::tls::explain(e)));
 
     // Late deliveries: wait until all arrived, or none came for a second.
     let drain_until = Instant::now() + args.drain;

@@ -1,5 +1,6 @@
 //! The publisher: HTTP/1.1 `POST`s pipelined over a few keep-alive connections, written and
-//! read with a plain `TcpStream` so the publisher is not what limits a run.
+//! read with a plain `TcpStream` (in TLS for https://) so the publisher is not what limits a
+//! run.
 //!
 //! A connection owns a fixed list of channels and publishes to them in turn, so the k-th
 //! request (and the k-th response, HTTP/1.1 answers in order) of a connection is for channel
@@ -16,9 +17,11 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore};
+
+use herald_client::rustls;
 
 use super::hist::AtomicHistogram;
 use super::{now_ns, payload, Target};
@@ -177,11 +180,37 @@ pub(super) async fn run(
     plan: Plan,
     shared: &Shared,
 ) -> anyhow::Result<()> {
-    let (addr, _) = target.publish_endpoint();
+    let (addr, tls) = target.publish_endpoint();
     let mut stream =
         TcpStream::connect(addr).await.with_context(|| format!("cannot connect the publisher to {addr}"))?;
     stream.set_nodelay(true)?;
-    let (read, write) = stream.split();
+    let Some((config, name)) = tls else {
+        let (read, write) = stream.split();
+        return publish(read, write, target, names, channels, pace, payload_size, plan, shared).await;
+    };
+    let name = rustls::pki_types::ServerName::try_from(name.to_owned())
+        .with_context(|| format!("`{name}` is not a host name TLS can check"))?;
+    let stream = tokio_rustls::TlsConnector::from(config.clone())
+        .connect(name, stream)
+        .await
+        .with_context(|| format!("TLS with the publish endpoint {addr} failed"))?;
+    let (read, write) = tokio::io::split(stream);
+    publish(read, write, target, names, channels, pace, payload_size, plan, shared).await
+}
+
+/// [`run`] on one connection, plain or TLS.
+#[allow(clippy::too_many_arguments)]
+async fn publish(
+    read: impl AsyncRead + Unpin,
+    write: impl AsyncWrite + Unpin,
+    target: &Target,
+    names: &[String],
+    channels: Vec<usize>,
+    pace: Pace,
+    payload_size: usize,
+    plan: Plan,
+    shared: &Shared,
+) -> anyhow::Result<()> {
     let window = Semaphore::new(WINDOW);
     let sent = AtomicU64::new(0);
     let done = AtomicBool::new(false);
@@ -213,7 +242,7 @@ struct Link<'a> {
 
 #[allow(clippy::too_many_arguments)]
 async fn write_requests(
-    mut write: tokio::net::tcp::WriteHalf<'_>,
+    mut write: impl AsyncWrite + Unpin,
     target: &Target,
     names: &[String],
     channels: &[usize],
@@ -292,7 +321,7 @@ async fn write_requests(
 }
 
 async fn read_responses(
-    mut read: tokio::net::tcp::ReadHalf<'_>,
+    mut read: impl AsyncRead + Unpin,
     channels: &[usize],
     shared: &Shared,
     link: &Link<'_>,
