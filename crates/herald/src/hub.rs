@@ -875,14 +875,9 @@ fn log_slow_consumer(channel: &str, what: &str) {
     );
 }
 
-/// Closes a WebSocket whose queue overflowed with 4001, dropping what it had not read, and
-/// counts it. For replies as for publications: a reply is never dropped on an open connection.
-pub(crate) fn close_slow_consumer(outbox: &Outbox) {
-    let code = CloseCode::SlowConsumer;
-    close_slow_consumer_with(outbox, (code.as_u16(), code.reason()));
-}
-
-/// [`close_slow_consumer`] with a door's own close code and reason.
+/// Closes a WebSocket whose queue overflowed with the door's code (4001 native, 3008
+/// Centrifugo, 4100 Pusher), dropping what it had not read, and counts it. For replies as for
+/// publications: a reply is never dropped on an open connection.
 pub(crate) fn close_slow_consumer_with(outbox: &Outbox, (code, reason): (u16, &str)) {
     if outbox.close_now(Some(CloseFrame::new(ws::CloseCode(code), reason))) {
         metrics::counter!("herald_slow_consumers_total").increment(1);

@@ -26,6 +26,8 @@ fn app(id: &str, key: &str, namespace: &str) -> PusherApp {
         namespace: namespace.into(),
         client_events: true,
         max_event_size: 10 << 10,
+        max_user_info_size: 1 << 10,
+        max_presence_members: 100,
         user_authentication: false,
         event_name: "message".into(),
     }
@@ -218,6 +220,54 @@ async fn private_channels_need_the_backends_signature() {
     assert_eq!(ok["event"], "pusher_internal:subscription_succeeded", "{ok}");
     c.send(json!({"event": "pusher:subscribe", "data": {"channel": "bad;name"}})).await;
     assert_eq!(c.next().await["data"]["status"], 400);
+    server.shutdown().await;
+}
+
+/// A presence member's `user_info` is bounded (`max_user_info_size`, Pusher's 1 KB) and so is
+/// the member count (`max_presence_members`): the member list a subscriber gets is bounded.
+#[tokio::test]
+async fn presence_user_info_and_member_count_are_bounded() {
+    let mut c = config();
+    c.pusher.apps[0].max_presence_members = 3;
+    let server = TestServer::start(c).await;
+    let mut big = Client::open(server.addr, KEY).await;
+    // A JSON string of 1023 characters plus its quotes: 1025 bytes, one more than the limit.
+    let err = big.subscribe("presence-room", Some(("9", json!("x".repeat(1023))))).await;
+    assert_eq!(err["event"], "pusher:subscription_error", "{err}");
+    assert_eq!(err["data"]["status"], 400, "{err}");
+    assert!(err["data"]["error"].as_str().is_some_and(|e| e.contains("max_user_info_size")), "{err}");
+    let ok = big.subscribe("presence-room", Some(("9", json!("x".repeat(1022))))).await;
+    assert_eq!(ok["event"], "pusher_internal:subscription_succeeded", "1024 bytes fit: {ok}");
+
+    let mut members = Vec::new();
+    for user in ["1", "2"] {
+        let mut m = Client::open(server.addr, KEY).await;
+        let ok = m.subscribe("presence-room", Some((user, json!({"name": user})))).await;
+        assert_eq!(ok["event"], "pusher_internal:subscription_succeeded", "{ok}");
+        members.push(m);
+    }
+    // Hears the join of user 2.
+    assert_eq!(members[0].next().await["event"], "pusher_internal:member_added");
+    let mut fourth = Client::open(server.addr, KEY).await;
+    let err = fourth.subscribe("presence-room", Some(("4", json!(null)))).await;
+    assert_eq!(err["event"], "pusher:subscription_error", "{err}");
+    assert_eq!(err["data"]["status"], 400, "{err}");
+    assert!(err["data"]["error"].as_str().is_some_and(|e| e.contains("max_presence_members")), "{err}");
+    // A second tab of a member is no new member.
+    let mut tab = Client::open(server.addr, KEY).await;
+    let ok = tab.subscribe("presence-room", Some(("1", json!({"name": "1"})))).await;
+    let data: Value = serde_json::from_str(ok["data"].as_str().expect("string")).expect("json");
+    assert_eq!(data["presence"]["count"], 3, "{data}");
+    assert!(data["presence"]["hash"].get("4").is_none(), "the refused user is no member: {data}");
+    let (_, users) = pusher_api(server.addr, "GET", "/apps/1/channels/presence-room/users", "", "").await;
+    assert_eq!(users["users"].as_array().map(Vec::len), Some(3), "{users}");
+    members[0].silent(Duration::from_millis(200)).await;
+
+    // Once a member leaves there is room again.
+    big.send(json!({"event": "pusher:unsubscribe", "data": {"channel": "presence-room"}})).await;
+    assert_eq!(members[0].next().await["event"], "pusher_internal:member_removed");
+    let ok = fourth.subscribe("presence-room", Some(("4", json!(null)))).await;
+    assert_eq!(ok["event"], "pusher_internal:subscription_succeeded", "{ok}");
     server.shutdown().await;
 }
 

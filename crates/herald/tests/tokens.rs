@@ -235,7 +235,19 @@ async fn each_namespace_rule_allows_what_it_should_and_refuses_the_rest() {
         assert_eq!(code(c, command, body.clone()).await, want, "{who} {command} {body}");
     }
     // The raw transports are anonymous: only namespaces open to anyone.
-    let (status, body) = http(server.addr, &upgrade_request("/ws/members:a", "Connection: close\r\n")).await;
+    // A WebSocket is accepted and closed with 4506 and the reason (a browser shows no HTTP
+    // error); a plain GET still gets the 403.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws/members:a", server.addr)).await.expect("ws");
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("in time") {
+            Some(Ok(Message::Close(Some(f)))) => break f,
+            Some(Ok(_)) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(u16::from(close.code), 4506, "{close:?}");
+    assert!(close.reason.contains("members:a"), "{close:?}");
+    let (status, body) = http(server.addr, "GET /ws/members:a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
     assert_eq!((status, body["error"]["code"].as_u64()), (403, Some(103)));
     let (status, body) = http(server.addr, "GET /sse/private:a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
     assert_eq!((status, body["error"]["code"].as_u64()), (403, Some(103)));

@@ -475,6 +475,57 @@ async fn two_tabs_of_one_user_make_one_member_added_and_one_member_removed() {
     rx.stop().await;
 }
 
+/// Pusher's format has no anonymous member: an anonymous connection's presence reaches a
+/// Herald-format endpoint (`user: ""`) and never a Pusher-format one (no `user_id: ""`).
+#[tokio::test]
+async fn anonymous_members_are_not_sent_in_pusher_format() {
+    let herald_log = Arc::new(Log::default());
+    let pusher_log = Arc::new(Log::default());
+    let herald_rx = Receiver::start(herald_log.clone(), 0).await;
+    let pusher_rx = Receiver::start(pusher_log.clone(), 0).await;
+    let events = vec![EventName::MemberAdded, EventName::MemberRemoved];
+    let mut herald = endpoint(herald_rx.url());
+    herald.events = events.clone();
+    let pusher = EndpointConfig {
+        url: pusher_rx.url(),
+        format: WebhookFormat::Pusher,
+        key: "app-key".into(),
+        secret: Secret::new("pusher-app-secret"),
+        events,
+        ..Default::default()
+    };
+    let server = TestServer::start(config(vec![herald, pusher])).await;
+
+    let mut anonymous = Native::open(server.addr).await;
+    let r = anonymous.request("connect", json!({})).await;
+    assert!(r.get("connect").is_some(), "anonymous connect: {r}");
+    subscribe(&mut anonymous, "room:lobby").await;
+    close(anonymous).await;
+    until(&herald_log, "the anonymous member removed", |l| l.unique_events().len() >= 2).await;
+    // A named user after: its events come after anything the anonymous one queued.
+    let (mut named, _) = as_user(server.addr, "42").await;
+    subscribe(&mut named, "room:lobby").await;
+    close(named).await;
+    until(&herald_log, "user 42 removed", |l| l.unique_events().len() >= 4).await;
+    until(&pusher_log, "user 42 removed", |l| l.events().len() >= 2).await;
+
+    let events = herald_log.unique_events();
+    assert_eq!(names(&events), ["member_added", "member_removed", "member_added", "member_removed"]);
+    let users: Vec<&str> = events.iter().map(|e| e["user"].as_str().unwrap_or("?")).collect();
+    assert_eq!(users, ["", "", "42", "42"]);
+    let events = pusher_log.events();
+    assert_eq!(
+        events,
+        [
+            json!({"name": "member_added", "channel": "room:lobby", "user_id": "42"}),
+            json!({"name": "member_removed", "channel": "room:lobby", "user_id": "42"}),
+        ]
+    );
+    server.shutdown().await;
+    herald_rx.stop().await;
+    pusher_rx.stop().await;
+}
+
 #[tokio::test]
 async fn shutdown_delivers_the_disconnects_of_the_sessions_it_closes() {
     let log = Arc::new(Log::default());

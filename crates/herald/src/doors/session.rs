@@ -322,10 +322,11 @@ impl Session {
     }
 
     fn send(&self, frame: Vec<u8>) {
-        // A client that does not read its replies is cut off (4001), never left open with a
-        // reply missing. A closed outbox means the connection is going away already.
+        // A client that does not read its replies is cut off (4001; 3008 on the Centrifugo
+        // door), never left open with a reply missing. A closed outbox means the connection is
+        // going away already.
         if self.outbox.send_text(Bytes::from(frame)) == Err(ws::SendError::Full) {
-            crate::hub::close_slow_consumer(&self.outbox);
+            crate::hub::close_slow_consumer_with(&self.outbox, self.dialect.close(CloseCode::SlowConsumer));
         }
     }
 

@@ -177,6 +177,18 @@ impl Endpoint {
         self.config.events.is_empty() || self.config.events.contains(&name)
     }
 
+    /// Whether this endpoint's format shows `body`: Pusher's has no anonymous members (every
+    /// member there has a `user_id`), so an anonymous connection's presence (user `""`) is
+    /// not sent to a `pusher` endpoint.
+    fn shows(&self, body: &EventBody) -> bool {
+        match body {
+            EventBody::MemberAdded { user, .. } | EventBody::MemberRemoved { user, .. } => {
+                !user.is_empty() || self.config.format != WebhookFormat::Pusher
+            }
+            _ => true,
+        }
+    }
+
     /// Whether this endpoint's app has a name for `channel` (always, when no names are set).
     fn knows(&self, channel: Option<&str>) -> bool {
         match (self.names.get(), channel) {
@@ -396,7 +408,8 @@ impl Webhooks {
         }
         let body = body();
         let channel = body.channel();
-        let wanted: Vec<&Arc<Endpoint>> = self.endpoints.iter().filter(|e| e.wants(name) && e.knows(channel)).collect();
+        let wanted: Vec<&Arc<Endpoint>> =
+            self.endpoints.iter().filter(|e| e.wants(name) && e.knows(channel) && e.shows(&body)).collect();
         if wanted.is_empty() {
             return;
         }

@@ -21,7 +21,9 @@ pub struct PusherConfig {
     /// Herald channel `foo`; with several apps each needs its own, configured under
     /// `[channels.namespaces]`), `client_events` (allow `client-*` events on private and
     /// presence channels; default true), `max_event_size` (largest event data in bytes, from
-    /// clients and the API; default 10240), `user_authentication` (require `pusher:signin`
+    /// clients and the API; default 10240), `max_user_info_size` (largest presence `user_info`
+    /// in bytes; default 1024), `max_presence_members` (most users in one presence channel;
+    /// default 100), `user_authentication` (require `pusher:signin`
     /// within `pusher.signin_timeout`, else close 4009; default false), `event_name` (the event
     /// name Pusher clients see for publications made through Herald's own API or
     /// protocol; default `message`).
@@ -80,6 +82,15 @@ pub struct PusherApp {
     /// Largest event data, in bytes.
     #[serde(default = "default_event_size")]
     pub max_event_size: usize,
+    /// Largest `user_info` of a presence member (its JSON in `channel_data`), in bytes; a
+    /// larger one is refused with `pusher:subscription_error` status 400 (Pusher's 1 KB).
+    #[serde(default = "default_user_info_size")]
+    pub max_user_info_size: usize,
+    /// Most members (distinct users) of one presence channel; the subscription of a user that
+    /// would be one more is refused with `pusher:subscription_error` status 400 (Pusher's
+    /// 100). With `max_user_info_size` it bounds the member list a subscriber receives.
+    #[serde(default = "default_presence_members")]
+    pub max_presence_members: usize,
     /// Require `pusher:signin` within `pusher.signin_timeout`.
     #[serde(default)]
     pub user_authentication: bool,
@@ -94,6 +105,14 @@ fn yes() -> bool {
 
 fn default_event_size() -> usize {
     10 << 10
+}
+
+fn default_user_info_size() -> usize {
+    1 << 10
+}
+
+fn default_presence_members() -> usize {
+    100
 }
 
 fn default_event_name() -> String {
@@ -223,6 +242,9 @@ impl PusherConfig {
             }
             if a.max_event_size == 0 {
                 return Err(format!("app {name}: `max_event_size` must be at least 1"));
+            }
+            if a.max_user_info_size == 0 || a.max_presence_members == 0 {
+                return Err(format!("app {name}: `max_user_info_size` and `max_presence_members` must be at least 1"));
             }
             if !a.namespace.is_empty() && !channels.namespaces.contains_key(&a.namespace) {
                 return Err(format!(

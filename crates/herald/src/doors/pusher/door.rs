@@ -482,7 +482,17 @@ impl Connection {
             }
             if let Some(data) = channel_data {
                 match serde_json::from_str::<ChannelData>(data) {
-                    Ok(cd) => member = Some((cd.user_id.0, cd.user_info.map(|i| i.get().to_owned()))),
+                    Ok(cd) => {
+                        let info = cd.user_info.map(|i| i.get().to_owned());
+                        let size = info.as_ref().map_or(0, String::len);
+                        if size > app.max_user_info_size {
+                            let max = app.max_user_info_size;
+                            let message =
+                                format!("user_info is {size} bytes, more than {max} (pusher.apps.max_user_info_size)");
+                            return self.subscription_error(name, 400, "LimitExceeded", &message);
+                        }
+                        member = Some((cd.user_id.0, info))
+                    }
                     Err(e) => {
                         return self.subscription_error(name, 400, "AuthError", &format!("Bad channel_data: {e}"))
                     }
@@ -510,7 +520,18 @@ impl Connection {
             };
             match node.presence(channel.as_str()).await {
                 Ok(list) => {
-                    reply = protocol::event("pusher_internal:subscription_succeeded", Some(name), &members(list))
+                    let (list, count) = members(list);
+                    let max = app.max_presence_members;
+                    if joined && count > max {
+                        // One user too many (counted after joining, so two joining at once
+                        // cannot both slip in): leaves again, unannounced to members.
+                        self.subscriptions.remove(channel.as_str());
+                        let _ = node.presence_remove(channel.as_str(), &self.socket_id).await;
+                        let message =
+                            format!("At most {max} members in a presence channel (pusher.apps.max_presence_members)");
+                        return self.subscription_error(name, 400, "LimitExceeded", &message);
+                    }
+                    reply = protocol::event("pusher_internal:subscription_succeeded", Some(name), &list)
                 }
                 Err((_, message)) => {
                     self.subscriptions.remove(channel.as_str());
@@ -654,7 +675,8 @@ impl Drop for Connection {
 
 /// The `data` of a presence `subscription_succeeded`: members by user (a user with several
 /// connections counts once), anonymous native clients left out.
-fn members(list: Vec<PresenceEntry>) -> String {
+/// The `{presence:{ids,hash,count}}` of a member list, and its count of distinct users.
+fn members(list: Vec<PresenceEntry>) -> (String, usize) {
     let mut ids: Vec<String> = Vec::new();
     let mut hash = serde_json::Map::new();
     for e in list {
@@ -666,5 +688,5 @@ fn members(list: Vec<PresenceEntry>) -> String {
         ids.push(e.user);
     }
     let count = ids.len();
-    serde_json::json!({ "presence": { "ids": ids, "hash": hash, "count": count } }).to_string()
+    (serde_json::json!({ "presence": { "ids": ids, "hash": hash, "count": count } }).to_string(), count)
 }

@@ -40,6 +40,8 @@ mod tests {
             namespace: namespace.into(),
             client_events: true,
             max_event_size: 10240,
+            max_user_info_size: 1024,
+            max_presence_members: 100,
             user_authentication: false,
             event_name: "message".into(),
         }
