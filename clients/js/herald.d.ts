@@ -28,6 +28,10 @@ export class HeraldError extends Error {
 
 /** Whether a close code means "do not reconnect": 1000, 1002, 1003, 1007, 1009, 4500–4999. */
 export function isTerminal(code: number): boolean;
+/** The longest reconnect hint honoured, in milliseconds (60000). */
+export const MAX_RECONNECT_HINT: number;
+/** The `reconnect_in=<ms>` hint of a shutdown close 1001, capped at MAX_RECONNECT_HINT; else undefined. */
+export function reconnectHint(code: number, reason: string): number | undefined;
 
 /** The `exp` claim (Unix seconds) of a JWT, without checking its signature; undefined if none. */
 export function tokenExpiry(token: string): number | undefined;

@@ -51,6 +51,19 @@ function call(fn, arg) {
 
 const asError = (e, code) => (e instanceof HeraldError ? e : new HeraldError(code, String((e && e.message) || e)));
 
+/** The longest reconnect hint honoured (ms): a server's number never makes us wait longer. */
+export const MAX_RECONNECT_HINT = 60000;
+
+/**
+ * The reconnect hint of a shutdown close: `reconnect_in=<ms>` in the reason of a 1001
+ * (docs/protocol.md, "Reconnect hint on shutdown"), capped at MAX_RECONNECT_HINT; else undefined.
+ */
+export function reconnectHint(code, reason) {
+  if (code !== 1001 || typeof reason !== "string") return undefined;
+  const m = /reconnect_in=(\d+)/.exec(reason);
+  return m ? Math.min(Number(m[1]), MAX_RECONNECT_HINT) : undefined;
+}
+
 // Exponential backoff with full jitter: a uniform random wait below min(max, base * 2^n).
 const backoff = ({ backoffBase, backoffMax }, n) => Math.random() * Math.min(backoffMax, backoffBase * 2 ** Math.min(n, 30));
 
@@ -228,6 +241,7 @@ export class Herald {
       reconnect = reconnect && !!this.options.getToken;
     }
     reconnect = reconnect && !this.stopped;
+    this.hint = reconnectHint(code, reason);
     if (this.connectedAt && Date.now() - this.connectedAt >= this.options.backoffMax) this.attempt = 0;
     this.connectedAt = undefined;
     this.state = reconnect ? "connecting" : "disconnected";
@@ -244,7 +258,12 @@ export class Herald {
 
   _retry() {
     this.state = "connecting";
-    this._timer("retry", backoff(this.options, this.attempt++), () => this._open());
+    // After a shutdown close with a hint: the hint plus up to a tenth of it (at least 100 ms)
+    // of jitter, instead of the backoff.
+    const hint = this.hint;
+    this.hint = undefined;
+    const delay = hint === undefined ? backoff(this.options, this.attempt++) : hint + Math.random() * Math.max(100, hint / 10);
+    this._timer("retry", delay, () => this._open());
   }
 
   // Anything from the server proves the link alive; silence for ping + margin means it is

@@ -7,7 +7,7 @@ import { readFileSync, readdirSync } from "node:fs";
 import { test } from "node:test";
 import { gzipSync } from "node:zlib";
 
-import { Herald, HeraldError, isTerminal, tokenExpiry } from "../herald.js";
+import { Herald, HeraldError, isTerminal, MAX_RECONNECT_HINT, reconnectHint, tokenExpiry } from "../herald.js";
 
 const fixtures = new URL("../../../crates/herald-protocol/tests/fixtures/", import.meta.url);
 const fixture = (side, name) => readFileSync(new URL(`${side}/${name}.json`, fixtures), "utf8").trim();
@@ -424,4 +424,14 @@ test("a subscription refused with 113 is kept and tried again; with 103 it is dr
   await tick();
   assert.equal(ws2.sent.at(-1), `{"id":2,"subscribe":{"channel":"a"}}`);
   herald.disconnect();
+});
+
+test("the shutdown close's reconnect hint is read and capped", () => {
+  assert.equal(reconnectHint(1001, "server shutting down; reconnect_in=1234"), 1234);
+  assert.equal(reconnectHint(1001, "reconnect_in=0"), 0);
+  assert.equal(reconnectHint(1001, "reconnect_in=99999999"), MAX_RECONNECT_HINT);
+  assert.equal(reconnectHint(1001, "reconnect_in=99999999999999999999999999999999999"), MAX_RECONNECT_HINT);
+  assert.equal(reconnectHint(1001, "reconnect_in=-5"), undefined);
+  assert.equal(reconnectHint(1001, "server shutting down"), undefined);
+  assert.equal(reconnectHint(4001, "reconnect_in=1000"), undefined, "only on 1001");
 });

@@ -1,6 +1,8 @@
 //! Opening one connection: the WebSocket handshake (subprotocol `herald.v1`) and the
 //! `connect` exchange. Also the rule for which endings are worth a reconnect.
 
+use std::time::Duration;
+
 use futures_util::{SinkExt, StreamExt};
 use herald_protocol::{ClientFrame, Command, ConnectRequest, ConnectResult, ReplyResult, ServerFrame, SUBPROTOCOL};
 use tokio::net::TcpStream;
@@ -137,6 +139,25 @@ pub(crate) fn reconnects_after(code: u16) -> bool {
     !(code == 1000 || (4500..=4999).contains(&code))
 }
 
+/// The longest reconnect hint honoured: a server's number never makes the client wait longer.
+pub(crate) const MAX_RECONNECT_HINT: Duration = Duration::from_secs(60);
+
+/// The reconnect hint of a shutdown close: `reconnect_in=<ms>` in the reason of a 1001 (see
+/// docs/protocol.md), capped at [`MAX_RECONNECT_HINT`]. None for other codes or reasons.
+pub(crate) fn reconnect_hint(code: u16, reason: &str) -> Option<Duration> {
+    if code != 1001 {
+        return None;
+    }
+    let (_, rest) = reason.split_once("reconnect_in=")?;
+    let digits: &str = &rest[..rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len())];
+    if digits.is_empty() {
+        return None;
+    }
+    // Too many digits for a u64 is a long wait too: cap it rather than ignore it.
+    let ms = digits.parse::<u64>().unwrap_or(u64::MAX);
+    Some(Duration::from_millis(ms).min(MAX_RECONNECT_HINT))
+}
+
 /// Whether a failed reconnect attempt is worth another try: not when the URL is wrong, the
 /// server closed with a final code, or refused `connect` for good (e.g. an invalid token).
 pub(crate) fn worth_retrying(error: &Error) -> bool {
@@ -150,9 +171,21 @@ pub(crate) fn worth_retrying(error: &Error) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
+
+    #[test]
+    fn the_shutdown_hint_is_read_and_capped() {
+        let ms = Duration::from_millis;
+        assert_eq!(reconnect_hint(1001, "server shutting down; reconnect_in=1234"), Some(ms(1234)));
+        assert_eq!(reconnect_hint(1001, "reconnect_in=0"), Some(ms(0)));
+        assert_eq!(reconnect_hint(1001, "reconnect_in=99999999"), Some(MAX_RECONNECT_HINT));
+        assert_eq!(reconnect_hint(1001, "reconnect_in=99999999999999999999999999"), Some(MAX_RECONNECT_HINT));
+        assert_eq!(reconnect_hint(1001, "reconnect_in=12ms and more"), Some(ms(12)));
+        assert_eq!(reconnect_hint(1001, "reconnect_in=-5"), None);
+        assert_eq!(reconnect_hint(1001, "reconnect_in="), None);
+        assert_eq!(reconnect_hint(1001, "server shutting down"), None);
+        assert_eq!(reconnect_hint(4001, "reconnect_in=1000"), None, "only on 1001");
+    }
 
     #[test]
     fn close_codes_decide_reconnects() {

@@ -28,7 +28,9 @@
 //! other than 1000 or 4500–4999 (4000–4499, 1001, 1006, 1011, 1012, 1013, ...), or when
 //! nothing at all arrives for the server's ping interval (from the `connect` reply) plus
 //! [`ClientOptions::ping_margin`]. Attempts wait with exponential backoff and full jitter
-//! ([`ClientOptions::backoff`]). After `connect` succeeds again, every live subscription is
+//! ([`ClientOptions::backoff`]), except after a shutdown close 1001 whose reason carries
+//! `reconnect_in=<ms>` (docs/protocol.md): then the first attempt waits that hint, capped at
+//! 60 s, plus up to a tenth of it (at least 100 ms) of jitter. After `connect` succeeds again, every live subscription is
 //! resubscribed with `recover` from its last delivered `(epoch, offset)`: recovered
 //! publications are delivered first, then live ones, skipping offsets already delivered. When
 //! the server cannot recover, the subscription yields [`Event::Reset`] and continues. Requests

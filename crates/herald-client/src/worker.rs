@@ -79,6 +79,9 @@ pub(crate) struct Worker {
     expiries: VecDeque<(Instant, u32)>,
     next_id: u32,
     backoff: Backoff,
+    /// The server's shutdown close said when to come back: the first reconnect waits that
+    /// (plus jitter) instead of the backoff.
+    hint: Option<Duration>,
 }
 
 impl Worker {
@@ -102,6 +105,7 @@ impl Worker {
             // 1 was `connect`'s.
             next_id: 2,
             backoff,
+            hint: None,
         }
     }
 
@@ -242,6 +246,7 @@ impl Worker {
                 // Send our half of the closing handshake (tungstenite queued it).
                 let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, socket.close(None)).await;
                 if connection::reconnects_after(code) {
+                    self.hint = connection::reconnect_hint(code, &reason);
                     Err(Ended::Reconnect(format!("the server closed the connection ({code}: {reason})")))
                 } else {
                     tracing::warn!(url = %self.url, code, reason, "the server closed the connection for good");
@@ -561,7 +566,14 @@ impl Worker {
                 return Err(Error::Closed { code: 1000, reason: "every handle to the client was dropped".into() });
             }
             let attempt = self.backoff.attempt();
-            let delay = self.backoff.next_delay(&mut rand::rng());
+            let delay = match self.hint.take() {
+                // The hint plus up to a tenth of it (at least 100 ms) of jitter of our own.
+                Some(hint) => {
+                    let spread = u64::try_from((hint / 10).max(Duration::from_millis(100)).as_millis()).unwrap_or(0);
+                    hint + Duration::from_millis(rand::Rng::random_range(&mut rand::rng(), 0..=spread))
+                }
+                None => self.backoff.next_delay(&mut rand::rng()),
+            };
             tracing::debug!(url = %self.url, attempt, ?delay, "reconnecting after a delay");
             let (url, options) = (&self.url, &self.options);
             let connect = async move {

@@ -360,3 +360,27 @@ async fn close_says_goodbye_with_1000_and_stays_closed() {
     assert!(matches!(err, Error::Closed { code: 1000, .. }), "{err:?}");
     server.no_connection_within(100 * MS).await;
 }
+
+#[tokio::test]
+async fn a_shutdown_close_with_a_hint_waits_the_hint_before_reconnecting() {
+    let server = MockServer::start().await;
+    // The backoff alone would reconnect within 20 ms.
+    let (client, mut peer) = connect(&server, fast_options()).await;
+    let mut news = subscribe(&client, &mut peer, "news", "e1", 0).await;
+    let closed = tokio::time::Instant::now();
+    peer.close(1001, "server shutting down; reconnect_in=1500").await;
+    server.no_connection_within(1400 * MS).await;
+    let (mut peer, _) = server.connected(25).await;
+    assert!(closed.elapsed() >= 1500 * MS, "not before its hint: {:?}", closed.elapsed());
+    let resubscribe = peer.recv().await;
+    assert_eq!(resubscribe["subscribe"]["recover"], true);
+    peer.reply(&resubscribe, "subscribe", json!({"epoch": "e1", "offset": 0, "recovered": true})).await;
+    peer.push("news", 1).await;
+    assert_eq!(next(&mut news).await, "1");
+
+    // A hint too big for a number is a long wait (capped at 60 s), not an overflow or a
+    // reconnect at once.
+    peer.close(1001, "server shutting down; reconnect_in=18446744073709551616").await;
+    server.no_connection_within(500 * MS).await;
+    drop(client);
+}

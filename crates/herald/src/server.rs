@@ -51,7 +51,12 @@ pub async fn run_with_reload(
     let config = Arc::new(config);
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let ws = WsContext { shutdown: stop.clone(), tracker: tracker.clone(), metrics: ws::WsMetrics::new() };
+    let ws = WsContext {
+        shutdown: stop.clone(),
+        drain_spread: config.drain_spread,
+        tracker: tracker.clone(),
+        metrics: ws::WsMetrics::new(),
+    };
     let node = Arc::new(Node::new(config.clone(), ws, prometheus));
     let app = router(node.clone());
     node.webhooks().name_pusher_apps(&config.pusher.apps);

@@ -59,3 +59,63 @@ async fn the_client_reconnects_and_recovers_what_it_missed() {
     client.close().await;
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn clients_of_a_drained_node_come_back_after_their_hint_not_at_once() {
+    let mut c = Config::default();
+    c.auth.secret = Secret::new(SECRET);
+    c.drain_spread = Duration::from_secs(1);
+    let server = TestServer::start(c.clone()).await;
+    let addr = server.addr;
+    let auth = AuthConfig { secret: Secret::new(SECRET), ..Default::default() };
+    let token = herald::auth::mint(&auth, "42", Duration::from_secs(600), None).expect("mint");
+    // A backoff of at most 5 ms: a client that ignored the hint would be back at once.
+    let options = ClientOptions::default().token(token).backoff(Duration::from_millis(1), Duration::from_millis(5));
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        let client = Client::connect(server.ws_url("/connect"), options.clone()).await.expect("connect");
+        let sub = client.subscribe("news").await.expect("subscribe");
+        clients.push((client, sub));
+    }
+    let stopping = tokio::spawn(server.shutdown());
+    // The next node on the same address, once the first stopped listening.
+    let listener = loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let next = tokio::spawn(herald::server::run(c, listener, async {
+        let _ = rx.await;
+    }));
+    let watches = clients.iter_mut().map(|(client, sub)| async move {
+        let mut state = client.state();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            state.wait_for(|s| matches!(s, herald_client::State::Connecting)),
+        )
+        .await
+        .expect("closed in time")
+        .expect("state");
+        let lost = tokio::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), state.wait_for(herald_client::State::is_connected))
+            .await
+            .expect("back in time")
+            .expect("state");
+        let away = lost.elapsed();
+        // The memory engine's history went with the first node: the client is told so.
+        match tokio::time::timeout(Duration::from_secs(10), sub.next()).await.expect("a reset in time") {
+            Some(Event::Reset { epoch_changed, .. }) => assert!(epoch_changed),
+            other => panic!("expected a reset, got {other:?}"),
+        }
+        away
+    });
+    let aways = futures_util::future::join_all(watches).await;
+    stopping.await.expect("stopped");
+    // Hints are uniform in [0, 1 s]: P(hint < 100 ms) = 1/10 per client.
+    let waited = aways.iter().filter(|d| **d >= Duration::from_millis(100)).count();
+    assert!(waited >= 5, "most clients waited their hint: {aways:?}");
+    let _ = tx.send(());
+    next.await.expect("task").expect("next node ok");
+}

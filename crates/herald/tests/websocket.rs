@@ -173,6 +173,48 @@ async fn graceful_shutdown_closes_every_websocket_with_1001() {
 }
 
 #[tokio::test]
+async fn shutdown_spreads_the_closes_and_hints_when_to_reconnect() {
+    let mut c = Config::default();
+    c.testing.echo = true;
+    c.drain_spread = Duration::from_secs(2);
+    let server = TestServer::start(c).await;
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        clients.push(tokio_tungstenite::connect_async(server.ws_url("/_echo")).await.expect("connect").0);
+    }
+    let started = std::time::Instant::now();
+    let stopping = tokio::spawn(server.shutdown());
+    let mut waits = Vec::new();
+    let mut hints = Vec::new();
+    let reads = clients.into_iter().map(|mut ws| async move {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("close in time");
+        (msg, std::time::Instant::now())
+    });
+    for (msg, at) in futures_util::future::join_all(reads).await {
+        let f = match msg {
+            Some(Ok(Message::Close(Some(f)))) => f,
+            other => panic!("expected close 1001, got {other:?}"),
+        };
+        assert_eq!(f.code, CloseCode::Away);
+        let reason = f.reason.to_string();
+        let hint: u64 = reason
+            .strip_prefix("server shutting down; reconnect_in=")
+            .and_then(|ms| ms.parse().ok())
+            .unwrap_or_else(|| panic!("a reconnect hint in {reason:?}"));
+        assert!(hint <= 2000, "the hint is a part of drain_spread: {hint}");
+        hints.push(hint);
+        waits.push(at.duration_since(started));
+    }
+    stopping.await.expect("stopped");
+    hints.sort_unstable();
+    hints.dedup();
+    assert!(hints.len() > 1, "hints are random, not one number for all: {hints:?}");
+    let (first, last) = (waits.iter().min().expect("some"), waits.iter().max().expect("some"));
+    // Uniform over 2 s: 20 closes all within 200 ms of each other would mean no spread.
+    assert!(*last - *first >= Duration::from_millis(200), "closes spread over the window: {first:?}..{last:?}");
+}
+
+#[tokio::test]
 async fn connections_per_ip_are_limited() {
     let mut c = Config::default();
     c.testing.echo = true;

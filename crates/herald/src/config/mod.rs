@@ -29,6 +29,14 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub drain_timeout: Duration,
+    /// On SIGTERM or Ctrl-C, each WebSocket is closed with 1001 at a random point of this
+    /// window (and SSE streams end likewise), and the close tells the client to wait a random
+    /// part of it again before reconnecting (`reconnect_in=<ms>`, see docs/protocol.md). So the
+    /// clients of a drained node do not all reconnect at the same moment. `0s` closes all at
+    /// once. At most `drain_timeout`.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub drain_spread: Duration,
     /// Logging.
     pub log: LogConfig,
     /// Limits on what clients can make the server hold: connections, commands, channels,
@@ -68,6 +76,7 @@ impl Default for Config {
         Self {
             listen: "127.0.0.1:8080".into(),
             drain_timeout: Duration::from_secs(10),
+            drain_spread: Duration::from_secs(5),
             log: LogConfig::default(),
             limits: LimitsConfig::default(),
             channels: ChannelsConfig::default(),
@@ -463,6 +472,7 @@ impl Config {
                 Err(ConfigError::Invalid { key, message: message.into() })
             }
         };
+        check(self.drain_spread <= self.drain_timeout, "drain_spread", "must be at most drain_timeout")?;
         check(ws.max_frame_size >= 125, "websocket.max_frame_size", "must be at least 125 bytes")?;
         check(
             ws.max_message_size >= ws.max_frame_size,

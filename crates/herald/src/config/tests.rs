@@ -220,3 +220,16 @@ fn a_badly_typed_secret_is_refused_without_quoting_it() {
         });
     }
 }
+
+#[test]
+fn drain_spread_is_at_most_drain_timeout() {
+    let mut c = Config::default();
+    assert!(c.drain_spread <= c.drain_timeout, "the default fits");
+    c.drain_spread = c.drain_timeout;
+    c.validate().expect("equal is fine");
+    c.drain_spread = c.drain_timeout + Duration::from_millis(1);
+    match c.validate() {
+        Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "drain_spread"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -245,6 +245,8 @@ pub async fn sse(
             Duration::from_secs(15),
         ),
         shutdown: node.ws.shutdown.clone(),
+        drain_spread: node.ws.drain_spread,
+        drain: None,
         reloads: node.reloads(),
         node: node.clone(),
         name,
@@ -273,6 +275,9 @@ struct SseStream {
     batch: VecDeque<Bytes>,
     keepalive: tokio::time::Interval,
     shutdown: tokio_util::sync::CancellationToken,
+    /// On shutdown the stream ends at a random point of this window (`drain_spread`).
+    drain_spread: Duration,
+    drain: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// A reload ends the stream when the channel is no longer open to anyone.
     reloads: tokio::sync::watch::Receiver<u64>,
     node: Arc<Node>,
@@ -308,7 +313,16 @@ impl SseStream {
                     return Some(out.freeze());
                 }
                 _ = self.keepalive.tick() => return Some(Bytes::from_static(b": keep-alive\n\n")),
-                () = self.shutdown.cancelled() => return None,
+                () = self.shutdown.cancelled(), if self.drain.is_none() => {
+                    let at = crate::ws::random_up_to(self.drain_spread);
+                    self.drain = Some(Box::pin(tokio::time::sleep(at)));
+                }
+                () = async { if let Some(d) = self.drain.as_mut() { d.as_mut().await } else { std::future::pending().await } } => {
+                    // EventSource waits `retry` before reconnecting: the hint, spread again.
+                    self.ended = true;
+                    let hint = crate::ws::random_up_to(self.drain_spread).as_millis().max(1);
+                    return Some(Bytes::from(format!("retry: {hint}\n: server shutting down\n\n")));
+                }
             }
         }
     }

@@ -1094,7 +1094,12 @@ mod tests {
             .channels
             .namespaces
             .insert("chat".into(), NamespaceOptions { publish: true.into(), ..Default::default() });
-        let ws = WsContext { shutdown: Default::default(), tracker: Default::default(), metrics: WsMetrics::new() };
+        let ws = WsContext {
+            shutdown: Default::default(),
+            drain_spread: Default::default(),
+            tracker: Default::default(),
+            metrics: WsMetrics::new(),
+        };
         Arc::new(Node::new(Arc::new(config), ws, None))
     }
 

@@ -140,6 +140,7 @@ mod tests {
             None,
             None,
             CancellationToken::new(),
+            std::time::Duration::ZERO,
             WsMetrics::new(),
         );
         (ws, WebSocketStream::from_raw_socket(client, ClientRole::Client, None).await)
@@ -203,7 +204,12 @@ mod tests {
             .channels
             .namespaces
             .insert("chat".into(), NamespaceOptions { publish: true.into(), ..Default::default() });
-        let ctx = WsContext { shutdown: Default::default(), tracker: Default::default(), metrics: WsMetrics::new() };
+        let ctx = WsContext {
+            shutdown: Default::default(),
+            drain_spread: Default::default(),
+            tracker: Default::default(),
+            metrics: WsMetrics::new(),
+        };
         let node = Arc::new(Node::new(Arc::new(config), ctx, None));
         let (ws, mut client) = pipe(Settings::default()).await;
         let session =

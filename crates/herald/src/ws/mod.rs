@@ -25,7 +25,7 @@ pub use decoder::{Decoder, Event, Limits, Message, ProtocolError, Role};
 pub use deflate::DeflatePolicy;
 pub use io::{Io, Stream};
 pub use outbox::{Outbox, Prepared, SendError, SendMode};
-pub use socket::{WebSocket, WsError};
+pub use socket::{random_up_to, WebSocket, WsError};
 pub use upgrade::{upgrade, AcceptedAt, Held, WsContext};
 pub use utf8::{InvalidUtf8, Utf8Validator};
 

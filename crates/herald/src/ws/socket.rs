@@ -61,6 +61,11 @@ pub struct WebSocket {
     deadline: Option<Instant>,
     settings: Arc<Settings>,
     shutdown: CancellationToken,
+    /// On shutdown the close waits a random part of this, so a drained node's clients do not
+    /// all come back at once (`drain_spread`).
+    drain_spread: std::time::Duration,
+    /// Armed when shutdown starts: when this connection gets its 1001.
+    drain: Option<Pin<Box<Sleep>>>,
     metrics: WsMetrics,
     protocol: Option<&'static str>,
     peer_close: Option<CloseFrame>,
@@ -82,6 +87,7 @@ impl WebSocket {
         negotiated: Option<Negotiated>,
         protocol: Option<&'static str>,
         shutdown: CancellationToken,
+        drain_spread: std::time::Duration,
         metrics: WsMetrics,
     ) -> Self {
         let (read, write) = stream.split();
@@ -110,6 +116,8 @@ impl WebSocket {
             deadline: None,
             settings,
             shutdown,
+            drain_spread,
+            drain: None,
             metrics,
             protocol,
             peer_close: None,
@@ -206,8 +214,14 @@ impl WebSocket {
                         };
                     }
                 }
-                () = self.shutdown.cancelled(), if !closing => {
-                    self.close(CloseCode::GOING_AWAY, "server shutting down");
+                () = self.shutdown.cancelled(), if !closing && self.drain.is_none() => {
+                    let at = random_up_to(self.drain_spread);
+                    self.drain = Some(Box::pin(tokio::time::sleep(at)));
+                }
+                () = fired(&mut self.drain), if !closing => {
+                    self.drain = None;
+                    let reason = going_away_reason(random_up_to(self.drain_spread));
+                    self.close(CloseCode::GOING_AWAY, &reason);
                 }
                 () = self.outbox.reader_woken(), if !closing => {
                     if self.outbox.is_closing() {
@@ -344,6 +358,18 @@ impl WebSocket {
 }
 
 /// Completes when the timer fires; never without a timer.
+/// A uniformly random duration in `[0, max]` (millisecond steps).
+pub fn random_up_to(max: std::time::Duration) -> std::time::Duration {
+    let ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
+    std::time::Duration::from_millis(if ms == 0 { 0 } else { rand::random_range(0..=ms) })
+}
+
+/// The reason of the shutdown close: `server shutting down; reconnect_in=<ms>`, the hint
+/// clients wait (plus their own jitter) before reconnecting. See docs/protocol.md.
+pub(super) fn going_away_reason(hint: std::time::Duration) -> String {
+    format!("server shutting down; reconnect_in={}", hint.as_millis())
+}
+
 async fn fired(timer: &mut Option<Pin<Box<Sleep>>>) {
     match timer {
         Some(t) => t.as_mut().await,

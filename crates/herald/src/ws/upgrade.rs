@@ -39,6 +39,8 @@ impl std::fmt::Debug for Held {
 #[derive(Debug, Clone)]
 pub struct WsContext {
     pub shutdown: CancellationToken,
+    /// On shutdown, each WebSocket's 1001 comes at a random point of this window.
+    pub drain_spread: std::time::Duration,
     pub tracker: TaskTracker,
     pub metrics: WsMetrics,
 }
@@ -105,6 +107,7 @@ where
             accepted.deflate,
             accepted.protocol,
             ctx.shutdown.clone(),
+            ctx.drain_spread,
             ctx.metrics.clone(),
         );
         handler(ws).await;
