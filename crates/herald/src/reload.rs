@@ -13,12 +13,20 @@ use serde::Serialize;
 use crate::config::Config;
 
 /// Keys (a key, or a prefix ending in `.`) that a running node keeps until it restarts: the
-/// listening socket, the engine and its limits (a different Redis or engine would be a
+/// listening socket, the shutdown spread (set up with the connections' context), the engine and its limits (a different Redis or engine would be a
 /// different node), TLS on or off and its file names (the certificate's contents are read
 /// again on every SIGHUP), the log format, the testing endpoints (routes are built at
 /// start-up), and `--demo`.
-pub const RESTART_ONLY: &[&str] =
-    &["listen", "engine.", "limits.max_channels", "limits.max_history_bytes", "tls.", "log.format", "testing."];
+pub const RESTART_ONLY: &[&str] = &[
+    "listen",
+    "drain_spread",
+    "engine.",
+    "limits.max_channels",
+    "limits.max_history_bytes",
+    "tls.",
+    "log.format",
+    "testing.",
+];
 
 /// One setting that differs, with both values as TOML literals; a secret's values are shown
 /// as `"<redacted>"`.
@@ -77,6 +85,7 @@ pub fn plan(running: &Config, read: Config) -> Result<(Config, Report), String> 
     let wanted = next.clone();
     // What only a restart changes keeps its running value.
     next.listen.clone_from(&running.listen);
+    next.drain_spread = running.drain_spread;
     next.engine = running.engine.clone();
     next.limits.max_channels = running.limits.max_channels;
     next.limits.max_history_bytes = running.limits.max_history_bytes;

@@ -21,6 +21,11 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         config.listen = addr.to_string();
+        // Tests shut servers down often: spread the closes over 100 ms, not the default 5 s,
+        // unless the test chose a spread itself.
+        if config.drain_spread == Config::default().drain_spread {
+            config.drain_spread = Duration::from_millis(100);
+        }
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(herald::server::run(config, listener, async {
             let _ = rx.await;
