@@ -53,7 +53,7 @@ pub async fn run_with_reload(
     let tracker = TaskTracker::new();
     let ws = WsContext {
         shutdown: stop.clone(),
-        drain_spread: config.drain_spread,
+        drain_spread: config.drain_spread.min(config.drain_timeout),
         tracker: tracker.clone(),
         metrics: ws::WsMetrics::new(),
     };

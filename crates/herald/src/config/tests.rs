@@ -222,14 +222,10 @@ fn a_badly_typed_secret_is_refused_without_quoting_it() {
 }
 
 #[test]
-fn drain_spread_is_at_most_drain_timeout() {
+fn a_short_drain_timeout_alone_is_valid() {
+    // The spread is cut to the drain timeout where it is used (`server::run_with_reload`).
     let mut c = Config::default();
-    assert!(c.drain_spread <= c.drain_timeout, "the default fits");
-    c.drain_spread = c.drain_timeout;
-    c.validate().expect("equal is fine");
-    c.drain_spread = c.drain_timeout + Duration::from_millis(1);
-    match c.validate() {
-        Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "drain_spread"),
-        other => panic!("{other:?}"),
-    }
+    assert!(c.drain_spread <= c.drain_timeout, "the defaults fit");
+    c.drain_timeout = Duration::from_secs(2);
+    c.validate().expect("a drain timeout below the default spread is fine");
 }
