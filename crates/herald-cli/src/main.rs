@@ -335,8 +335,7 @@ fn print_reload_check(url: &str, key: Option<&str>, config: &herald::Config) -> 
         restart_only: Vec<Change>,
     }
     let endpoint = format!("{}/api/config_check", url.trim_end_matches('/'));
-    let agent: ureq::Agent =
-        ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(PUBLISH_TIMEOUT)).build().into();
+    let agent = api_agent(&endpoint, &tls::Trust::default());
     let mut request = agent.post(&endpoint);
     if let Some(key) = key {
         request = request.header("Authorization", format!("apikey {key}"));
@@ -433,6 +432,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An HTTP client for the API at `url`: answers of every status are read (the error body says
+/// why), bounded by [`PUBLISH_TIMEOUT`], TLS with `trust` for https.
+fn api_agent(url: &str, trust: &tls::Trust) -> ureq::Agent {
+    let mut config = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(PUBLISH_TIMEOUT));
+    if tls::is_tls(url) {
+        config = config.tls_config(trust.ureq_config());
+    }
+    config.build().into()
+}
+
 /// How long `publish` waits for the server, in all.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -454,12 +463,7 @@ fn publish(args: &PublishArgs) -> anyhow::Result<()> {
 
     let data = RawValue::from_string(args.json.clone()).context("the data is not valid JSON")?;
     let url = format!("{}/api/publish", publish_base(&args.url)?);
-    let trust = tls::Trust::load(&args.tls)?;
-    let mut config = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(PUBLISH_TIMEOUT));
-    if tls::is_tls(&url) {
-        config = config.tls_config(trust.ureq_config());
-    }
-    let agent: ureq::Agent = config.build().into();
+    let agent = api_agent(&url, &tls::Trust::load(&args.tls)?);
     let mut request = agent.post(&url);
     if let Some(key) = &args.api_key {
         request = request.header("Authorization", format!("apikey {key}"));

@@ -319,14 +319,7 @@ impl Connection {
         if channel.users().is_some() && !channel.allows_user(self.user.as_deref().unwrap_or("")) {
             return Err("this channel is another user's".into());
         }
-        let allowed = match ns.subscribe.level(Access::Anonymous) {
-            Access::None => false,
-            _ if Kind::of(name).needs_auth() => true,
-            Access::Anonymous => true,
-            Access::Authenticated => self.user.is_some(),
-            Access::Token => false,
-        };
-        if allowed {
+        if may_subscribe(ns, Kind::of(name), self.user.is_some()) {
             Ok(())
         } else {
             Err("this channel's namespace no longer allows it".into())
@@ -428,17 +421,7 @@ impl Connection {
             return self.subscription_error(name, 403, "PermissionDenied", "Sign in as this user first");
         }
         let kind = Kind::of(name);
-        let level = ns.subscribe.level(Access::Anonymous);
-        // The app's backend vouches for private and presence subscriptions; public ones are
-        // anonymous unless signed in.
-        let allowed = match level {
-            Access::None => false,
-            _ if kind.needs_auth() => true,
-            Access::Anonymous => true,
-            Access::Authenticated => self.user.is_some(),
-            Access::Token => false,
-        };
-        if !allowed {
+        if !may_subscribe(ns, kind, self.user.is_some()) {
             return self.subscription_error(
                 name,
                 403,
@@ -670,6 +653,19 @@ impl Drop for Connection {
         for channel in self.subscriptions.keys() {
             self.node.unsubscribe(channel, self.id);
         }
+    }
+}
+
+/// Whether a namespace lets a Pusher connection subscribe to a channel of `kind`: the app's
+/// backend vouches for private and presence subscriptions (their signature is checked apart);
+/// public ones are anonymous unless signed in. Subscription tokens do not exist here.
+fn may_subscribe(ns: &crate::channel::NamespaceOptions, kind: Kind, signed_in: bool) -> bool {
+    match ns.subscribe.level(Access::Anonymous) {
+        Access::None => false,
+        _ if kind.needs_auth() => true,
+        Access::Anonymous => true,
+        Access::Authenticated => signed_in,
+        Access::Token => false,
     }
 }
 
